@@ -1,0 +1,106 @@
+//! The `sk_reuseport/migrate` steering program.
+//!
+//! One copy is loaded per reuseport group (bind address); [`PROXY_GROUP`] is
+//! patched at load time. For every new connection, and for every request of a
+//! closing listener that the kernel migrates, it selects the socket of the
+//! active generation slot. When that slot is empty it returns `SK_PASS`
+//! without a selection, so the kernel falls back to its own hash: it never
+//! drops.
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    bindings::sk_action::SK_PASS,
+    macros::{map, sk_reuseport},
+    maps::{Array, HashMap, PerCpuArray, ReusePortSockArray},
+    programs::SkReuseportContext,
+};
+use aya_log_ebpf::debug;
+use proxy_common::{
+    COUNTER_ENTRIES, Counter, GenRecord, GroupKey, MAX_GROUPS, MAX_SLOTS, STATE_ACTIVE_SLOT,
+    STATE_ENTRIES, sock_index,
+};
+
+#[map(name = "PROXY_SOCKS")]
+static PROXY_SOCKS: ReusePortSockArray = ReusePortSockArray::pinned(MAX_GROUPS * MAX_SLOTS, 0);
+
+#[map(name = "PROXY_STATE")]
+static PROXY_STATE: Array<u64> = Array::pinned(STATE_ENTRIES, 0);
+
+#[map(name = "PROXY_COUNTERS")]
+static PROXY_COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(COUNTER_ENTRIES, 0);
+
+/// Userspace-only, declared here so that the loader creates and pins it with
+/// the others.
+#[map(name = "PROXY_GENS")]
+static PROXY_GENS: Array<GenRecord> = Array::pinned(MAX_SLOTS, 0);
+
+/// Userspace-only, as above.
+#[map(name = "PROXY_GROUPS")]
+static PROXY_GROUPS: HashMap<GroupKey, u32> = HashMap::pinned(MAX_GROUPS, 0);
+
+/// The reuseport group this copy serves; patched by the loader.
+#[unsafe(no_mangle)]
+static PROXY_GROUP: u32 = 0;
+
+#[sk_reuseport(migrate)]
+pub fn proxy_steer(ctx: SkReuseportContext) -> u32 {
+    // Keep the userspace-only maps in the object.
+    let _ = (&PROXY_GENS, &PROXY_GROUPS);
+
+    // Safety: a plain read of a read-only global that the loader patched.
+    let group = unsafe { core::ptr::read_volatile(&PROXY_GROUP) };
+    let migrating = ctx.migrating_sk().is_some();
+    let fallback = if migrating {
+        Counter::FallbackMigrate
+    } else {
+        Counter::FallbackNew
+    };
+
+    let active = match PROXY_STATE.get(STATE_ACTIVE_SLOT) {
+        Some(&slot) if slot < MAX_SLOTS as u64 => slot as u32,
+        _ => {
+            count(fallback);
+            return SK_PASS;
+        }
+    };
+    if group >= MAX_GROUPS {
+        count(fallback);
+        return SK_PASS;
+    }
+    match PROXY_SOCKS.select_reuseport(&ctx, sock_index(group, active)) {
+        Ok(()) => count(if migrating {
+            Counter::Migrated(active)
+        } else {
+            Counter::Selected(active)
+        }),
+        Err(err) => {
+            // Rare (the active slot has no listener): worth a debug event.
+            debug!(
+                &ctx,
+                "group {} slot {}: no socket ({}), kernel hash", group, active, err
+            );
+            count(fallback);
+        }
+    }
+    SK_PASS
+}
+
+#[inline(always)]
+fn count(counter: Counter) {
+    if let Some(value) = PROXY_COUNTERS.get_ptr_mut(counter.index()) {
+        // Safety: the pointer is to this CPU's slot of a per-CPU array; no
+        // other program instance touches it concurrently.
+        unsafe { *value += 1 };
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

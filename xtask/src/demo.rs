@@ -1,0 +1,52 @@
+//! Demo backends for `cargo xtask run`: tiny HTTP/1.1 servers that say which
+//! backend answered, so that `curl` through the proxy shows something.
+
+use std::{
+    io::{Read, Write},
+    net::{TcpListener, TcpStream},
+    thread,
+};
+
+use anyhow::Result;
+
+/// Starts one server thread per address. An address already in use is
+/// reported and skipped (something else may be serving it).
+pub fn start(addrs: &[&str]) -> Result<()> {
+    for addr in addrs {
+        match TcpListener::bind(addr) {
+            Ok(listener) => {
+                let name = addr.to_string();
+                eprintln!("xtask: demo backend listening on {name}");
+                thread::spawn(move || {
+                    for stream in listener.incoming().flatten() {
+                        let name = name.clone();
+                        thread::spawn(move || serve(stream, &name));
+                    }
+                });
+            }
+            Err(err) => eprintln!("xtask: demo backend {addr} not started: {err}"),
+        }
+    }
+    Ok(())
+}
+
+fn serve(mut stream: TcpStream, name: &str) {
+    let mut buf = [0u8; 4096];
+    let mut seen = Vec::new();
+    // Read the request head; the demo ignores bodies.
+    while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+        match stream.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => seen.extend_from_slice(&buf[..n]),
+        }
+        if seen.len() > 64 * 1024 {
+            return;
+        }
+    }
+    let body = format!("hello from demo backend {name}\n");
+    let _ = write!(
+        stream,
+        "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+}

@@ -1,0 +1,320 @@
+//! `cargo xtask`: everything a fresh machine needs, in one place.
+//!
+//! - `setup`: rust-src for the nightly, bpf-linker built on the nightly's own
+//!   LLVM (kept inside `target/xtask-tools`, nothing outside the clone), bpffs
+//!   mounted. Idempotent, and quick when all is there.
+//! - `build-ebpf`: the steering program, with the nightly and bpf-linker.
+//! - `build`: the eBPF object and the proxy binary with the object embedded.
+//! - `run`: builds, starts two demo backends and runs the proxy as root on
+//!   `examples/proxy.toml`.
+//! - `test`: the README's test command; `.ci/run` calls it.
+
+use std::{
+    env,
+    ffi::OsString,
+    fs,
+    path::{Path, PathBuf},
+    process::{Command, ExitCode},
+};
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+
+mod demo;
+
+#[derive(Parser)]
+#[command(about = "Build, run and test the proxy")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what the eBPF build needs (rust-src, bpf-linker) and mount bpffs.
+    Setup,
+    /// Build the eBPF steering object (runs setup when needed).
+    BuildEbpf,
+    /// Build the eBPF object and the proxy (release) with the object embedded.
+    Build,
+    /// Build everything, start demo backends on 127.0.0.1:9000 and :9001, and run
+    /// the proxy on examples/proxy.toml (or on the config given after `--`).
+    Run {
+        /// Arguments for `proxy run`, e.g. `-- -c my.toml`.
+        #[arg(last = true)]
+        args: Vec<OsString>,
+    },
+    /// Build everything and run all tests (root: the tests load eBPF programs
+    /// and make network namespaces).
+    Test {
+        /// Extra arguments for `cargo test`, e.g. `-- handover`.
+        #[arg(last = true)]
+        args: Vec<OsString>,
+    },
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("xtask: error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let ws = workspace_root();
+    match cli.cmd {
+        Cmd::Setup => setup(&ws),
+        Cmd::BuildEbpf => build_ebpf(&ws).map(|_| ()),
+        Cmd::Build => build_all(&ws).map(|_| ()),
+        Cmd::Run { args } => {
+            let proxy = build_all(&ws)?;
+            require_root("run")?;
+            let args = if args.is_empty() {
+                vec!["-c".into(), ws.join("examples/proxy.toml").into_os_string()]
+            } else {
+                args
+            };
+            let _backends = demo::start(&["127.0.0.1:9000", "127.0.0.1:9001"])?;
+            let status = Command::new(&proxy)
+                .arg("run")
+                .args(&args)
+                .status()
+                .with_context(|| format!("starting {}", proxy.display()))?;
+            if !status.success() {
+                bail!("proxy exited with {status}");
+            }
+            Ok(())
+        }
+        Cmd::Test { args } => {
+            let proxy = build_all(&ws)?;
+            require_root("test")?;
+            cargo(&ws)
+                .args(["test", "--workspace", "--release"])
+                .env("PROXY_BIN", &proxy)
+                .env("PROXY_EBPF_OBJECT", ebpf_object(&ws))
+                .args(&args)
+                .run("cargo test")
+        }
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
+fn tools_dir(ws: &Path) -> PathBuf {
+    ws.join("target/xtask-tools")
+}
+
+fn ebpf_object(ws: &Path) -> PathBuf {
+    ws.join("target/bpfel-unknown-none/release/proxy")
+}
+
+fn require_root(what: &str) -> Result<()> {
+    let uid = Command::new("id")
+        .arg("-u")
+        .output()
+        .context("running id -u")?;
+    if String::from_utf8_lossy(&uid.stdout).trim() != "0" {
+        bail!(
+            "`cargo xtask {what}` needs root (CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN for bpffs and namespaces)"
+        );
+    }
+    Ok(())
+}
+
+/// A `cargo` for the host toolchain, unaffected by the toolchain the xtask
+/// itself was started with.
+fn cargo(ws: &Path) -> Command {
+    let mut cmd = Command::new(env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    cmd.current_dir(ws);
+    cmd
+}
+
+trait Run {
+    fn run(&mut self, what: &str) -> Result<()>;
+    fn output_text(&mut self, what: &str) -> Result<String>;
+}
+
+impl Run for Command {
+    fn run(&mut self, what: &str) -> Result<()> {
+        let status = self
+            .status()
+            .with_context(|| format!("{what}: could not start {:?}", self.get_program()))?;
+        if !status.success() {
+            bail!("{what} failed ({status})");
+        }
+        Ok(())
+    }
+
+    fn output_text(&mut self, what: &str) -> Result<String> {
+        let out = self
+            .output()
+            .with_context(|| format!("{what}: could not start {:?}", self.get_program()))?;
+        if !out.status.success() {
+            bail!(
+                "{what} failed ({}): {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+}
+
+fn rustup() -> Command {
+    let mut cmd = Command::new("rustup");
+    // The xtask runs under the stable cargo, whose RUSTUP_TOOLCHAIN would
+    // otherwise win over `+nightly`.
+    cmd.env_remove("RUSTUP_TOOLCHAIN");
+    cmd
+}
+
+fn setup(ws: &Path) -> Result<()> {
+    let toolchains = rustup()
+        .args(["toolchain", "list"])
+        .output_text("rustup toolchain list")?;
+    if !toolchains.lines().any(|l| l.starts_with("nightly")) {
+        bail!(
+            "the eBPF program needs a nightly toolchain and none is installed; install one with \
+             `rustup toolchain install nightly --profile minimal --component rust-src`"
+        );
+    }
+    let components = rustup()
+        .args(["component", "list", "--toolchain", "nightly", "--installed"])
+        .output_text("rustup component list")?;
+    if !components.lines().any(|l| l.starts_with("rust-src")) {
+        eprintln!("xtask: adding rust-src to the nightly toolchain");
+        rustup()
+            .args(["component", "add", "rust-src", "--toolchain", "nightly"])
+            .run("rustup component add rust-src")?;
+    }
+    ensure_bpf_linker(ws)?;
+    mount_bpffs();
+    Ok(())
+}
+
+fn bpf_linker(ws: &Path) -> PathBuf {
+    tools_dir(ws).join("bin/bpf-linker")
+}
+
+/// bpf-linker 0.13 built against the nightly's own libLLVM, so no system LLVM
+/// is needed. Rebuilt only when missing or broken.
+fn ensure_bpf_linker(ws: &Path) -> Result<()> {
+    let linker = bpf_linker(ws);
+    if Command::new(&linker)
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+    {
+        return Ok(());
+    }
+    let version = rustup()
+        .args(["run", "nightly", "rustc", "-vV"])
+        .output_text("rustc +nightly -vV")?;
+    let llvm_major = version
+        .lines()
+        .find_map(|l| l.strip_prefix("LLVM version: "))
+        .and_then(|v| v.split('.').next())
+        .context("rustc +nightly -vV does not name its LLVM version")?
+        .to_string();
+    let sysroot = rustup()
+        .args(["run", "nightly", "rustc", "--print", "sysroot"])
+        .output_text("rustc +nightly --print sysroot")?;
+    let libdir = Path::new(sysroot.trim()).join("lib");
+    let libllvm = fs::read_dir(&libdir)
+        .with_context(|| format!("reading {}", libdir.display()))?
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .find(|n| n.starts_with(&format!("libLLVM.so.{llvm_major}")))
+        .with_context(|| {
+            format!(
+                "the nightly toolchain has no libLLVM.so.{llvm_major}* in {}",
+                libdir.display()
+            )
+        })?;
+    let prefix = tools_dir(ws).join("llvm");
+    let prefix_lib = prefix.join("lib");
+    fs::create_dir_all(&prefix_lib)?;
+    for name in ["libLLVM.so", libllvm.as_str()] {
+        let link = prefix_lib.join(name);
+        let _ = fs::remove_file(&link);
+        std::os::unix::fs::symlink(libdir.join(&libllvm), &link)
+            .with_context(|| format!("linking {}", link.display()))?;
+    }
+    eprintln!(
+        "xtask: building bpf-linker against the nightly's LLVM {llvm_major} (about a minute)"
+    );
+    cargo(ws)
+        .args(["install", "bpf-linker", "--version", "^0.13", "--locked"])
+        .args(["--no-default-features", "--features"])
+        .arg(format!("llvm-{llvm_major}"))
+        .arg("--root")
+        .arg(tools_dir(ws))
+        .env("LLVM_PREFIX", &prefix)
+        .run("cargo install bpf-linker")
+}
+
+/// Mounts bpffs on /sys/fs/bpf when it is not; a failure is only a warning
+/// (the config may name another bpffs).
+fn mount_bpffs() {
+    let mounts = fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    if mounts
+        .lines()
+        .any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf") && l.contains(" bpf "))
+    {
+        return;
+    }
+    match Command::new("mount")
+        .args(["-t", "bpf", "bpf", "/sys/fs/bpf"])
+        .status()
+    {
+        Ok(s) if s.success() => eprintln!("xtask: mounted bpffs on /sys/fs/bpf"),
+        _ => eprintln!(
+            "xtask: warning: could not mount bpffs on /sys/fs/bpf (not root?); \
+             the proxy pins its maps there by default"
+        ),
+    }
+}
+
+fn build_ebpf(ws: &Path) -> Result<PathBuf> {
+    setup(ws)?;
+    let path = format!(
+        "{}:{}",
+        tools_dir(ws).join("bin").display(),
+        env::var("PATH").unwrap_or_default()
+    );
+    Command::new("rustup")
+        .env_remove("RUSTUP_TOOLCHAIN")
+        .env_remove("RUSTFLAGS")
+        .env_remove("CARGO_ENCODED_RUSTFLAGS")
+        .env(
+            "CARGO_ENCODED_RUSTFLAGS",
+            "-Cdebuginfo=2\x1f-Clink-arg=--btf",
+        )
+        .env("PATH", path)
+        .current_dir(ws.join("proxy-ebpf"))
+        .args(["run", "nightly", "cargo", "build", "--release"])
+        .args(["-Z", "build-std=core", "--target", "bpfel-unknown-none"])
+        .run("building the eBPF program")?;
+    let object = ebpf_object(ws);
+    if !object.exists() {
+        bail!("the eBPF build did not produce {}", object.display());
+    }
+    Ok(object)
+}
+
+fn build_all(ws: &Path) -> Result<PathBuf> {
+    let object = build_ebpf(ws)?;
+    cargo(ws)
+        .args(["build", "--release", "--package", "proxy"])
+        .env("PROXY_EBPF_OBJECT", &object)
+        .run("building the proxy")?;
+    Ok(ws.join("target/release/proxy"))
+}
