@@ -1,1 +1,169 @@
-fn main() {}
+//! The `proxy` command line: run a generation, check a config, show status.
+
+use std::{path::PathBuf, process::ExitCode};
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use proxy::{
+    config::Config,
+    generation::{self, Options, TestHook},
+    status,
+};
+
+#[derive(Parser)]
+#[command(
+    name = "proxy",
+    version,
+    about = "A layer-4 proxy whose upgrades lose nothing",
+    long_about = "A layer-4 proxy whose upgrades lose nothing.\n\n\
+Generations of one instance share their ports through SO_REUSEPORT; an eBPF \
+sk_reuseport program sends every new connection to the active generation. \
+Starting a new generation with the same config name takes over: it flips the \
+active slot, the old generation closes its listeners (its queue migrates in \
+the kernel), drains and exits.\n\n\
+Signals (HAProxy habits): SIGTTOU stop accepting, SIGTTIN accept again and \
+take traffic back, SIGUSR1 soft-stop (stop accepting, drain, exit), \
+SIGTERM/SIGINT hard stop."
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run a generation in the foreground; takes over from a running one.
+    Run {
+        /// Config file (TOML).
+        #[arg(short = 'c', long = "config")]
+        config: PathBuf,
+        /// Write the PID here once active (overrides global.pidfile).
+        #[arg(short = 'p', long = "pidfile")]
+        pidfile: Option<PathBuf>,
+        /// Old PIDs to soft-stop (SIGUSR1) once this generation is active.
+        #[arg(long = "sf", num_args = 1.., value_name = "PID")]
+        soft_stop: Vec<u32>,
+        /// Old PIDs to hard-stop (SIGTERM) once this generation is active.
+        #[arg(long = "st", num_args = 1.., value_name = "PID")]
+        hard_stop: Vec<u32>,
+        /// Log as JSON lines instead of text.
+        #[arg(long)]
+        log_json: bool,
+    },
+    /// Validate a config: exit 0, or 1 with the reason.
+    Check {
+        #[arg(short = 'c', long = "config")]
+        config: PathBuf,
+    },
+    /// Show the generations of an instance and the steering counters.
+    Status {
+        /// Take the instance name and bpffs from this config.
+        #[arg(short = 'c', long = "config", conflicts_with = "name")]
+        config: Option<PathBuf>,
+        /// Instance name (global.name).
+        #[arg(long, required_unless_present = "config")]
+        name: Option<String>,
+        /// bpffs mount the instance pins under.
+        #[arg(long, default_value = "/sys/fs/bpf")]
+        bpffs: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// HAProxy spells them `-sf` and `-st`: accept the single-dash form too.
+fn args() -> Vec<String> {
+    std::env::args()
+        .map(|a| match a.as_str() {
+            "-sf" => "--sf".to_string(),
+            "-st" => "--st".to_string(),
+            _ => a,
+        })
+        .collect()
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse_from(args());
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("proxy: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
+    match cli.cmd {
+        Cmd::Check { config } => {
+            let cfg = Config::load(&config)?;
+            println!(
+                "{}: ok (instance {}, {} listeners, {} backends)",
+                config.display(),
+                cfg.global.name,
+                cfg.listeners.len(),
+                cfg.backends.len()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Status {
+            config,
+            name,
+            bpffs,
+            json,
+        } => {
+            let (name, bpffs) = match config {
+                Some(path) => {
+                    let cfg = Config::load(&path)?;
+                    (cfg.global.name, cfg.global.bpffs)
+                }
+                None => (name.expect("clap requires --name"), bpffs),
+            };
+            let st = status::read(&bpffs, &name)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&st)?);
+            } else {
+                print!("{}", status::render(&st));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Run {
+            config,
+            pidfile,
+            soft_stop,
+            hard_stop,
+            log_json,
+        } => {
+            // Validate completely before touching anything: a bad config
+            // exits here and the running generation never notices.
+            let cfg = Config::load(&config)?;
+            init_logs(log_json);
+            let opts = Options {
+                config: cfg,
+                pidfile,
+                soft_stop,
+                hard_stop,
+                hook: TestHook::from_env(),
+            };
+            generation::validate(&opts)?;
+            let rt = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
+            rt.block_on(generation::run(opts))?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn init_logs(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("PROXY_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}

@@ -1,0 +1,1341 @@
+//! Configuration file: loading, environment interpolation and validation.
+//!
+//! The proxy is configured by one TOML file with a `[global]` table, one or
+//! more `[[listener]]` tables (addresses we accept connections on) and
+//! `[[backend]]` tables (servers we forward them to):
+//!
+//! ```toml
+//! [global]
+//! name = "edge"
+//! hard_stop_after = "30s"
+//!
+//! [[listener]]
+//! name = "front"
+//! bind = ["0.0.0.0:8080"]
+//! backend = "app"
+//!
+//! [[backend]]
+//! name = "app"
+//! servers = ["127.0.0.1:9000", "${APP_SERVER:-127.0.0.1:9001}"]
+//! ```
+//!
+//! Loading happens in three steps, each of which reports errors as
+//! `<file>: <key path>: <what was wrong and what was expected>`:
+//!
+//! 1. The text is parsed as TOML into a generic value tree.
+//! 2. `${VAR}` / `${VAR:-default}` references are expanded inside string
+//!    values of that tree. Doing it after parsing (rather than substituting
+//!    text) means a variable can never inject TOML syntax, and errors can name
+//!    the key the reference appeared in.
+//! 3. The tree is deserialized into [`Config`] (with `serde_path_to_error` so
+//!    type, syntax and range errors of single values carry their key path) and
+//!    then checked for the rules that span several values: unique names,
+//!    existing backends, no address bound twice, non-empty lists.
+//!
+//! A [`Config`] returned by [`Config::load`] or [`Config::parse`] has passed
+//! all checks, so the rest of the proxy can rely on them (for example
+//! [`Config::listener_backend`] cannot fail).
+
+use std::collections::HashMap;
+use std::fmt;
+use std::marker::PhantomData;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde::de::{self, Deserializer, Visitor};
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub global: Global,
+    /// `[[listener]]` tables; the TOML name is singular because each table
+    /// describes one listener.
+    #[serde(rename = "listener", default)]
+    pub listeners: Vec<Listener>,
+    /// `[[backend]]` tables.
+    #[serde(rename = "backend", default)]
+    pub backends: Vec<Backend>,
+}
+
+/// Process-wide settings (`[global]`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Global {
+    /// Instance name. It ends up in pinned eBPF object paths under `bpffs`,
+    /// which is why its character set is restricted.
+    pub name: String,
+    pub pidfile: Option<PathBuf>,
+    /// How long an old generation may keep serving existing connections
+    /// after an upgrade before they are cut.
+    #[serde(default = "default_hard_stop_after", deserialize_with = "de_duration")]
+    pub hard_stop_after: Duration,
+    /// Mount point of the BPF filesystem used to hand sockets over between
+    /// generations.
+    #[serde(default = "default_bpffs")]
+    pub bpffs: PathBuf,
+    #[serde(default)]
+    pub steering: Steering,
+    /// How long an old generation keeps accepting after it has seen that a
+    /// new one is active. Covers the window in which the kernel may still
+    /// queue connections on the old sockets.
+    #[serde(default = "default_handover_grace", deserialize_with = "de_duration")]
+    pub handover_grace: Duration,
+}
+
+/// How new connections are steered to the active generation's sockets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Steering {
+    /// Use eBPF if it can be loaded, otherwise fall back to plain reuseport.
+    #[default]
+    Auto,
+    /// Require eBPF steering; fail to start without it.
+    Ebpf,
+    /// Plain `SO_REUSEPORT` without a steering program.
+    Reuseport,
+}
+
+impl fmt::Display for Steering {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Steering::Auto => "auto",
+            Steering::Ebpf => "ebpf",
+            Steering::Reuseport => "reuseport",
+        })
+    }
+}
+
+/// One `[[listener]]`: a set of addresses whose connections go to a backend.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Listener {
+    pub name: String,
+    pub bind: Vec<BindAddr>,
+    /// Name of a `[[backend]]`.
+    pub backend: String,
+    /// At most this many open connections; further ones wait in the kernel
+    /// accept queue.
+    #[serde(default, deserialize_with = "de_maxconn")]
+    pub maxconn: Option<usize>,
+    /// Kernel accept queue length passed to `listen(2)`.
+    #[serde(default = "default_backlog", deserialize_with = "de_backlog")]
+    pub backlog: u32,
+}
+
+/// An address a listener binds to.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum BindAddr {
+    Tcp(SocketAddr),
+    Unix(PathBuf),
+}
+
+/// One `[[backend]]`: a pool of servers connections are forwarded to.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Backend {
+    pub name: String,
+    pub servers: Vec<ServerAddr>,
+    #[serde(default = "default_connect_timeout", deserialize_with = "de_duration")]
+    pub connect_timeout: Duration,
+}
+
+/// An address of a backend server.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum ServerAddr {
+    Tcp(SocketAddr),
+    Unix(PathBuf),
+}
+
+/// Why a configuration could not be loaded.
+///
+/// Displayed as `<origin>: <key path>: <message>`; the key path is replaced
+/// by `line L, column C` for TOML syntax errors and left out when the error
+/// concerns the file as a whole (e.g. it cannot be read).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{origin}: {}{message}", location_prefix(.key.as_deref(), *.line_col))]
+pub struct ConfigError {
+    origin: String,
+    key: Option<String>,
+    line_col: Option<(usize, usize)>,
+    message: String,
+}
+
+impl ConfigError {
+    fn at_key(origin: &str, key: impl Into<String>, message: impl Into<String>) -> Self {
+        ConfigError {
+            origin: origin.to_owned(),
+            key: Some(key.into()),
+            line_col: None,
+            message: message.into(),
+        }
+    }
+
+    fn whole_file(origin: &str, message: impl Into<String>) -> Self {
+        ConfigError {
+            origin: origin.to_owned(),
+            key: None,
+            line_col: None,
+            message: message.into(),
+        }
+    }
+
+    /// File name (or other origin label) the configuration came from.
+    pub fn origin(&self) -> &str {
+        &self.origin
+    }
+
+    /// Key path such as `listener[1].backend`, if the error concerns one key.
+    pub fn key_path(&self) -> Option<&str> {
+        self.key.as_deref()
+    }
+
+    /// 1-based line and column, for TOML syntax errors.
+    pub fn line_col(&self) -> Option<(usize, usize)> {
+        self.line_col
+    }
+
+    /// What was wrong, without origin and key path.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+}
+
+fn location_prefix(key: Option<&str>, line_col: Option<(usize, usize)>) -> String {
+    match (key, line_col) {
+        (Some(key), _) => format!("{key}: "),
+        (None, Some((line, col))) => format!("line {line}, column {col}: "),
+        (None, None) => String::new(),
+    }
+}
+
+impl Config {
+    /// Reads and parses the file at `path`, taking `${VAR}` values from the
+    /// process environment.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let origin = path.display().to_string();
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError::whole_file(&origin, format!("cannot read file: {e}")))?;
+        Config::parse(&text, &origin, &|name| std::env::var(name).ok())
+    }
+
+    /// Parses configuration `text`. `origin` labels errors (usually the file
+    /// name); `env` resolves `${VAR}` references, returning `None` for unset
+    /// variables. Taking `env` as a parameter keeps parsing deterministic and
+    /// testable without touching the process environment.
+    pub fn parse(
+        text: &str,
+        origin: &str,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        let table: toml::Table =
+            toml::from_str(text).map_err(|e| syntax_error(text, origin, &e))?;
+        let mut tree = toml::Value::Table(table);
+        interpolate_tree(&mut tree, &mut String::new(), env)
+            .map_err(|(key, message)| ConfigError::at_key(origin, key, message))?;
+        let config: Config = serde_path_to_error::deserialize(tree).map_err(|e| {
+            let message = e.inner().message().to_owned();
+            match key_path(e.path()) {
+                Some(key) => ConfigError::at_key(origin, key, message),
+                None => ConfigError::whole_file(origin, message),
+            }
+        })?;
+        config
+            .validate()
+            .map_err(|(key, message)| ConfigError::at_key(origin, key, message))?;
+        Ok(config)
+    }
+
+    /// The backend `l` forwards to.
+    ///
+    /// # Panics
+    ///
+    /// If `l.backend` names no backend, which validation rules out for every
+    /// `Config` produced by [`Config::load`] or [`Config::parse`].
+    pub fn listener_backend(&self, l: &Listener) -> &Backend {
+        self.backends
+            .iter()
+            .find(|b| b.name == l.backend)
+            .unwrap_or_else(|| {
+                panic!(
+                    "listener {:?} refers to unknown backend {:?}; config was not validated",
+                    l.name, l.backend
+                )
+            })
+    }
+
+    /// Cross-field checks that deserialization cannot express. Returns the
+    /// first problem found as (key path, message).
+    fn validate(&self) -> Result<(), (String, String)> {
+        let g = &self.global;
+        check_name("global.name", &g.name)?;
+        if g.hard_stop_after.is_zero() {
+            return Err((
+                "global.hard_stop_after".into(),
+                "must be greater than zero, e.g. \"30s\": old generations need time to finish \
+                 their connections"
+                    .into(),
+            ));
+        }
+        if g.pidfile.as_ref().is_some_and(|p| p.as_os_str().is_empty()) {
+            return Err((
+                "global.pidfile".into(),
+                "empty path: expected a file path such as \"/run/proxy.pid\", or leave the key out"
+                    .into(),
+            ));
+        }
+        if !g.bpffs.is_absolute() {
+            return Err((
+                "global.bpffs".into(),
+                format!(
+                    "invalid path {:?}: expected an absolute path such as \"/sys/fs/bpf\"",
+                    g.bpffs.display().to_string()
+                ),
+            ));
+        }
+
+        let mut backend_index: HashMap<&str, usize> = HashMap::new();
+        for (i, b) in self.backends.iter().enumerate() {
+            check_name(&format!("backend[{i}].name"), &b.name)?;
+            if let Some(first) = backend_index.insert(&b.name, i) {
+                return Err((
+                    format!("backend[{i}].name"),
+                    format!(
+                        "duplicate backend name {:?}: already used by backend[{first}]",
+                        b.name
+                    ),
+                ));
+            }
+            if b.servers.is_empty() {
+                return Err((
+                    format!("backend[{i}].servers"),
+                    "empty list: expected at least one server such as \"127.0.0.1:9000\"".into(),
+                ));
+            }
+            if b.connect_timeout.is_zero() {
+                return Err((
+                    format!("backend[{i}].connect_timeout"),
+                    "must be greater than zero, e.g. \"2s\"".into(),
+                ));
+            }
+        }
+
+        if self.listeners.is_empty() {
+            return Err((
+                "listener".into(),
+                "no listeners defined: expected at least one [[listener]] table".into(),
+            ));
+        }
+        let mut listener_index: HashMap<&str, usize> = HashMap::new();
+        // Two sockets bound to the same address would both be accepted by the
+        // kernel under SO_REUSEPORT and silently split traffic between
+        // listeners, so exact duplicates must be caught here.
+        let mut bound: HashMap<&BindAddr, (usize, usize)> = HashMap::new();
+        for (i, l) in self.listeners.iter().enumerate() {
+            check_name(&format!("listener[{i}].name"), &l.name)?;
+            if let Some(first) = listener_index.insert(&l.name, i) {
+                return Err((
+                    format!("listener[{i}].name"),
+                    format!(
+                        "duplicate listener name {:?}: already used by listener[{first}]",
+                        l.name
+                    ),
+                ));
+            }
+            if l.bind.is_empty() {
+                return Err((
+                    format!("listener[{i}].bind"),
+                    "empty list: expected at least one address such as \"0.0.0.0:8080\" or \
+                     \"unix:/run/proxy.sock\""
+                        .into(),
+                ));
+            }
+            for (j, addr) in l.bind.iter().enumerate() {
+                if let Some((fi, fj)) = bound.insert(addr, (i, j)) {
+                    return Err((
+                        format!("listener[{i}].bind[{j}]"),
+                        format!(
+                            "address {addr} is already bound by listener {:?} \
+                             (listener[{fi}].bind[{fj}]): each address may appear only once",
+                            self.listeners[fi].name
+                        ),
+                    ));
+                }
+            }
+            if !backend_index.contains_key(l.backend.as_str()) {
+                let defined = if self.backends.is_empty() {
+                    "no [[backend]] tables are defined".to_owned()
+                } else {
+                    let names: Vec<String> = self
+                        .backends
+                        .iter()
+                        .map(|b| format!("{:?}", b.name))
+                        .collect();
+                    format!("defined backends: {}", names.join(", "))
+                };
+                return Err((
+                    format!("listener[{i}].backend"),
+                    format!("unknown backend {:?} ({defined})", l.backend),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn default_hard_stop_after() -> Duration {
+    Duration::from_secs(30)
+}
+
+fn default_bpffs() -> PathBuf {
+    PathBuf::from("/sys/fs/bpf")
+}
+
+fn default_handover_grace() -> Duration {
+    Duration::from_millis(200)
+}
+
+fn default_backlog() -> u32 {
+    1024
+}
+
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(2)
+}
+
+/// Names are used in file paths (pinned maps, sockets) and log lines, so
+/// they are limited to a safe character set, and `.`/`..` are refused
+/// because they would escape the intended directory.
+fn check_name(key: &str, name: &str) -> Result<(), (String, String)> {
+    let charset_ok = name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
+    if charset_ok && (1..=64).contains(&name.len()) && name != "." && name != ".." {
+        return Ok(());
+    }
+    Err((
+        key.to_owned(),
+        format!(
+            "invalid name {name:?}: expected 1 to 64 characters from A-Z a-z 0-9 _ . - \
+             (and not \".\" or \"..\")"
+        ),
+    ))
+}
+
+// ---------------------------------------------------------------------------
+// Integer fields. They are range-checked while deserializing, reading the raw
+// TOML integer, so that `backlog = -1` says which range is allowed instead of
+// serde's "expected u32".
+// ---------------------------------------------------------------------------
+
+fn de_maxconn<'de, D: Deserializer<'de>>(d: D) -> Result<Option<usize>, D::Error> {
+    let n = i64::deserialize(d)?;
+    match usize::try_from(n) {
+        Ok(n) if n >= 1 => Ok(Some(n)),
+        _ => Err(de::Error::custom(format!(
+            "{n} is out of range: expected at least 1, or leave the key out for no limit"
+        ))),
+    }
+}
+
+fn de_backlog<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+    let n = i64::deserialize(d)?;
+    // 65535 is the largest value net.core.somaxconn accepts; the kernel
+    // silently caps larger backlogs anyway.
+    match u32::try_from(n) {
+        Ok(n) if (1..=65535).contains(&n) => Ok(n),
+        _ => Err(de::Error::custom(format!(
+            "{n} is out of range: expected 1..=65535"
+        ))),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// String-valued fields: durations and addresses.
+// ---------------------------------------------------------------------------
+
+/// Deserializes a value that must be a TOML string with its own syntax.
+/// The `expecting` text shows up in type errors, e.g. when someone writes
+/// `hard_stop_after = 30` instead of `"30s"`.
+struct ParsedStr<T> {
+    expecting: &'static str,
+    parse: fn(&str) -> Result<T, String>,
+    _marker: PhantomData<T>,
+}
+
+impl<T> Visitor<'_> for ParsedStr<T> {
+    type Value = T;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.expecting)
+    }
+
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<T, E> {
+        (self.parse)(v).map_err(E::custom)
+    }
+}
+
+fn deserialize_parsed<'de, D: Deserializer<'de>, T>(
+    d: D,
+    expecting: &'static str,
+    parse: fn(&str) -> Result<T, String>,
+) -> Result<T, D::Error> {
+    d.deserialize_str(ParsedStr {
+        expecting,
+        parse,
+        _marker: PhantomData,
+    })
+}
+
+const DURATION_EXPECTED: &str = "a number with a unit such as \"500ms\", \"30s\" or \"2m\"";
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s)
+        .map_err(|_| format!("invalid duration {s:?}: expected {DURATION_EXPECTED}"))
+}
+
+fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    deserialize_parsed(
+        d,
+        "a duration string such as \"500ms\", \"30s\" or \"2m\"",
+        parse_duration,
+    )
+}
+
+const ADDR_EXPECTED: &str = "expected IP:PORT or unix:/path";
+
+/// Parses the syntax shared by bind and server addresses. Host names are
+/// deliberately not accepted: resolving them would make the meaning of the
+/// file depend on DNS at load time.
+fn parse_tcp_or_unix(s: &str) -> Result<Result<SocketAddr, PathBuf>, String> {
+    if let Some(path) = s.strip_prefix("unix:") {
+        if !path.starts_with('/') {
+            return Err(format!(
+                "invalid address {s:?}: {ADDR_EXPECTED} (unix socket paths must be absolute)"
+            ));
+        }
+        // sun_path holds 108 bytes including the terminating NUL.
+        if path.len() > 107 {
+            return Err(format!(
+                "invalid address {s:?}: unix socket path is {} bytes long, the limit is 107",
+                path.len()
+            ));
+        }
+        return Ok(Err(PathBuf::from(path)));
+    }
+    s.parse::<SocketAddr>()
+        .map(Ok)
+        .map_err(|_| format!("invalid address {s:?}: {ADDR_EXPECTED}"))
+}
+
+impl FromStr for BindAddr {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match parse_tcp_or_unix(s)? {
+            // Port 0 would bind a random port that no client knows about, and
+            // a new generation could not bind the same one.
+            Ok(sa) if sa.port() == 0 => Err(format!(
+                "invalid address {s:?}: port 0 is not allowed for a bind address, \
+                 expected a fixed port such as \"0.0.0.0:8080\""
+            )),
+            Ok(sa) => Ok(BindAddr::Tcp(sa)),
+            Err(path) => Ok(BindAddr::Unix(path)),
+        }
+    }
+}
+
+impl FromStr for ServerAddr {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        Ok(match parse_tcp_or_unix(s)? {
+            Ok(sa) => ServerAddr::Tcp(sa),
+            Err(path) => ServerAddr::Unix(path),
+        })
+    }
+}
+
+impl<'de> Deserialize<'de> for BindAddr {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        deserialize_parsed(d, "an address string: IP:PORT or unix:/path", str::parse)
+    }
+}
+
+impl<'de> Deserialize<'de> for ServerAddr {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        deserialize_parsed(d, "an address string: IP:PORT or unix:/path", str::parse)
+    }
+}
+
+impl fmt::Display for BindAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            BindAddr::Tcp(sa) => write!(f, "{sa}"),
+            BindAddr::Unix(path) => write!(f, "unix:{}", path.display()),
+        }
+    }
+}
+
+impl fmt::Display for ServerAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ServerAddr::Tcp(sa) => write!(f, "{sa}"),
+            ServerAddr::Unix(path) => write!(f, "unix:{}", path.display()),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Error helpers.
+// ---------------------------------------------------------------------------
+
+fn syntax_error(text: &str, origin: &str, e: &toml::de::Error) -> ConfigError {
+    // toml's Display spans several lines (it quotes the source); a single
+    // line with the position reads better in logs.
+    let line_col = e.span().map(|span| {
+        let before = &text[..span.start.min(text.len())];
+        let line = before.matches('\n').count() + 1;
+        let col = before.rsplit('\n').next().unwrap_or("").chars().count() + 1;
+        (line, col)
+    });
+    ConfigError {
+        origin: origin.to_owned(),
+        key: None,
+        line_col,
+        message: format!(
+            "invalid TOML: {}",
+            e.message().trim().lines().collect::<Vec<_>>().join("; ")
+        ),
+    }
+}
+
+/// Renders a serde_path_to_error path as `listener[0].bind[1]`, or `None`
+/// for the document root.
+fn key_path(path: &serde_path_to_error::Path) -> Option<String> {
+    use serde_path_to_error::Segment;
+    let mut out = String::new();
+    for segment in path.iter() {
+        match segment {
+            Segment::Seq { index } => out.push_str(&format!("[{index}]")),
+            Segment::Map { key } | Segment::Enum { variant: key } => push_key(&mut out, key),
+            Segment::Unknown => push_key(&mut out, "?"),
+        }
+    }
+    (!out.is_empty()).then_some(out)
+}
+
+fn push_key(path: &mut String, key: &str) {
+    if !path.is_empty() {
+        path.push('.');
+    }
+    path.push_str(key);
+}
+
+// ---------------------------------------------------------------------------
+// Environment interpolation.
+// ---------------------------------------------------------------------------
+
+/// Expands variable references in every string value of `value`, in place.
+/// `path` is the key path of `value` and is restored before returning.
+/// Errors are (key path, message).
+fn interpolate_tree(
+    value: &mut toml::Value,
+    path: &mut String,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<(), (String, String)> {
+    let len = path.len();
+    let result = match value {
+        toml::Value::String(s) => match interpolate(s, env) {
+            Ok(expanded) => {
+                *s = expanded;
+                Ok(())
+            }
+            Err(message) => Err((path.clone(), message)),
+        },
+        toml::Value::Array(items) => items.iter_mut().enumerate().try_for_each(|(i, item)| {
+            path.push_str(&format!("[{i}]"));
+            let r = interpolate_tree(item, path, env);
+            path.truncate(len);
+            r
+        }),
+        toml::Value::Table(table) => table.iter_mut().try_for_each(|(key, item)| {
+            push_key(path, key);
+            let r = interpolate_tree(item, path, env);
+            path.truncate(len);
+            r
+        }),
+        // Numbers, booleans and dates have no place for references.
+        _ => Ok(()),
+    };
+    path.truncate(len);
+    result
+}
+
+/// Expands `${VAR}` and `${VAR:-default}` in `s`; `$${` stands for a literal
+/// `${` and any other `$` is kept as is. Substituted values are not expanded
+/// again, so a variable's content is always taken literally.
+fn interpolate(s: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<String, String> {
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(dollar) = rest.find('$') {
+        out.push_str(&rest[..dollar]);
+        rest = &rest[dollar..];
+        if let Some(after) = rest.strip_prefix("$${") {
+            out.push_str("${");
+            rest = after;
+        } else if let Some(after) = rest.strip_prefix("${") {
+            let Some(close) = after.find('}') else {
+                return Err(format!(
+                    "unterminated \"${{\" in {s:?}: expected ${{VAR}} or ${{VAR:-default}} \
+                     (write $${{ for a literal \"${{\")"
+                ));
+            };
+            out.push_str(&expand_reference(&after[..close], env)?);
+            rest = &after[close + 1..];
+        } else {
+            out.push('$');
+            rest = &rest[1..];
+        }
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+/// Resolves the inside of one `${...}`.
+fn expand_reference(inner: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<String, String> {
+    let (name, default) = match inner.split_once(":-") {
+        Some((name, default)) => (name, Some(default)),
+        None => (inner, None),
+    };
+    let valid_name = name
+        .chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+    if !valid_name {
+        return Err(format!(
+            "invalid variable reference \"${{{inner}}}\": expected ${{VAR}} or ${{VAR:-default}} \
+             where VAR is letters, digits and _ (write $${{ for a literal \"${{\")"
+        ));
+    }
+    match (env(name), default) {
+        // Like the shell's `:-`, an empty value also selects the default, so
+        // `export VAR=` behaves like an unset variable.
+        (Some(v), Some(d)) if v.is_empty() => Ok(d.to_owned()),
+        (Some(v), _) => Ok(v),
+        (None, Some(d)) => Ok(d.to_owned()),
+        (None, None) => Err(format!(
+            "environment variable {name} is not set (use ${{{name}:-default}} for a default)"
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EXAMPLE: &str = r#"
+[global]
+name = "edge"
+pidfile = "/run/proxy-edge.pid"
+hard_stop_after = "30s"
+bpffs = "/sys/fs/bpf"
+
+[[listener]]
+name = "front"
+bind = ["0.0.0.0:8080"]
+backend = "app"
+
+[[backend]]
+name = "app"
+servers = ["127.0.0.1:9000", "127.0.0.1:9001"]
+connect_timeout = "2s"
+"#;
+
+    const MINIMAL: &str = r#"
+[global]
+name = "edge"
+
+[[listener]]
+name = "front"
+bind = ["0.0.0.0:8080"]
+backend = "app"
+
+[[backend]]
+name = "app"
+servers = ["127.0.0.1:9000"]
+"#;
+
+    fn no_env(_: &str) -> Option<String> {
+        None
+    }
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, "test.toml", &no_env)
+    }
+
+    fn parse_env(text: &str, vars: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let vars: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Config::parse(text, "test.toml", &move |k| vars.get(k).cloned())
+    }
+
+    /// Parses `text`, expecting failure, and returns the rendered error.
+    fn err(text: &str) -> String {
+        match parse(text) {
+            Ok(c) => panic!("expected an error, got {c:#?}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    /// Asserts the rendered error starts with origin and key path and
+    /// contains `needle`.
+    fn assert_err(text: &str, key: &str, needle: &str) {
+        let e = err(text);
+        assert!(
+            e.starts_with(&format!("test.toml: {key}: ")),
+            "error {e:?} does not name key {key:?}"
+        );
+        assert!(
+            e.contains(needle),
+            "error {e:?} does not contain {needle:?}"
+        );
+    }
+
+    /// MINIMAL with `from` replaced by `to` (which must occur).
+    fn minimal_with(from: &str, to: &str) -> String {
+        assert!(MINIMAL.contains(from), "{from:?} not in MINIMAL");
+        MINIMAL.replacen(from, to, 1)
+    }
+
+    /// A config with one servers entry supplied by the test.
+    fn with_server(server: &str) -> String {
+        minimal_with("\"127.0.0.1:9000\"", &format!("{server:?}"))
+    }
+
+    #[test]
+    fn example_parses() {
+        let c = parse(EXAMPLE).unwrap();
+        assert_eq!(c.global.name, "edge");
+        assert_eq!(
+            c.global.pidfile.as_deref(),
+            Some(Path::new("/run/proxy-edge.pid"))
+        );
+        assert_eq!(c.global.hard_stop_after, Duration::from_secs(30));
+        assert_eq!(c.global.bpffs, Path::new("/sys/fs/bpf"));
+        assert_eq!(c.listeners.len(), 1);
+        let l = &c.listeners[0];
+        assert_eq!(l.name, "front");
+        assert_eq!(l.bind, vec![BindAddr::Tcp("0.0.0.0:8080".parse().unwrap())]);
+        assert_eq!(l.backend, "app");
+        assert_eq!(c.backends.len(), 1);
+        assert_eq!(
+            c.backends[0].servers,
+            vec![
+                ServerAddr::Tcp("127.0.0.1:9000".parse().unwrap()),
+                ServerAddr::Tcp("127.0.0.1:9001".parse().unwrap()),
+            ]
+        );
+        assert_eq!(c.backends[0].connect_timeout, Duration::from_secs(2));
+        assert_eq!(c.listener_backend(l).name, "app");
+    }
+
+    #[test]
+    fn defaults() {
+        let c = parse(MINIMAL).unwrap();
+        assert_eq!(c.global.pidfile, None);
+        assert_eq!(c.global.hard_stop_after, Duration::from_secs(30));
+        assert_eq!(c.global.bpffs, PathBuf::from("/sys/fs/bpf"));
+        assert_eq!(c.global.steering, Steering::Auto);
+        assert_eq!(c.global.handover_grace, Duration::from_millis(200));
+        assert_eq!(c.listeners[0].maxconn, None);
+        assert_eq!(c.listeners[0].backlog, 1024);
+        assert_eq!(c.backends[0].connect_timeout, Duration::from_secs(2));
+    }
+
+    #[test]
+    fn all_options() {
+        let text = r#"
+[global]
+name = "edge-1.prod_x"
+steering = "reuseport"
+handover_grace = "1s 500ms"
+hard_stop_after = "2m"
+
+[[listener]]
+name = "a"
+bind = ["[::1]:443", "unix:/run/a.sock"]
+backend = "db"
+maxconn = 10
+backlog = 65535
+
+[[listener]]
+name = "b"
+bind = ["127.0.0.1:443"]
+backend = "app"
+
+[[backend]]
+name = "app"
+servers = ["unix:/run/app.sock"]
+
+[[backend]]
+name = "db"
+servers = ["[2001:db8::1]:5432"]
+connect_timeout = "500ms"
+"#;
+        let c = parse(text).unwrap();
+        assert_eq!(c.global.steering, Steering::Reuseport);
+        assert_eq!(c.global.handover_grace, Duration::from_millis(1500));
+        assert_eq!(c.global.hard_stop_after, Duration::from_secs(120));
+        let a = &c.listeners[0];
+        assert_eq!(a.bind[0].to_string(), "[::1]:443");
+        assert_eq!(a.bind[1], BindAddr::Unix("/run/a.sock".into()));
+        assert_eq!(a.bind[1].to_string(), "unix:/run/a.sock");
+        assert_eq!(a.maxconn, Some(10));
+        assert_eq!(a.backlog, 65535);
+        assert_eq!(c.listener_backend(a).name, "db");
+        assert_eq!(c.listener_backend(&c.listeners[1]).name, "app");
+        assert_eq!(c.backends[0].servers[0].to_string(), "unix:/run/app.sock");
+        assert_eq!(c.backends[1].servers[0].to_string(), "[2001:db8::1]:5432");
+        assert_eq!(c.backends[1].connect_timeout, Duration::from_millis(500));
+    }
+
+    #[test]
+    fn steering_values() {
+        for (s, want) in [
+            ("auto", Steering::Auto),
+            ("ebpf", Steering::Ebpf),
+            ("reuseport", Steering::Reuseport),
+        ] {
+            let text = minimal_with(
+                "name = \"edge\"",
+                &format!("name = \"edge\"\nsteering = {s:?}"),
+            );
+            assert_eq!(parse(&text).unwrap().global.steering, want);
+            assert_eq!(want.to_string(), s);
+        }
+        let text = minimal_with("name = \"edge\"", "name = \"edge\"\nsteering = \"bpf\"");
+        assert_err(&text, "global.steering", "expected one of");
+    }
+
+    #[test]
+    fn load_reads_file_and_names_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("proxy.toml");
+        std::fs::write(&path, MINIMAL).unwrap();
+        assert_eq!(Config::load(&path).unwrap().global.name, "edge");
+
+        std::fs::write(
+            &path,
+            MINIMAL.replace("backend = \"app\"", "backend = \"ap\""),
+        )
+        .unwrap();
+        let e = Config::load(&path).unwrap_err().to_string();
+        assert!(e.starts_with(&path.display().to_string()), "{e}");
+        assert!(e.contains("listener[0].backend"), "{e}");
+
+        let missing = dir.path().join("missing.toml");
+        let e = Config::load(&missing).unwrap_err();
+        assert_eq!(e.key_path(), None);
+        assert!(
+            e.to_string().contains("missing.toml: cannot read file"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn syntax_error_has_origin_and_position() {
+        let e = parse("[global]\nname = \"edge\"\nbroken = \n").unwrap_err();
+        assert_eq!(e.origin(), "test.toml");
+        let (line, _col) = e.line_col().expect("position");
+        assert_eq!(line, 3);
+        let s = e.to_string();
+        assert!(s.starts_with("test.toml: line 3, column "), "{s}");
+        assert!(s.contains("invalid TOML"), "{s}");
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        assert_err(
+            &minimal_with("bind = ", "bnd = "),
+            "listener[0].bnd",
+            "unknown field",
+        );
+        assert_err(
+            &minimal_with("name = \"edge\"", "name = \"edge\"\nhard_stop = \"1s\""),
+            "global.hard_stop",
+            "unknown field",
+        );
+        assert_err(
+            &format!("{MINIMAL}\n[frontend]\nx = 1\n"),
+            "frontend",
+            "unknown field",
+        );
+    }
+
+    #[test]
+    fn missing_required_fields() {
+        assert_err(
+            &minimal_with("backend = \"app\"", ""),
+            "listener[0]",
+            "missing field `backend`",
+        );
+        let e = err("[[backend]]\nname = \"app\"\nservers = [\"127.0.0.1:1\"]\n");
+        assert!(e.contains("missing field `global`"), "{e}");
+        assert_err(
+            "[global]\nname = \"edge\"\n",
+            "listener",
+            "expected at least one [[listener]]",
+        );
+    }
+
+    #[test]
+    fn wrong_types_name_the_key() {
+        assert_err(
+            &minimal_with("name = \"edge\"", "name = \"edge\"\nhard_stop_after = 30"),
+            "global.hard_stop_after",
+            "expected a duration string",
+        );
+        assert_err(
+            &minimal_with("bind = [\"0.0.0.0:8080\"]", "bind = \"0.0.0.0:8080\""),
+            "listener[0].bind",
+            "expected a sequence",
+        );
+        assert_err(
+            &minimal_with("backend = \"app\"", "backend = \"app\"\nbacklog = \"10\""),
+            "listener[0].backlog",
+            "invalid type: string",
+        );
+    }
+
+    #[test]
+    fn invalid_duration() {
+        let text = minimal_with(
+            "name = \"edge\"",
+            "name = \"edge\"\nhard_stop_after = \"30x\"",
+        );
+        let e = err(&text);
+        assert_eq!(
+            e,
+            "test.toml: global.hard_stop_after: invalid duration \"30x\": expected a number \
+             with a unit such as \"500ms\", \"30s\" or \"2m\""
+        );
+        assert_err(
+            &minimal_with(
+                "servers = [\"127.0.0.1:9000\"]",
+                "servers = [\"127.0.0.1:9000\"]\nconnect_timeout = \"2\"",
+            ),
+            "backend[0].connect_timeout",
+            "invalid duration \"2\"",
+        );
+    }
+
+    #[test]
+    fn zero_durations() {
+        assert_err(
+            &minimal_with(
+                "name = \"edge\"",
+                "name = \"edge\"\nhard_stop_after = \"0s\"",
+            ),
+            "global.hard_stop_after",
+            "greater than zero",
+        );
+        assert_err(
+            &minimal_with(
+                "servers = [\"127.0.0.1:9000\"]",
+                "servers = [\"127.0.0.1:9000\"]\nconnect_timeout = \"0ms\"",
+            ),
+            "backend[0].connect_timeout",
+            "greater than zero",
+        );
+        // A zero grace period just means "stop accepting at once".
+        let text = minimal_with(
+            "name = \"edge\"",
+            "name = \"edge\"\nhandover_grace = \"0s\"",
+        );
+        assert_eq!(parse(&text).unwrap().global.handover_grace, Duration::ZERO);
+    }
+
+    #[test]
+    fn invalid_names() {
+        for bad in ["", "my edge", "a/b", "..", ".", "é", &"x".repeat(65)] {
+            let text = minimal_with("name = \"edge\"", &format!("name = {bad:?}"));
+            assert_err(&text, "global.name", "expected 1 to 64 characters");
+        }
+        assert!(
+            parse(&minimal_with(
+                "name = \"edge\"",
+                &format!("name = {:?}", "x".repeat(64))
+            ))
+            .is_ok()
+        );
+        assert_err(
+            &minimal_with("name = \"front\"", "name = \"front end\""),
+            "listener[0].name",
+            "invalid name \"front end\"",
+        );
+        let text = MINIMAL
+            .replace("name = \"app\"", "name = \"a pp\"")
+            .replace("backend = \"app\"", "backend = \"a pp\"");
+        assert_err(&text, "backend[0].name", "invalid name");
+    }
+
+    #[test]
+    fn duplicate_names() {
+        let text = format!(
+            "{MINIMAL}\n[[listener]]\nname = \"front\"\nbind = [\"0.0.0.0:8081\"]\nbackend = \"app\"\n"
+        );
+        assert_err(
+            &text,
+            "listener[1].name",
+            "duplicate listener name \"front\"",
+        );
+        let text = format!("{MINIMAL}\n[[backend]]\nname = \"app\"\nservers = [\"127.0.0.1:1\"]\n");
+        assert_err(&text, "backend[1].name", "duplicate backend name \"app\"");
+    }
+
+    #[test]
+    fn unknown_backend() {
+        let text = format!(
+            "{}\n[[backend]]\nname = \"db\"\nservers = [\"127.0.0.1:1\"]\n",
+            MINIMAL.replace("backend = \"app\"", "backend = \"ap\"")
+        );
+        let e = err(&text);
+        assert_eq!(
+            e,
+            "test.toml: listener[0].backend: unknown backend \"ap\" (defined backends: \"app\", \"db\")"
+        );
+        let no_backends = MINIMAL.split("[[backend]]").next().unwrap();
+        assert_err(
+            no_backends,
+            "listener[0].backend",
+            "no [[backend]] tables are defined",
+        );
+    }
+
+    #[test]
+    fn empty_lists() {
+        assert_err(
+            &minimal_with("bind = [\"0.0.0.0:8080\"]", "bind = []"),
+            "listener[0].bind",
+            "expected at least one address",
+        );
+        assert_err(
+            &minimal_with("servers = [\"127.0.0.1:9000\"]", "servers = []"),
+            "backend[0].servers",
+            "expected at least one server",
+        );
+    }
+
+    #[test]
+    fn duplicate_bind_address() {
+        let text = format!(
+            "{MINIMAL}\n[[listener]]\nname = \"other\"\nbind = [\"127.0.0.1:1\", \"0.0.0.0:8080\"]\nbackend = \"app\"\n"
+        );
+        assert_err(
+            &text,
+            "listener[1].bind[1]",
+            "address 0.0.0.0:8080 is already bound by listener \"front\" (listener[0].bind[0])",
+        );
+        assert_err(
+            &minimal_with(
+                "bind = [\"0.0.0.0:8080\"]",
+                "bind = [\"unix:/a\", \"unix:/a\"]",
+            ),
+            "listener[0].bind[1]",
+            "already bound",
+        );
+    }
+
+    #[test]
+    fn maxconn_and_backlog_ranges() {
+        let set = |kv: &str| minimal_with("backend = \"app\"", &format!("backend = \"app\"\n{kv}"));
+        assert_err(&set("maxconn = 0"), "listener[0].maxconn", "at least 1");
+        assert_err(&set("maxconn = -5"), "listener[0].maxconn", "at least 1");
+        assert_eq!(
+            parse(&set("maxconn = 1")).unwrap().listeners[0].maxconn,
+            Some(1)
+        );
+        assert_err(
+            &set("backlog = -1"),
+            "listener[0].backlog",
+            "expected 1..=65535",
+        );
+        assert_err(
+            &set("backlog = 0"),
+            "listener[0].backlog",
+            "expected 1..=65535",
+        );
+        assert_err(
+            &set("backlog = 65536"),
+            "listener[0].backlog",
+            "expected 1..=65535",
+        );
+        assert_eq!(parse(&set("backlog = 1")).unwrap().listeners[0].backlog, 1);
+    }
+
+    #[test]
+    fn invalid_bind_addresses() {
+        let bind = |a: &str| minimal_with("\"0.0.0.0:8080\"", &format!("{a:?}"));
+        assert_eq!(
+            err(&bind("0.0.0.0")),
+            "test.toml: listener[0].bind[0]: invalid address \"0.0.0.0\": expected IP:PORT or \
+             unix:/path"
+        );
+        for bad in [
+            "localhost:80",
+            "::1:80",
+            "1.2.3.4:99999",
+            "unix:",
+            "unix:rel.sock",
+            "",
+        ] {
+            assert_err(
+                &bind(bad),
+                "listener[0].bind[0]",
+                "expected IP:PORT or unix:/path",
+            );
+        }
+        assert_err(&bind("0.0.0.0:0"), "listener[0].bind[0]", "port 0");
+        assert_err(&bind("[::]:0"), "listener[0].bind[0]", "port 0");
+        let long = format!("unix:/{}", "x".repeat(107));
+        assert_err(&bind(&long), "listener[0].bind[0]", "limit is 107");
+    }
+
+    #[test]
+    fn invalid_server_addresses() {
+        let text = minimal_with(
+            "servers = [\"127.0.0.1:9000\"]",
+            "servers = [\"127.0.0.1:9000\", \"127.0.0.1:9001\", \"app.internal:80\"]",
+        );
+        assert_err(
+            &text,
+            "backend[0].servers[2]",
+            "invalid address \"app.internal:80\": expected IP:PORT or unix:/path",
+        );
+        // Port 0 is only refused for binds.
+        assert!(parse(&with_server("127.0.0.1:0")).is_ok());
+    }
+
+    #[test]
+    fn other_global_paths() {
+        assert_err(
+            &minimal_with("name = \"edge\"", "name = \"edge\"\nbpffs = \"bpf\""),
+            "global.bpffs",
+            "absolute path",
+        );
+        assert_err(
+            &minimal_with("name = \"edge\"", "name = \"edge\"\npidfile = \"\""),
+            "global.pidfile",
+            "empty path",
+        );
+    }
+
+    #[test]
+    fn interpolation_set() {
+        let c = parse_env(
+            &with_server("${HOST}:${PORT}"),
+            &[("HOST", "10.0.0.1"), ("PORT", "80")],
+        )
+        .unwrap();
+        assert_eq!(c.backends[0].servers[0].to_string(), "10.0.0.1:80");
+        // Works in every string value, including inside longer strings.
+        let text = minimal_with("name = \"edge\"", "name = \"edge-${ENV}\"");
+        assert_eq!(
+            parse_env(&text, &[("ENV", "prod")]).unwrap().global.name,
+            "edge-prod"
+        );
+    }
+
+    #[test]
+    fn interpolation_unset_is_an_error() {
+        let e = parse(&with_server("${BACKEND}")).unwrap_err();
+        assert_eq!(e.key_path(), Some("backend[0].servers[0]"));
+        assert_eq!(
+            e.to_string(),
+            "test.toml: backend[0].servers[0]: environment variable BACKEND is not set \
+             (use ${BACKEND:-default} for a default)"
+        );
+    }
+
+    #[test]
+    fn interpolation_default() {
+        let text = with_server("${BACKEND:-127.0.0.1:7000}");
+        let c = parse(&text).unwrap();
+        assert_eq!(c.backends[0].servers[0].to_string(), "127.0.0.1:7000");
+        // A set, non-empty variable wins over the default.
+        let c = parse_env(&text, &[("BACKEND", "127.0.0.1:7001")]).unwrap();
+        assert_eq!(c.backends[0].servers[0].to_string(), "127.0.0.1:7001");
+        // An empty default is allowed.
+        let text = minimal_with("name = \"edge\"", "name = \"edge${SUFFIX:-}\"");
+        assert_eq!(parse(&text).unwrap().global.name, "edge");
+    }
+
+    #[test]
+    fn interpolation_empty_uses_default() {
+        let text = with_server("${BACKEND:-127.0.0.1:7000}");
+        let c = parse_env(&text, &[("BACKEND", "")]).unwrap();
+        assert_eq!(c.backends[0].servers[0].to_string(), "127.0.0.1:7000");
+        // Without a default, an empty variable is used as is (and here fails
+        // address validation, at the right key).
+        let e = parse_env(&with_server("${BACKEND}"), &[("BACKEND", "")]).unwrap_err();
+        assert_eq!(e.key_path(), Some("backend[0].servers[0]"));
+        assert!(e.message().contains("invalid address \"\""), "{e}");
+    }
+
+    #[test]
+    fn interpolation_literals() {
+        let text = minimal_with(
+            "name = \"edge\"",
+            "name = \"edge\"\npidfile = \"/run/$${X}/$HOME/a$$b$\"",
+        );
+        let c = parse_env(&text, &[("X", "no"), ("HOME", "no")]).unwrap();
+        assert_eq!(
+            c.global.pidfile.unwrap(),
+            Path::new("/run/${X}/$HOME/a$$b$")
+        );
+    }
+
+    #[test]
+    fn interpolation_is_not_recursive_and_not_textual() {
+        // A value that looks like a reference or like TOML is taken literally.
+        let text = minimal_with("name = \"edge\"", "name = \"edge\"\npidfile = \"${P}\"");
+        let c = parse_env(&text, &[("P", "/x/${Q}\"\nbad = [")]).unwrap();
+        assert_eq!(c.global.pidfile.unwrap(), Path::new("/x/${Q}\"\nbad = ["));
+        // References in comments are never looked at.
+        let text = format!("# ${{UNSET}}\n{MINIMAL}");
+        assert!(parse(&text).is_ok());
+    }
+
+    #[test]
+    fn interpolation_unterminated() {
+        let e = parse(&with_server("${BACKEND")).unwrap_err();
+        assert_eq!(e.key_path(), Some("backend[0].servers[0]"));
+        assert!(e.message().contains("unterminated \"${\""), "{e}");
+    }
+
+    #[test]
+    fn interpolation_invalid_reference() {
+        for bad in ["${}", "${1X}", "${A-B}", "${A:?x}"] {
+            let e = parse(&with_server(bad)).unwrap_err();
+            assert_eq!(e.key_path(), Some("backend[0].servers[0]"), "{bad}");
+            assert!(e.message().contains("invalid variable reference"), "{e}");
+        }
+    }
+
+    #[test]
+    fn interpolation_error_paths_in_tables() {
+        let text = minimal_with("name = \"edge\"", "name = \"${NAME}\"");
+        let e = parse(&text).unwrap_err();
+        assert_eq!(e.key_path(), Some("global.name"));
+        let text = minimal_with("backend = \"app\"", "backend = \"${B}\"");
+        let e = parse(&text).unwrap_err();
+        assert_eq!(e.key_path(), Some("listener[0].backend"));
+    }
+}

@@ -1,0 +1,105 @@
+//! Layer-4 forwarding: round-robin over a backend's servers, next server when
+//! one refuses or times out, then a plain byte copy in both directions.
+
+use std::{
+    io,
+    sync::atomic::{AtomicUsize, Ordering},
+    time::Duration,
+};
+
+use tokio::{io::AsyncWriteExt, time::timeout};
+
+use crate::{
+    config::{Backend, ServerAddr},
+    net::{self, Stream},
+};
+
+/// The servers of one backend and where the round-robin stands.
+pub struct Pool {
+    pub name: String,
+    servers: Vec<ServerAddr>,
+    connect_timeout: Duration,
+    next: AtomicUsize,
+}
+
+/// Why a connection could not be forwarded: which side failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ForwardError {
+    #[error("backend {backend}: all {tried} servers failed, last {server}: {source}")]
+    NoServer {
+        backend: String,
+        tried: usize,
+        server: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("while copying: {0}")]
+    Copy(#[source] io::Error),
+}
+
+/// Bytes moved by one forwarded connection.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Transfer {
+    pub from_client: u64,
+    pub from_server: u64,
+}
+
+impl Pool {
+    pub fn new(backend: &Backend) -> Self {
+        Self {
+            name: backend.name.clone(),
+            servers: backend.servers.clone(),
+            connect_timeout: backend.connect_timeout,
+            next: AtomicUsize::new(0),
+        }
+    }
+
+    /// Connects to the next server in turn, trying each server once.
+    pub async fn connect(&self) -> Result<(Stream, &ServerAddr), ForwardError> {
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let mut last = None;
+        for i in 0..self.servers.len() {
+            let server = &self.servers[(start + i) % self.servers.len()];
+            let err = match timeout(self.connect_timeout, net::connect(server)).await {
+                Ok(Ok(stream)) => return Ok((stream, server)),
+                Ok(Err(e)) => e,
+                Err(_) => io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("connect timed out after {:?}", self.connect_timeout),
+                ),
+            };
+            tracing::debug!(backend = %self.name, %server, error = %err, "server refused, trying the next");
+            last = Some((server, err));
+        }
+        let (server, source) = last.expect("a validated backend has servers");
+        Err(ForwardError::NoServer {
+            backend: self.name.clone(),
+            tried: self.servers.len(),
+            server: server.to_string(),
+            source,
+        })
+    }
+
+    /// Forwards `client` to a server until both directions are closed.
+    pub async fn forward(&self, mut client: Stream) -> Result<(Transfer, String), ForwardError> {
+        let (mut server, addr) = match self.connect().await {
+            Ok(ok) => ok,
+            Err(e) => {
+                // Close the client cleanly (FIN, not RST): nothing was sent.
+                let _ = client.shutdown().await;
+                return Err(e);
+            }
+        };
+        let addr = addr.to_string();
+        let (from_client, from_server) = tokio::io::copy_bidirectional(&mut client, &mut server)
+            .await
+            .map_err(ForwardError::Copy)?;
+        Ok((
+            Transfer {
+                from_client,
+                from_server,
+            },
+            addr,
+        ))
+    }
+}

@@ -1,0 +1,21 @@
+//! # proxy: a layer-4 proxy whose upgrades lose nothing
+//!
+//! # Layout
+//!
+//! - [`config`]: the TOML config, env interpolation, validation with key paths.
+//! - [`net`]: listeners (SO_REUSEPORT, accept-first sweeping) and streams.
+//! - [`forward`]: backend pools, round-robin, the byte copy.
+//! - [`steering`]: the pinned eBPF maps and the `sk_reuseport` program.
+//! - [`generation`]: one running copy: lifecycle, handover, drain.
+//! - [`status`]: what `proxy status` reads and prints.
+//! - [`sys`]: the few raw syscalls (clocks, signals by PID).
+#![deny(unsafe_code)]
+
+pub mod config;
+pub mod forward;
+pub mod generation;
+pub mod net;
+pub mod status;
+pub mod steering;
+#[allow(unsafe_code)]
+pub mod sys;

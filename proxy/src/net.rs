@@ -1,0 +1,243 @@
+//! Listening sockets and the byte streams they produce.
+//!
+//! Listeners are built with socket2 so that SO_REUSEPORT is set before
+//! `bind()` (the kernel's rule for joining a reuseport group), and driven
+//! through `AsyncFd` so that `accept()` is always tried before waiting for
+//! readiness: connections migrated into our queue by the kernel are swept up
+//! even when no epoll event announced them.
+
+use std::{
+    io,
+    net::SocketAddr,
+    os::fd::{AsFd, BorrowedFd},
+    path::{Path, PathBuf},
+    pin::Pin,
+    task::{Context, Poll},
+};
+
+use std::os::unix::fs::MetadataExt;
+
+use socket2::{Domain, SockAddr, Socket, Type};
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf, unix::AsyncFd},
+    net::{TcpStream, UnixStream},
+};
+
+use crate::config::{BindAddr, ServerAddr};
+
+/// A listening socket of one generation.
+pub struct Listener {
+    fd: AsyncFd<Socket>,
+    /// Where it listens, for logs and for the UNIX hand-off.
+    pub addr: BindAddr,
+    /// The kernel backlog, reused by `resume()`.
+    backlog: i32,
+    /// Inode of our UNIX socket file, to tell whether a successor renamed
+    /// its own over the path.
+    path_ino: Option<u64>,
+}
+
+/// Who connected: a client address as the kernel saw it.
+#[derive(Clone, Debug)]
+pub enum PeerAddr {
+    Tcp(SocketAddr),
+    Unix,
+}
+
+impl std::fmt::Display for PeerAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PeerAddr::Tcp(a) => write!(f, "{a}"),
+            PeerAddr::Unix => write!(f, "unix"),
+        }
+    }
+}
+
+impl Listener {
+    /// Binds `addr`. TCP listeners join the reuseport group of the address;
+    /// UNIX listeners are bound on a temporary path and renamed over the
+    /// final one, so that the path never disappears for clients while an
+    /// older generation still owns it.
+    pub fn bind(addr: &BindAddr, backlog: u32) -> io::Result<Self> {
+        let backlog = backlog.min(i32::MAX as u32) as i32;
+        let socket = match addr {
+            BindAddr::Tcp(sa) => {
+                let socket = Socket::new(Domain::for_address(*sa), Type::STREAM, None)?;
+                socket.set_reuse_address(true)?;
+                socket.set_reuse_port(true)?;
+                if sa.is_ipv6() {
+                    socket.set_only_v6(true)?;
+                }
+                socket.set_nonblocking(true)?;
+                socket.bind(&(*sa).into())?;
+                socket.listen(backlog)?;
+                socket
+            }
+            BindAddr::Unix(path) => bind_unix_atomically(path, backlog)?,
+        };
+        let path_ino = match addr {
+            BindAddr::Unix(path) => Some(std::fs::metadata(path)?.ino()),
+            BindAddr::Tcp(_) => None,
+        };
+        Ok(Self {
+            fd: crate::sys::async_fd(socket)?,
+            addr: addr.clone(),
+            backlog,
+            path_ino,
+        })
+    }
+
+    /// Accepts one connection: tries `accept()` first, waits for readiness
+    /// only when the queue is empty.
+    pub async fn accept(&self) -> io::Result<(Stream, PeerAddr)> {
+        loop {
+            match self.try_accept() {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                other => return other,
+            }
+            let mut guard = self.fd.readable().await?;
+            match guard.try_io(|fd| accept_raw(fd.get_ref())) {
+                Ok(result) => return result.and_then(into_stream),
+                Err(_would_block) => continue,
+            }
+        }
+    }
+
+    /// One non-blocking `accept()`.
+    pub fn try_accept(&self) -> io::Result<(Stream, PeerAddr)> {
+        accept_raw(self.fd.get_ref()).and_then(into_stream)
+    }
+
+    /// Stops listening. For TCP this is `shutdown()`: the socket leaves the
+    /// reuseport group and the sockarray, and the kernel migrates its accept
+    /// queue to the socket the steering program selects. The fd stays open,
+    /// so that `resume()` can rejoin the group.
+    pub fn pause(&self) -> io::Result<()> {
+        match self.addr {
+            BindAddr::Tcp(_) => self.fd.get_ref().shutdown(std::net::Shutdown::Read),
+            // A UNIX listener cannot hand its queue over; it keeps it, and the
+            // caller sweeps it before closing.
+            BindAddr::Unix(_) => Ok(()),
+        }
+    }
+
+    /// Listens again after `pause()`: the socket rejoins its reuseport group.
+    pub fn resume(&self) -> io::Result<()> {
+        self.fd.get_ref().listen(self.backlog)
+    }
+
+    /// Removes our UNIX socket path, unless a successor has replaced it.
+    pub fn remove_path_if_ours(&self) {
+        if let (BindAddr::Unix(path), Some(ours)) = (&self.addr, self.path_ino)
+            && std::fs::metadata(path).is_ok_and(|m| m.ino() == ours)
+        {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+
+    pub fn is_tcp(&self) -> bool {
+        matches!(self.addr, BindAddr::Tcp(_))
+    }
+}
+
+impl AsFd for Listener {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.get_ref().as_fd()
+    }
+}
+
+fn accept_raw(socket: &Socket) -> io::Result<(Socket, SockAddr)> {
+    socket.accept()
+}
+
+fn into_stream((socket, addr): (Socket, SockAddr)) -> io::Result<(Stream, PeerAddr)> {
+    socket.set_nonblocking(true)?;
+    if let Some(sa) = addr.as_socket() {
+        socket.set_nodelay(true)?;
+        let stream = TcpStream::from_std(std::net::TcpStream::from(socket))?;
+        Ok((Stream::Tcp(stream), PeerAddr::Tcp(sa)))
+    } else {
+        let stream = UnixStream::from_std(std::os::unix::net::UnixStream::from(socket))?;
+        Ok((Stream::Unix(stream), PeerAddr::Unix))
+    }
+}
+
+fn bind_unix_atomically(path: &Path, backlog: i32) -> io::Result<Socket> {
+    let tmp = temp_path(path);
+    let _ = std::fs::remove_file(&tmp);
+    let socket = Socket::new(Domain::UNIX, Type::STREAM, None)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&SockAddr::unix(&tmp)?)?;
+    socket.listen(backlog)?;
+    std::fs::rename(&tmp, path).inspect_err(|_| {
+        let _ = std::fs::remove_file(&tmp);
+    })?;
+    Ok(socket)
+}
+
+fn temp_path(path: &Path) -> PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(format!(".{}.tmp", std::process::id()));
+    path.with_file_name(name)
+}
+
+/// Connects to a backend server.
+pub async fn connect(server: &ServerAddr) -> io::Result<Stream> {
+    match server {
+        ServerAddr::Tcp(sa) => {
+            let stream = TcpStream::connect(sa).await?;
+            stream.set_nodelay(true)?;
+            Ok(Stream::Tcp(stream))
+        }
+        ServerAddr::Unix(path) => Ok(Stream::Unix(UnixStream::connect(path).await?)),
+    }
+}
+
+/// A TCP or UNIX byte stream.
+pub enum Stream {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+macro_rules! delegate {
+    ($self:ident, $s:ident => $e:expr) => {
+        match $self.get_mut() {
+            Stream::Tcp($s) => {
+                let $s = Pin::new($s);
+                $e
+            }
+            Stream::Unix($s) => {
+                let $s = Pin::new($s);
+                $e
+            }
+        }
+    };
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        delegate!(self, s => s.poll_read(cx, buf))
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        delegate!(self, s => s.poll_write(cx, buf))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        delegate!(self, s => s.poll_flush(cx))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        delegate!(self, s => s.poll_shutdown(cx))
+    }
+}

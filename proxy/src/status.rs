@@ -1,0 +1,133 @@
+//! What `proxy status` shows: the generations of an instance and the
+//! steering counters, read from the pinned maps (so it works from any PID
+//! namespace that sees the bpffs).
+
+use std::{fmt::Write, path::Path};
+
+use proxy_common::{MAX_SLOTS, gen_state};
+use serde::Serialize;
+
+use crate::{
+    generation::Phase,
+    steering::{self, Counters, Maps, SteeringError},
+    sys,
+};
+
+/// A generation as `proxy status` reports it.
+#[derive(Debug, Serialize)]
+pub struct GenStatus {
+    pub slot: u32,
+    pub generation: u64,
+    pub pid: u32,
+    pub state: String,
+    /// Whether its heartbeat is recent (a dead generation keeps its record
+    /// until the slot is reused).
+    pub alive: bool,
+    pub active: bool,
+    pub age_ms: u64,
+    pub accepted: u64,
+    pub active_conns: u64,
+    /// Steering counters of this slot (since this generation claimed it).
+    pub steered: u64,
+    pub migrated_in: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Status {
+    pub instance: String,
+    pub pins: String,
+    pub active_slot: Option<u32>,
+    pub generations: Vec<GenStatus>,
+    pub counters: Counters,
+}
+
+/// A heartbeat older than this marks a generation as not alive.
+const STALE_NS: u64 = 1_000_000_000;
+
+pub fn read(bpffs: &Path, name: &str) -> Result<Status, SteeringError> {
+    let dir = steering::pin_dir(bpffs, name);
+    let maps = Maps::open(&dir)?;
+    let active = maps.active_slot()?;
+    let counters = maps.counters()?;
+    let now_ns = sys::boottime_ns();
+    let now_ms = sys::unix_ms();
+    let generations = maps
+        .records()?
+        .into_iter()
+        .filter(|(_, r)| r.state != gen_state::FREE)
+        .map(|(slot, r)| {
+            let alive =
+                r.state != gen_state::STOPPED && now_ns.saturating_sub(r.heartbeat_ns) <= STALE_NS;
+            let state = match Phase::from_code(r.state) {
+                Some(p) if alive || p == Phase::Stopped => format!("{p:?}").to_lowercase(),
+                Some(p) => format!("dead ({:?})", p).to_lowercase(),
+                None => format!("unknown ({})", r.state),
+            };
+            GenStatus {
+                slot: slot.0,
+                generation: r.generation,
+                pid: r.pid,
+                state,
+                alive,
+                active: active == Some(slot),
+                age_ms: now_ms.saturating_sub(r.started_unix_ms),
+                accepted: r.accepted,
+                active_conns: r.active_conns,
+                steered: counters.selected[slot.0 as usize],
+                migrated_in: counters.migrated[slot.0 as usize],
+            }
+        })
+        .collect();
+    Ok(Status {
+        instance: name.to_string(),
+        pins: dir.display().to_string(),
+        active_slot: active.map(|s| s.0),
+        generations,
+        counters,
+    })
+}
+
+/// A table an operator reads.
+pub fn render(status: &Status) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "instance {}  (pins {})  active slot: {}",
+        status.instance,
+        status.pins,
+        status
+            .active_slot
+            .map(|s| s.to_string())
+            .unwrap_or_else(|| "none".into())
+    );
+    let _ = writeln!(
+        out,
+        "{:>4} {:>4} {:>8} {:<18} {:>10} {:>10} {:>8} {:>10} {:>10}",
+        "slot", "gen", "pid", "state", "age", "accepted", "open", "steered", "migrated"
+    );
+    for g in &status.generations {
+        let _ = writeln!(
+            out,
+            "{:>4} {:>4} {:>8} {:<18} {:>10} {:>10} {:>8} {:>10} {:>10}",
+            g.slot,
+            g.generation,
+            g.pid,
+            format!("{}{}", g.state, if g.active { " *" } else { "" }),
+            humantime::format_duration(std::time::Duration::from_secs(g.age_ms / 1000)).to_string(),
+            g.accepted,
+            g.active_conns,
+            g.steered,
+            g.migrated_in
+        );
+    }
+    if status.generations.is_empty() {
+        let _ = writeln!(out, "  (no generations)");
+    }
+    let c = &status.counters;
+    let _ = writeln!(
+        out,
+        "eBPF: fell back to kernel hash: {} new, {} migrating  (* = active; {} slots)",
+        c.fallback_new, c.fallback_migrate, MAX_SLOTS
+    );
+    out
+}
