@@ -47,10 +47,13 @@ enum Cmd {
     /// Build everything and run all tests (root: the tests load eBPF programs
     /// and make network namespaces).
     Test {
-        /// Extra arguments for `cargo test`, e.g. `-- handover`.
+        /// Extra arguments for the test binaries, e.g. `-- handover --nocapture`.
         #[arg(last = true)]
         args: Vec<OsString>,
     },
+    /// `cargo fmt --check` and `cargo clippy -D warnings` for the host crates
+    /// and for the eBPF crate.
+    Lint,
 }
 
 fn main() -> ExitCode {
@@ -77,7 +80,7 @@ fn run(cli: Cli) -> Result<()> {
             } else {
                 args
             };
-            let _backends = demo::start(&["127.0.0.1:9000", "127.0.0.1:9001"])?;
+            demo::start(&["127.0.0.1:9000", "127.0.0.1:9001"])?;
             let status = Command::new(&proxy)
                 .arg("run")
                 .args(&args)
@@ -91,14 +94,43 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Test { args } => {
             let proxy = build_all(&ws)?;
             require_root("test")?;
+            // One test at a time: the load tests measure rates on 2 cores.
             cargo(&ws)
-                .args(["test", "--workspace", "--release"])
+                .args(["test", "--release"])
                 .env("PROXY_BIN", &proxy)
                 .env("PROXY_EBPF_OBJECT", ebpf_object(&ws))
+                .env("NO_COLOR", "1")
+                .args(["--", "--test-threads=1"])
                 .args(&args)
                 .run("cargo test")
         }
+        Cmd::Lint => lint(&ws),
     }
+}
+
+fn lint(ws: &Path) -> Result<()> {
+    let object = build_ebpf(ws)?;
+    cargo(ws)
+        .args(["fmt", "--all", "--", "--check"])
+        .run("cargo fmt --check")?;
+    cargo(ws)
+        .args(["clippy", "--all-targets"])
+        .env("PROXY_EBPF_OBJECT", &object)
+        .args(["--", "-D", "warnings"])
+        .run("cargo clippy (host crates)")?;
+    let components = rustup()
+        .args(["component", "list", "--toolchain", "nightly", "--installed"])
+        .output_text("rustup component list")?;
+    if !components.lines().any(|l| l.starts_with("clippy")) {
+        rustup()
+            .args(["component", "add", "clippy", "--toolchain", "nightly"])
+            .run("rustup component add clippy")?;
+    }
+    ebpf_cargo(ws)
+        .args(["clippy", "--release"])
+        .args(["-Z", "build-std=core", "--target", "bpfel-unknown-none"])
+        .args(["--", "-D", "warnings"])
+        .run("cargo clippy (eBPF crate)")
 }
 
 fn workspace_root() -> PathBuf {
@@ -285,22 +317,8 @@ fn mount_bpffs() {
 
 fn build_ebpf(ws: &Path) -> Result<PathBuf> {
     setup(ws)?;
-    let path = format!(
-        "{}:{}",
-        tools_dir(ws).join("bin").display(),
-        env::var("PATH").unwrap_or_default()
-    );
-    Command::new("rustup")
-        .env_remove("RUSTUP_TOOLCHAIN")
-        .env_remove("RUSTFLAGS")
-        .env_remove("CARGO_ENCODED_RUSTFLAGS")
-        .env(
-            "CARGO_ENCODED_RUSTFLAGS",
-            "-Cdebuginfo=2\x1f-Clink-arg=--btf",
-        )
-        .env("PATH", path)
-        .current_dir(ws.join("proxy-ebpf"))
-        .args(["run", "nightly", "cargo", "build", "--release"])
+    ebpf_cargo(ws)
+        .args(["build", "--release"])
         .args(["-Z", "build-std=core", "--target", "bpfel-unknown-none"])
         .run("building the eBPF program")?;
     let object = ebpf_object(ws);
@@ -308,6 +326,25 @@ fn build_ebpf(ws: &Path) -> Result<PathBuf> {
         bail!("the eBPF build did not produce {}", object.display());
     }
     Ok(object)
+}
+
+/// `cargo` of the nightly, in the eBPF crate, with bpf-linker on PATH.
+fn ebpf_cargo(ws: &Path) -> Command {
+    let path = format!(
+        "{}:{}",
+        tools_dir(ws).join("bin").display(),
+        env::var("PATH").unwrap_or_default()
+    );
+    let mut cmd = rustup();
+    cmd.env_remove("RUSTFLAGS")
+        .env(
+            "CARGO_ENCODED_RUSTFLAGS",
+            "-Cdebuginfo=2\x1f-Clink-arg=--btf",
+        )
+        .env("PATH", path)
+        .current_dir(ws.join("proxy-ebpf"))
+        .args(["run", "nightly", "cargo"]);
+    cmd
 }
 
 fn build_all(ws: &Path) -> Result<PathBuf> {
