@@ -202,6 +202,13 @@ pub async fn run(opts: Options) -> Result<()> {
     .await;
     if let Err(e) = &result {
         error!("{gen_label}: {e:#}");
+        // Free the slot at once rather than after the heartbeat goes stale.
+        if let Some((slot, mut record)) = slot_record
+            && let Ok(mut maps) = Maps::open(&dir)
+        {
+            record.state = gen_state::STOPPED;
+            let _ = maps.write_record(slot, &record);
+        }
     }
     result
 }
@@ -274,6 +281,13 @@ async fn serve(
             maxconn,
         ));
     }
+    // Written before the flip, so that a pidfile problem stops us while the
+    // old generation still has the traffic.
+    let pidfile = opts.pidfile.clone().or_else(|| cfg.global.pidfile.clone());
+    if let Some(path) = &pidfile {
+        std::fs::write(path, format!("{}\n", std::process::id()))
+            .with_context(|| format!("writing pidfile {}", path.display()))?;
+    }
     phase.send_replace(Phase::Ready);
     publish(&mut steer, &shared, Phase::Ready);
 
@@ -295,11 +309,6 @@ async fn serve(
     shared.sweep.notify_waiters();
     info!(listeners = listeners.len(), "{label}: active");
 
-    let pidfile = opts.pidfile.clone().or_else(|| cfg.global.pidfile.clone());
-    if let Some(path) = &pidfile {
-        std::fs::write(path, format!("{}\n", std::process::id()))
-            .with_context(|| format!("writing pidfile {}", path.display()))?;
-    }
     for (pids, sig, what) in [
         (&opts.soft_stop, libc::SIGUSR1, "soft-stop (SIGUSR1)"),
         (&opts.hard_stop, libc::SIGTERM, "hard stop (SIGTERM)"),
