@@ -124,6 +124,77 @@ pub struct Listener {
     /// Kernel accept queue length passed to `listen(2)`.
     #[serde(default = "default_backlog", deserialize_with = "de_backlog")]
     pub backlog: u32,
+    /// `tcp`: a byte stream; `http`: HTTP/1.1 through hyper (where
+    /// compression lives).
+    #[serde(default)]
+    pub mode: Mode,
+    /// CPUs this listener's stage runs on (its own runtime, threads pinned);
+    /// without it the stage shares the default runtime.
+    #[serde(default)]
+    pub cpus: Option<Vec<usize>>,
+    /// Require a PROXY v2 header from the peer (a previous stage or a load
+    /// balancer) and take the client address from it.
+    #[serde(default)]
+    pub accept_proxy: bool,
+    /// One deadline for the whole PROXY header.
+    #[serde(
+        default = "default_accept_proxy_timeout",
+        deserialize_with = "de_duration"
+    )]
+    pub accept_proxy_timeout: Duration,
+    /// Permissions of UNIX socket files this listener binds (octal string).
+    #[serde(default = "default_unix_mode", deserialize_with = "de_unix_mode")]
+    pub unix_mode: u32,
+    /// TLS termination (`[listener.tls]`).
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
+    /// gzip compression of responses, http mode only (`[listener.compression]`).
+    #[serde(default)]
+    pub compression: Option<CompressionConfig>,
+}
+
+/// What a listener speaks after accept (and after TLS, if any).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    #[default]
+    Tcp,
+    Http,
+}
+
+/// `[listener.tls]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM files, each with its chain and key (HAProxy style); several for
+    /// SNI, the first is the default.
+    pub certs: Vec<PathBuf>,
+    /// ALPN protocols offered, in preference order.
+    #[serde(default)]
+    pub alpn: Vec<String>,
+    /// A client that has not finished its handshake by then is closed.
+    #[serde(
+        default = "default_handshake_timeout",
+        deserialize_with = "de_duration"
+    )]
+    pub handshake_timeout: Duration,
+}
+
+/// `[listener.compression]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CompressionConfig {
+    /// Only "gzip".
+    #[serde(default = "default_algo")]
+    pub algo: String,
+    #[serde(default = "default_level")]
+    pub level: u32,
+    /// Smaller responses (by Content-Length) are sent as they are.
+    #[serde(default = "default_min_size")]
+    pub min_size: u64,
+    /// Media types that are compressed.
+    #[serde(default = "default_types")]
+    pub types: Vec<String>,
 }
 
 /// An address a listener binds to.
@@ -141,6 +212,10 @@ pub struct Backend {
     pub servers: Vec<ServerAddr>,
     #[serde(default = "default_connect_timeout", deserialize_with = "de_duration")]
     pub connect_timeout: Duration,
+    /// Send a PROXY v2 header with the client address (and TLS details) on
+    /// every connection to a server.
+    #[serde(default)]
+    pub send_proxy_v2: bool,
 }
 
 /// An address of a backend server.
@@ -365,6 +440,7 @@ impl Config {
                     ));
                 }
             }
+            validate_stage(i, l)?;
             if !backend_index.contains_key(l.backend.as_str()) {
                 let defined = if self.backends.is_empty() {
                     "no [[backend]] tables are defined".to_owned()
@@ -404,6 +480,114 @@ fn default_backlog() -> u32 {
 
 fn default_connect_timeout() -> Duration {
     Duration::from_secs(2)
+}
+
+fn default_accept_proxy_timeout() -> Duration {
+    Duration::from_secs(3)
+}
+
+fn default_handshake_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+
+fn default_unix_mode() -> u32 {
+    0o660
+}
+
+fn default_algo() -> String {
+    "gzip".into()
+}
+
+fn default_level() -> u32 {
+    1
+}
+
+fn default_min_size() -> u64 {
+    256
+}
+
+fn default_types() -> Vec<String> {
+    [
+        "text/html",
+        "text/plain",
+        "text/css",
+        "application/json",
+        "application/javascript",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+fn de_unix_mode<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+    deserialize_parsed(d, "an octal permission string such as \"0660\"", |s| {
+        u32::from_str_radix(s.trim_start_matches("0o"), 8)
+            .ok()
+            .filter(|m| *m <= 0o777)
+            .ok_or_else(|| {
+                format!("invalid permissions {s:?}: expected an octal string such as \"0660\"")
+            })
+    })
+}
+
+/// CPUs this process may run on, for checking `cpus`.
+fn usable_cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// Checks of the stage keys of listener `i` (TLS, compression, CPUs, mode).
+fn validate_stage(i: usize, l: &Listener) -> Result<(), (String, String)> {
+    if let Some(cpus) = &l.cpus {
+        if cpus.is_empty() {
+            return Err((
+                format!("listener[{i}].cpus"),
+                "empty list: expected CPU numbers such as [1], or leave the key out".into(),
+            ));
+        }
+        let usable = usable_cpus();
+        for (j, cpu) in cpus.iter().enumerate() {
+            if *cpu >= usable {
+                return Err((
+                    format!("listener[{i}].cpus[{j}]"),
+                    format!("CPU {cpu} does not exist here: expected 0..={}", usable - 1),
+                ));
+            }
+        }
+    }
+    if let Some(tls) = &l.tls
+        && tls.certs.is_empty()
+    {
+        return Err((
+            format!("listener[{i}].tls.certs"),
+            "empty list: expected at least one PEM file with certificate chain and key".into(),
+        ));
+    }
+    if let Some(c) = &l.compression {
+        if l.mode != Mode::Http {
+            return Err((
+                format!("listener[{i}].compression"),
+                "compression needs mode = \"http\" on this listener".into(),
+            ));
+        }
+        if c.algo != "gzip" {
+            return Err((
+                format!("listener[{i}].compression.algo"),
+                format!("unsupported algorithm {:?}: expected \"gzip\"", c.algo),
+            ));
+        }
+        if !(1..=9).contains(&c.level) {
+            return Err((
+                format!("listener[{i}].compression.level"),
+                format!("{} is out of range: expected 1..=9", c.level),
+            ));
+        }
+        if c.types.is_empty() {
+            return Err((
+                format!("listener[{i}].compression.types"),
+                "empty list: expected media types such as \"text/html\"".into(),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Names are used in file paths (pinned maps, sockets) and log lines, so
@@ -1337,5 +1521,85 @@ connect_timeout = "500ms"
         let text = minimal_with("backend = \"app\"", "backend = \"${B}\"");
         let e = parse(&text).unwrap_err();
         assert_eq!(e.key_path(), Some("listener[0].backend"));
+    }
+
+    #[test]
+    fn stage_keys() {
+        let text = minimal_with(
+            "backend = \"app\"\n",
+            "backend = \"app\"\nmode = \"http\"\ncpus = [0]\naccept_proxy = true\n\
+             unix_mode = \"0600\"\n[listener.compression]\nlevel = 6\n\
+             [listener.tls]\ncerts = [\"certs/server.pem\"]\nalpn = [\"http/1.1\"]\n",
+        )
+        .replace(
+            "servers = [\"127.0.0.1:9000\"]",
+            "servers = [\"127.0.0.1:9000\"]\nsend_proxy_v2 = true",
+        );
+        let cfg = parse(&text).expect("stage keys parse");
+        let l = &cfg.listeners[0];
+        assert_eq!(l.mode, Mode::Http);
+        assert_eq!(l.cpus, Some(vec![0]));
+        assert!(l.accept_proxy);
+        assert_eq!(l.unix_mode, 0o600);
+        let c = l.compression.as_ref().expect("compression");
+        assert_eq!((c.algo.as_str(), c.level, c.min_size), ("gzip", 6, 256));
+        assert!(c.types.iter().any(|t| t == "text/html"));
+        assert_eq!(l.tls.as_ref().unwrap().alpn, ["http/1.1"]);
+        assert!(cfg.backends[0].send_proxy_v2);
+        // Defaults.
+        let cfg = parse(MINIMAL).unwrap();
+        let l = &cfg.listeners[0];
+        assert_eq!(
+            (l.mode, l.accept_proxy, l.unix_mode),
+            (Mode::Tcp, false, 0o660)
+        );
+        assert!(!cfg.backends[0].send_proxy_v2);
+    }
+
+    #[test]
+    fn stage_key_errors() {
+        let with = |extra: &str| {
+            minimal_with(
+                "backend = \"app\"\n",
+                &format!("backend = \"app\"\n{extra}"),
+            )
+        };
+        assert_err(
+            &with("[listener.compression]\n"),
+            "listener[0].compression",
+            "mode = \"http\"",
+        );
+        assert_err(
+            &with("mode = \"http\"\n[listener.compression]\nlevel = 12\n"),
+            "listener[0].compression.level",
+            "1..=9",
+        );
+        assert_err(
+            &with("mode = \"http\"\n[listener.compression]\nalgo = \"br\"\n"),
+            "listener[0].compression.algo",
+            "gzip",
+        );
+        assert_err(
+            &with("cpus = [4096]\n"),
+            "listener[0].cpus[0]",
+            "does not exist",
+        );
+        assert_err(&with("cpus = []\n"), "listener[0].cpus", "empty list");
+        assert_err(&with("mode = \"udp\"\n"), "listener[0].mode", "");
+        assert_err(
+            &with("unix_mode = \"999\"\n"),
+            "listener[0].unix_mode",
+            "octal",
+        );
+        assert_err(
+            &with("[listener.tls]\ncerts = []\n"),
+            "listener[0].tls.certs",
+            "empty list",
+        );
+        assert_err(
+            &with("[listener.tls]\ncerts = [\"a.pem\"]\nkey = \"x\"\n"),
+            "listener[0].tls.key",
+            "unknown field",
+        );
     }
 }
