@@ -39,8 +39,8 @@ use tracing::{debug, error, info, warn};
 
 use crate::{
     config::{BindAddr, Config, Steering as SteeringMode},
-    forward::Pool,
-    net::Listener,
+    net::{Listener, PeerAddr, Stream},
+    stage::{Stage, StageRuntime},
     steering::{self, Group, Maps, Slot},
     sys,
 };
@@ -228,20 +228,32 @@ async fn serve(
 
     // Bind every listener first: a failure here leaves the running
     // generation untouched (we hold no active slot yet).
+    // Each listener gets its stage (and its pinned runtime, if it has cpus);
+    // its sockets are registered with that runtime's reactor.
+    let mut runtimes = Vec::new();
     let mut listeners = Vec::new();
     for l in &cfg.listeners {
+        let runtime = StageRuntime::new(&l.name, l.cpus.as_deref())?;
+        let stage = Stage::new(cfg, l)?;
         for addr in &l.bind {
-            let listener = Listener::bind(addr, l.backlog)
+            let _entered = runtime.handle().enter();
+            let listener = Listener::bind(addr, l.backlog, l.unix_mode)
                 .with_context(|| format!("listener {}: binding {addr}", l.name))?;
-            listeners.push((l, Arc::new(listener)));
+            listeners.push((
+                l,
+                Arc::new(listener),
+                stage.clone(),
+                runtime.handle().clone(),
+            ));
         }
+        runtimes.push(runtime);
     }
 
     let mut steer = match steer {
         Some((mut maps, (slot, record))) => {
             let mut groups = Vec::new();
             let mut programs = Vec::new();
-            for (i, (l, listener)) in listeners.iter().enumerate() {
+            for (i, (l, listener, _, _)) in listeners.iter().enumerate() {
                 let BindAddr::Tcp(sa) = &listener.addr else {
                     continue;
                 };
@@ -269,14 +281,11 @@ async fn serve(
     // Accept loops run from the start: before the flip the program sends
     // nothing here (unless the active slot is empty and the kernel falls
     // back), after it everything.
-    for (l, listener) in &listeners {
-        let backend = cfg.listener_backend(l);
-        let pool = Arc::new(Pool::new(backend));
+    for (l, listener, stage, handle) in &listeners {
         let maxconn = l.maxconn.map(|n| Arc::new(Semaphore::new(n)));
-        tokio::spawn(accept_loop(
+        handle.spawn(accept_loop(
             listener.clone(),
-            l.name.clone(),
-            pool,
+            stage.clone(),
             shared.clone(),
             maxconn,
         ));
@@ -321,7 +330,7 @@ async fn serve(
         }
     }
 
-    let listeners: Vec<Arc<Listener>> = listeners.into_iter().map(|(_, l)| l).collect();
+    let listeners: Vec<Arc<Listener>> = listeners.into_iter().map(|(_, l, _, _)| l).collect();
     let outcome = control(cfg, &mut steer, &shared, &listeners, &phase, label).await;
 
     // Stopped: leave the slot for the next generation.
@@ -340,6 +349,7 @@ async fn serve(
     for l in &listeners {
         l.remove_path_if_ours();
     }
+    drop(runtimes);
     let st = &shared.stats;
     info!(
         accepted = st.accepted.load(Ordering::Relaxed),
@@ -605,8 +615,7 @@ async fn drain(cfg: &Config, steer: &mut Option<Steer>, shared: &Shared, label: 
 
 async fn accept_loop(
     listener: Arc<Listener>,
-    name: String,
-    pool: Arc<Pool>,
+    stage: Arc<Stage>,
     shared: Arc<Shared>,
     maxconn: Option<Arc<Semaphore>>,
 ) {
@@ -617,7 +626,7 @@ async fn accept_loop(
                 // A UNIX listener keeps its queue: serve what is in it (no
                 // one new can reach it once a successor renamed its path).
                 while let Ok((stream, peer)) = listener.try_accept() {
-                    spawn_conn(stream, peer, &name, &pool, &shared, None);
+                    spawn_conn(stream, peer, &stage, &shared, None);
                 }
             }
             if accepting.changed().await.is_err() {
@@ -638,41 +647,38 @@ async fn accept_loop(
             _ = shared.sweep.notified() => continue,
         };
         match accepted {
-            Ok((stream, peer)) => spawn_conn(stream, peer, &name, &pool, &shared, permit),
-            Err(e) if !*accepting.borrow() => debug!("listener {name}: accept after stop: {e}"),
+            Ok((stream, peer)) => spawn_conn(stream, peer, &stage, &shared, permit),
+            Err(e) if !*accepting.borrow() => {
+                debug!("listener {}: accept after stop: {e}", stage.name)
+            }
             Err(e) => {
                 // EMFILE and friends: back off instead of spinning.
-                warn!("listener {name} ({}): accept failed: {e}", listener.addr);
+                warn!(
+                    "listener {} ({}): accept failed: {e}",
+                    stage.name, listener.addr
+                );
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
         }
     }
 }
 
+/// Runs one connection on the current (stage) runtime.
 fn spawn_conn(
-    stream: crate::net::Stream,
-    peer: crate::net::PeerAddr,
-    listener: &str,
-    pool: &Arc<Pool>,
+    stream: Stream,
+    peer: PeerAddr,
+    stage: &Arc<Stage>,
     shared: &Arc<Shared>,
     permit: Option<tokio::sync::OwnedSemaphorePermit>,
 ) {
     shared.stats.accepted.fetch_add(1, Ordering::Relaxed);
     shared.stats.active.fetch_add(1, Ordering::Relaxed);
-    let pool = pool.clone();
+    let stage = stage.clone();
     let shared = shared.clone();
-    let listener = listener.to_string();
     tokio::spawn(async move {
-        let start = Instant::now();
-        match pool.forward(stream).await {
-            Ok((t, server)) => debug!(
-                %peer, %listener, %server, bytes_in = t.from_client, bytes_out = t.from_server,
-                duration_ms = start.elapsed().as_millis() as u64, "connection closed"
-            ),
-            Err(e) => {
-                shared.stats.failed.fetch_add(1, Ordering::Relaxed);
-                warn!(%peer, %listener, "connection failed: {e}");
-            }
+        if let Err(e) = stage.serve(stream, peer.clone()).await {
+            shared.stats.failed.fetch_add(1, Ordering::Relaxed);
+            warn!(%peer, listener = %stage.name, "connection failed: {e}");
         }
         shared.stats.active.fetch_sub(1, Ordering::Relaxed);
         drop(permit);

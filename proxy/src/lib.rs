@@ -5,6 +5,7 @@
 //! - [`config`]: the TOML config, env interpolation, validation with key paths.
 //! - [`net`]: listeners (SO_REUSEPORT, accept-first sweeping) and streams.
 //! - [`forward`]: backend pools, round-robin, the byte copy.
+//! - [`stage`]: what a listener does with a connection, on which runtime.
 //! - [`steering`]: the pinned eBPF maps and the `sk_reuseport` program.
 //! - [`generation`]: one running copy: lifecycle, handover, drain.
 //! - [`status`]: what `proxy status` reads and prints.
@@ -15,6 +16,7 @@ pub mod config;
 pub mod forward;
 pub mod generation;
 pub mod net;
+pub mod stage;
 pub mod status;
 pub mod steering;
 #[allow(unsafe_code)]

@@ -58,7 +58,7 @@ impl Listener {
     /// UNIX listeners are bound on a temporary path and renamed over the
     /// final one, so that the path never disappears for clients while an
     /// older generation still owns it.
-    pub fn bind(addr: &BindAddr, backlog: u32) -> io::Result<Self> {
+    pub fn bind(addr: &BindAddr, backlog: u32, unix_mode: u32) -> io::Result<Self> {
         let backlog = backlog.min(i32::MAX as u32) as i32;
         let socket = match addr {
             BindAddr::Tcp(sa) => {
@@ -73,7 +73,7 @@ impl Listener {
                 socket.listen(backlog)?;
                 socket
             }
-            BindAddr::Unix(path) => bind_unix_atomically(path, backlog)?,
+            BindAddr::Unix(path) => bind_unix_atomically(path, backlog, unix_mode)?,
         };
         let path_ino = match addr {
             BindAddr::Unix(path) => Some(std::fs::metadata(path)?.ino()),
@@ -162,12 +162,17 @@ fn into_stream((socket, addr): (Socket, SockAddr)) -> io::Result<(Stream, PeerAd
     }
 }
 
-fn bind_unix_atomically(path: &Path, backlog: i32) -> io::Result<Socket> {
+fn bind_unix_atomically(path: &Path, backlog: i32, mode: u32) -> io::Result<Socket> {
+    use std::os::unix::fs::PermissionsExt;
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
     let tmp = temp_path(path);
     let _ = std::fs::remove_file(&tmp);
     let socket = Socket::new(Domain::UNIX, Type::STREAM, None)?;
     socket.set_nonblocking(true)?;
     socket.bind(&SockAddr::unix(&tmp)?)?;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))?;
     socket.listen(backlog)?;
     std::fs::rename(&tmp, path).inspect_err(|_| {
         let _ = std::fs::remove_file(&tmp);

@@ -72,3 +72,23 @@ pub(crate) fn async_fd<T: AsRawFd>(inner: T) -> io::Result<AsyncFd<T>> {
     // until the AsyncFd is dropped, which is what tokio requires.
     unsafe { AsyncFd::register(inner) }.map_err(|e| e.into_parts().1)
 }
+
+/// Pins the calling thread to `cpus`.
+pub fn pin_current_thread(cpus: &[usize]) -> io::Result<()> {
+    // Safety: cpu_set_t is plain data; zeroed is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    for &cpu in cpus {
+        if cpu >= libc::CPU_SETSIZE as usize {
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        }
+        // Safety: cpu was checked to be inside the set.
+        unsafe { libc::CPU_SET(cpu, &mut set) };
+    }
+    // Safety: the set is a valid cpu_set_t of the size given; 0 = this thread.
+    let rc = unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
