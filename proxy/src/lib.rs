@@ -6,6 +6,8 @@
 //! - [`net`]: listeners (SO_REUSEPORT, accept-first sweeping) and streams.
 //! - [`forward`]: backend pools, round-robin, the byte copy.
 //! - [`stage`]: what a listener does with a connection, on which runtime.
+//! - [`tls`]: TLS termination (rustls), certificates chosen by SNI.
+//! - [`proxy_proto`]: PROXY v2 headers, read strictly and written (ppp).
 //! - [`steering`]: the pinned eBPF maps and the `sk_reuseport` program.
 //! - [`generation`]: one running copy: lifecycle, handover, drain.
 //! - [`status`]: what `proxy status` reads and prints.
@@ -16,8 +18,10 @@ pub mod config;
 pub mod forward;
 pub mod generation;
 pub mod net;
+pub mod proxy_proto;
 pub mod stage;
 pub mod status;
 pub mod steering;
 #[allow(unsafe_code)]
 pub mod sys;
+pub mod tls;

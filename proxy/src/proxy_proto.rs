@@ -229,8 +229,12 @@ fn to_proxy_header(header: &v2::Header<'_>) -> Result<ProxyHeader, ProxyError> {
         ),
         (Command::Proxy, Addresses::Unspecified | Addresses::Unix(_)) => (None, None),
     };
-    let tlvs = header
-        .tlvs()
+    // Not `header.tlvs()`: for AF_UNSPEC ppp counts the whole payload as
+    // addresses, while the spec (and HAProxy, which sends TLVs on LOCAL
+    // health checks) has an empty address block and TLVs right after it.
+    let tlv_start = FIXED_LEN + header.address_family().byte_length().unwrap_or(0);
+    let tlv_bytes = header.as_bytes().get(tlv_start..).unwrap_or_default();
+    let tlvs = v2::TypeLengthValues::from(tlv_bytes)
         .map(|t| t.map(|t| (t.kind, t.value.into_owned())))
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| malformed(&e))?;
@@ -407,7 +411,10 @@ mod tests {
         let dst: SocketAddr = "[2001:db8::2]:443".parse().unwrap();
         let bytes = encode_header(Some(src), Some(dst), &[]).unwrap();
         let (header, _) = decode(&bytes).await.unwrap();
-        assert_eq!(header.source, Some("[::ffff:192.0.2.10]:1000".parse().unwrap()));
+        assert_eq!(
+            header.source,
+            Some("[::ffff:192.0.2.10]:1000".parse().unwrap())
+        );
         assert_eq!(header.destination, Some(dst));
     }
 
@@ -461,7 +468,9 @@ mod tests {
     async fn garbage_rejected() {
         for input in [
             &b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"[..],
-            &[0x16, 0x03, 0x01, 0x00, 0xa5, 0x01, 0x00, 0x00, 0xa1, 0x03, 0x03, 0, 0, 0, 0, 0][..],
+            &[
+                0x16, 0x03, 0x01, 0x00, 0xa5, 0x01, 0x00, 0x00, 0xa1, 0x03, 0x03, 0, 0, 0, 0, 0,
+            ][..],
             &[0xff; 32][..],
         ] {
             let err = decode(input).await.unwrap_err();
@@ -504,22 +513,26 @@ mod tests {
         }
     }
 
-    #[tokio::test(start_paused = true)]
+    #[tokio::test]
     async fn slow_sender_times_out() {
         let bytes = encode_header(Some("10.0.0.1:1".parse().unwrap()), None, &[]).unwrap();
         let (mut client, mut server) = tokio::io::duplex(64);
         // Part of the header, then nothing: the stream stays open.
         client.write_all(&bytes[..20]).await.unwrap();
-        let started = tokio::time::Instant::now();
+        let started = std::time::Instant::now();
         let deadline = Duration::from_millis(300);
         let err = read_header(&mut server, deadline, MAX).await.unwrap_err();
-        assert!(matches!(err, ProxyError::Timeout(d) if d == deadline), "{err:?}");
+        assert!(
+            matches!(err, ProxyError::Timeout(d) if d == deadline),
+            "{err:?}"
+        );
         assert!(started.elapsed() >= deadline);
-        assert!(started.elapsed() < deadline * 2);
+        // Generous upper bound: a loaded CI machine may be slow to wake us.
+        assert!(started.elapsed() < deadline + Duration::from_secs(5));
         drop(client);
     }
 
-    #[tokio::test(start_paused = true)]
+    #[tokio::test]
     async fn one_deadline_for_the_whole_header() {
         // Bytes trickling in one at a time must not extend the deadline.
         let bytes = encode_header(Some("10.0.0.1:1".parse().unwrap()), None, &[]).unwrap();
@@ -529,10 +542,10 @@ mod tests {
                 if client.write_all(&[b]).await.is_err() {
                     break;
                 }
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                tokio::time::sleep(Duration::from_millis(50)).await;
             }
         });
-        let err = read_header(&mut server, Duration::from_secs(1), MAX)
+        let err = read_header(&mut server, Duration::from_millis(400), MAX)
             .await
             .unwrap_err();
         assert!(matches!(err, ProxyError::Timeout(_)), "{err:?}");

@@ -20,6 +20,7 @@ use std::{
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
+mod certs;
 mod demo;
 
 #[derive(Parser)]
@@ -51,6 +52,8 @@ enum Cmd {
         #[arg(last = true)]
         args: Vec<OsString>,
     },
+    /// Write demo certificates (RSA 2048 and ECDSA P-256) into certs/.
+    Certs,
     /// `cargo fmt --check` and `cargo clippy -D warnings` for the host crates
     /// and for the eBPF crate.
     Lint,
@@ -105,6 +108,7 @@ fn run(cli: Cli) -> Result<()> {
                 .run("cargo test")
         }
         Cmd::Lint => lint(&ws),
+        Cmd::Certs => certs::run(&ws.join("certs")),
     }
 }
 
