@@ -7,7 +7,10 @@ use std::{
     time::Duration,
 };
 
-use tokio::{io::AsyncWriteExt, time::timeout};
+use tokio::{
+    io::{AsyncRead, AsyncWrite, AsyncWriteExt},
+    time::timeout,
+};
 
 use crate::{
     config::{Backend, ServerAddr},
@@ -29,6 +32,12 @@ pub enum ForwardError {
     NoServer {
         backend: String,
         tried: usize,
+        server: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("server {server}: writing the PROXY header: {source}")]
+    Preamble {
         server: String,
         #[source]
         source: io::Error,
@@ -80,9 +89,33 @@ impl Pool {
         })
     }
 
+    /// Connects to a server and writes `preamble` (a PROXY v2 header, or
+    /// nothing) before anything else.
+    pub async fn connect_with(&self, preamble: &[u8]) -> Result<(Stream, String), ForwardError> {
+        let (mut server, addr) = self.connect().await?;
+        let addr = addr.to_string();
+        if !preamble.is_empty() {
+            server
+                .write_all(preamble)
+                .await
+                .map_err(|source| ForwardError::Preamble {
+                    server: addr.clone(),
+                    source,
+                })?;
+        }
+        Ok((server, addr))
+    }
+
     /// Forwards `client` to a server until both directions are closed.
-    pub async fn forward(&self, mut client: Stream) -> Result<(Transfer, String), ForwardError> {
-        let (mut server, addr) = match self.connect().await {
+    pub async fn forward<IO>(
+        &self,
+        mut client: IO,
+        preamble: &[u8],
+    ) -> Result<(Transfer, String), ForwardError>
+    where
+        IO: AsyncRead + AsyncWrite + Unpin,
+    {
+        let (mut server, addr) = match self.connect_with(preamble).await {
             Ok(ok) => ok,
             Err(e) => {
                 // Close the client cleanly (FIN, not RST): nothing was sent.
@@ -90,7 +123,6 @@ impl Pool {
                 return Err(e);
             }
         };
-        let addr = addr.to_string();
         let (from_client, from_server) = tokio::io::copy_bidirectional(&mut client, &mut server)
             .await
             .map_err(ForwardError::Copy)?;

@@ -98,6 +98,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
     match cli.cmd {
         Cmd::Check { config } => {
             let cfg = Config::load(&config)?;
+            // Load what the stages load at startup (certificates), so that
+            // check catches everything run would.
+            for l in &cfg.listeners {
+                proxy::stage::Stage::new(&cfg, l)?;
+            }
             println!(
                 "{}: ok (instance {}, {} listeners, {} backends)",
                 config.display(),

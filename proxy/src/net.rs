@@ -44,6 +44,15 @@ pub enum PeerAddr {
     Unix,
 }
 
+impl PeerAddr {
+    pub fn socket_addr(&self) -> Option<SocketAddr> {
+        match self {
+            PeerAddr::Tcp(a) => Some(*a),
+            PeerAddr::Unix => None,
+        }
+    }
+}
+
 impl std::fmt::Display for PeerAddr {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
@@ -202,6 +211,16 @@ pub async fn connect(server: &ServerAddr) -> io::Result<Stream> {
 pub enum Stream {
     Tcp(TcpStream),
     Unix(UnixStream),
+}
+
+impl Stream {
+    /// Our side's address (the PROXY header's destination), TCP only.
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        match self {
+            Stream::Tcp(s) => s.local_addr().ok(),
+            Stream::Unix(_) => None,
+        }
+    }
 }
 
 macro_rules! delegate {

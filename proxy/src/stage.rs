@@ -6,21 +6,36 @@
 //! with `cpus` runs on its own tokio runtime whose threads are pinned there,
 //! the way HAProxy gives TLS or compression listeners their own cores.
 
-use std::{sync::Arc, time::Instant};
+use std::{
+    net::SocketAddr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
-use tokio::runtime::{Handle, Runtime};
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    runtime::{Handle, Runtime},
+};
 use tracing::{debug, info, warn};
 
 use crate::{
     config::{Config, Listener as ListenerConfig},
-    forward::{ForwardError, Pool},
+    forward::{ForwardError, Pool, Transfer},
     net::{PeerAddr, Stream},
+    proxy_proto::{self, ProxyError},
     sys,
+    tls::{CertSource, TlsAcceptor, TlsError, TlsSettings},
 };
 
 /// Why a stage could not be built (bad certificates, no runtime).
 #[derive(Debug, thiserror::Error)]
 pub enum StageError {
+    #[error("listener {listener}: TLS: {source}")]
+    Tls {
+        listener: String,
+        #[source]
+        source: TlsError,
+    },
     #[error("listener {listener}: starting its runtime on CPUs {cpus:?}: {source}")]
     Runtime {
         listener: String,
@@ -33,6 +48,10 @@ pub enum StageError {
 /// Why one connection ended badly, by side.
 #[derive(Debug, thiserror::Error)]
 pub enum ConnError {
+    #[error("downstream: PROXY header: {0}")]
+    ProxyHeader(#[from] ProxyError),
+    #[error("downstream: TLS: {0}")]
+    Tls(#[from] TlsError),
     #[error("upstream: {0}")]
     Upstream(#[from] ForwardError),
 }
@@ -98,25 +117,114 @@ impl Drop for StageRuntime {
 pub struct Stage {
     pub name: String,
     pool: Pool,
+    /// Deadline of the PROXY v2 header, when the listener requires one.
+    accept_proxy: Option<Duration>,
+    tls: Option<TlsAcceptor>,
+    /// Whether the backend wants a PROXY v2 header.
+    send_proxy: bool,
+}
+
+/// The largest PROXY v2 header we accept: addresses plus generous TLVs.
+const MAX_PROXY_HEADER: usize = 4096;
+
+/// What we know about the client when the payload starts.
+struct ClientInfo {
+    /// The real client (from the socket, or from a PROXY header).
+    source: Option<SocketAddr>,
+    /// The address it connected to.
+    destination: Option<SocketAddr>,
+    /// TLVs for the next hop: TLS details, or those a previous stage sent.
+    tlvs: Vec<(u8, Vec<u8>)>,
 }
 
 impl Stage {
+    /// Builds the stage of listener `l`: loads its certificates now, so that
+    /// a bad certificate stops the generation before the flip.
     pub fn new(cfg: &Config, l: &ListenerConfig) -> Result<Arc<Self>, StageError> {
+        let backend = cfg.listener_backend(l);
+        let tls = match &l.tls {
+            Some(t) => Some(
+                TlsAcceptor::new(&TlsSettings {
+                    certs: t.certs.iter().cloned().map(CertSource::Bundle).collect(),
+                    alpn: t.alpn.clone(),
+                    handshake_timeout: t.handshake_timeout,
+                })
+                .map_err(|source| StageError::Tls {
+                    listener: l.name.clone(),
+                    source,
+                })?,
+            ),
+            None => None,
+        };
         Ok(Arc::new(Self {
             name: l.name.clone(),
-            pool: Pool::new(cfg.listener_backend(l)),
+            pool: Pool::new(backend),
+            accept_proxy: l.accept_proxy.then_some(l.accept_proxy_timeout),
+            tls,
+            send_proxy: backend.send_proxy_v2,
         }))
     }
 
     /// Serves one accepted connection to its end.
-    pub async fn serve(&self, stream: Stream, peer: PeerAddr) -> Result<(), ConnError> {
+    pub async fn serve(&self, mut stream: Stream, peer: PeerAddr) -> Result<(), ConnError> {
         let start = Instant::now();
-        let (t, server) = self.pool.forward(stream).await?;
-        debug!(
-            %peer, listener = %self.name, %server, bytes_in = t.from_client,
-            bytes_out = t.from_server, duration_ms = start.elapsed().as_millis() as u64,
-            "connection closed"
-        );
-        Ok(())
+        let mut client = ClientInfo {
+            source: peer.socket_addr(),
+            destination: stream.local_addr(),
+            tlvs: Vec::new(),
+        };
+        if let Some(deadline) = self.accept_proxy {
+            let (header, _) =
+                proxy_proto::read_header(&mut stream, deadline, MAX_PROXY_HEADER).await?;
+            // LOCAL (health checks of the previous hop) keeps the socket's
+            // own addresses.
+            if header.source.is_some() {
+                client.source = header.source;
+                client.destination = header.destination;
+            }
+            client.tlvs = header.tlvs;
+        }
+        let result = match &self.tls {
+            Some(acceptor) => {
+                let (tls, info) = acceptor.accept(stream).await?;
+                client.tlvs = proxy_proto::tls_tlvs(
+                    info.sni.as_deref(),
+                    info.alpn.as_deref(),
+                    info.version,
+                    &info.cipher,
+                );
+                self.finish(tls, &client).await
+            }
+            None => self.finish(stream, &client).await,
+        };
+        if let Ok((t, server)) = &result {
+            debug!(
+                client = ?client.source, listener = %self.name, %server, bytes_in = t.from_client,
+                bytes_out = t.from_server, duration_ms = start.elapsed().as_millis() as u64,
+                "connection closed"
+            );
+        }
+        result.map(|_| ())
+    }
+
+    /// The payload part: bytes to the backend (tcp mode).
+    async fn finish<IO>(&self, io: IO, client: &ClientInfo) -> Result<(Transfer, String), ConnError>
+    where
+        IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let preamble = self.preamble(client)?;
+        Ok(self.pool.forward(io, &preamble).await?)
+    }
+
+    /// The PROXY v2 header for the backend, or nothing.
+    fn preamble(&self, client: &ClientInfo) -> Result<Vec<u8>, ConnError> {
+        if !self.send_proxy {
+            return Ok(Vec::new());
+        }
+        Ok(proxy_proto::encode_header(
+            client.source,
+            client.destination,
+            &client.tlvs,
+        )?)
     }
 }

@@ -1,0 +1,1563 @@
+//! HTTP/1.1 mode of a listener: a reverse proxy built on hyper on both sides.
+//!
+//! Each downstream connection gets its own upstream connection, opened on its
+//! first request and kept for the ones after it. Requests and responses are
+//! streamed (never buffered whole), hop-by-hop headers are dropped in both
+//! directions, `X-Forwarded-For` carries the real client, and responses are
+//! gzip-compressed on the fly when the client, the response and the settings
+//! all allow it.
+
+use std::{
+    convert::Infallible,
+    error::Error as StdError,
+    future::Future,
+    io,
+    net::SocketAddr,
+    pin::Pin,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use async_compression::{Level, tokio::bufread::GzipEncoder};
+use bytes::Bytes;
+use futures_util::StreamExt;
+use http_body::Frame;
+use http_body_util::{BodyDataStream, BodyExt, Full, StreamBody, combinators::UnsyncBoxBody};
+use hyper::{
+    HeaderMap, Method, Request, Response, StatusCode, Uri, Version,
+    body::Incoming,
+    client::conn::http1::SendRequest,
+    header::{self, HeaderName, HeaderValue},
+    service::service_fn,
+};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    sync::{Mutex, watch},
+    task::AbortHandle,
+};
+use tokio_util::io::{ReaderStream, StreamReader};
+
+/// gzip settings of a listener.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Compression {
+    /// gzip level, 1 (fastest) ..= 9 (smallest); out-of-range values are clamped.
+    pub level: u32,
+    /// Responses whose Content-Length is below this are sent as they are.
+    pub min_size: u64,
+    /// Media types (without parameters, matched case-insensitively) worth compressing.
+    pub types: Vec<String>,
+}
+
+/// Per-connection settings of the HTTP mode.
+#[derive(Debug, Clone)]
+pub struct HttpSettings {
+    /// `None` turns compression off.
+    pub compression: Option<Compression>,
+    /// The real client (from the socket or a PROXY v2 header), sent upstream
+    /// in `X-Forwarded-For`; `None` leaves that header as the client sent it.
+    pub client_addr: Option<SocketAddr>,
+    /// How long the downstream client may take to send a request head
+    /// (hyper also applies it while a keep-alive connection waits for the next one).
+    pub header_read_timeout: Duration,
+}
+
+/// Something that opens a new upstream byte stream.
+///
+/// Closures `Fn() -> impl Future<Output = io::Result<Io>>` implement it, so the
+/// caller can pass one over its backend pool.
+pub trait Upstream: Send + Sync + 'static {
+    type Io: AsyncRead + AsyncWrite + Unpin + Send + 'static;
+    fn connect(&self) -> Pin<Box<dyn Future<Output = io::Result<Self::Io>> + Send + '_>>;
+}
+
+impl<F, Fut, Io> Upstream for F
+where
+    F: Fn() -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = io::Result<Io>> + Send + 'static,
+    Io: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    type Io = Io;
+    fn connect(&self) -> Pin<Box<dyn Future<Output = io::Result<Io>> + Send + '_>> {
+        Box::pin(self())
+    }
+}
+
+/// What one downstream connection did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ConnStats {
+    /// Requests answered, including the 502s and other local answers.
+    pub requests: u64,
+    /// Upstream connections opened (1 when keep-alive held all the way).
+    pub upstream_connects: u64,
+    /// Responses sent gzip-compressed.
+    pub compressed_responses: u64,
+    /// Response body bytes as received from the upstream server.
+    pub body_bytes_before: u64,
+    /// Response body bytes as handed to the downstream client (after gzip where applied).
+    pub body_bytes_after: u64,
+}
+
+impl ConnStats {
+    /// `body_bytes_after / body_bytes_before` over all responses, `None` before any body byte.
+    pub fn compression_ratio(&self) -> Option<f64> {
+        (self.body_bytes_before > 0)
+            .then(|| self.body_bytes_after as f64 / self.body_bytes_before as f64)
+    }
+}
+
+/// Why an HTTP connection (or one of its requests) failed: which side failed.
+#[derive(Debug, thiserror::Error)]
+pub enum HttpError {
+    #[error("downstream client: no complete request head within {0:?}")]
+    HeaderTimeout(Duration),
+    #[error("downstream client: {0}")]
+    Downstream(#[source] hyper::Error),
+    #[error("upstream server: cannot connect: {0}")]
+    UpstreamConnect(#[source] io::Error),
+    #[error("upstream server: HTTP handshake: {0}")]
+    UpstreamHandshake(#[source] hyper::Error),
+    #[error("upstream server: {0}")]
+    Upstream(#[source] hyper::Error),
+    /// The response head was already sent downstream, so the only way left
+    /// to report it was to cut the downstream connection.
+    #[error("upstream server: response body broke off after the head was sent: {0}")]
+    UpstreamBody(String),
+    #[error("compressing the response body for the downstream client: {0}")]
+    Compress(String),
+}
+
+/// Error of the response bodies handed to hyper; it comes back (inside a
+/// `hyper::Error`) when a body fails, and tells which side it was.
+#[derive(Debug, thiserror::Error)]
+enum BodyError {
+    #[error("upstream server: reading the response body: {0}")]
+    Upstream(#[source] hyper::Error),
+    #[error("gzip: {0}")]
+    Compress(#[source] io::Error),
+}
+
+type ProxyBody = UnsyncBoxBody<Bytes, BodyError>;
+
+/// Serves one downstream connection in HTTP/1.1 mode until the client closes
+/// it, an error cuts it, or a draining generation answered its last request.
+pub async fn serve<IO, U>(
+    io: IO,
+    upstream: Arc<U>,
+    settings: Arc<HttpSettings>,
+    draining: watch::Receiver<bool>,
+) -> Result<ConnStats, HttpError>
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    U: Upstream,
+{
+    let shared = Arc::new(Shared {
+        upstream,
+        settings: settings.clone(),
+        draining,
+        conn: Mutex::new(None),
+        counters: Arc::new(Counters::default()),
+    });
+    let service = {
+        let shared = shared.clone();
+        service_fn(move |req| {
+            let shared = shared.clone();
+            async move { Ok::<_, Infallible>(shared.handle(req).await) }
+        })
+    };
+
+    // No graceful_shutdown() on draining: an idle keep-alive connection stays
+    // open; the next response carries `Connection: close`, which makes hyper
+    // close the connection once that response is written.
+    let result = hyper::server::conn::http1::Builder::new()
+        .keep_alive(true)
+        .timer(TokioTimer::new())
+        .header_read_timeout(settings.header_read_timeout)
+        .serve_connection(TokioIo::new(io), service)
+        .await;
+    let stats = shared.counters.snapshot();
+    match result {
+        Ok(()) => Ok(stats),
+        // Hyper's header timer also runs while a keep-alive connection waits
+        // for its next request: after at least one request that is the usual
+        // end of an idle connection, not a failure.
+        Err(e) if e.is_timeout() && stats.requests > 0 => Ok(stats),
+        Err(e) if e.is_timeout() => Err(HttpError::HeaderTimeout(settings.header_read_timeout)),
+        Err(e) => Err(classify_server_error(e)),
+    }
+}
+
+/// Tells apart a response body that failed on our side of hyper (upstream or
+/// gzip) from a failure of the downstream client itself.
+fn classify_server_error(e: hyper::Error) -> HttpError {
+    match e.source().and_then(|s| s.downcast_ref::<BodyError>()) {
+        Some(BodyError::Upstream(inner)) => HttpError::UpstreamBody(error_chain(inner)),
+        Some(BodyError::Compress(inner)) => HttpError::Compress(error_chain(inner)),
+        None => HttpError::Downstream(e),
+    }
+}
+
+fn error_chain(e: &(dyn StdError + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut next = e.source();
+    while let Some(cause) = next {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        next = cause.source();
+    }
+    text
+}
+
+#[derive(Default)]
+struct Counters {
+    requests: AtomicU64,
+    upstream_connects: AtomicU64,
+    compressed_responses: AtomicU64,
+    body_bytes_before: AtomicU64,
+    body_bytes_after: AtomicU64,
+}
+
+impl Counters {
+    fn snapshot(&self) -> ConnStats {
+        ConnStats {
+            requests: self.requests.load(Ordering::Relaxed),
+            upstream_connects: self.upstream_connects.load(Ordering::Relaxed),
+            compressed_responses: self.compressed_responses.load(Ordering::Relaxed),
+            body_bytes_before: self.body_bytes_before.load(Ordering::Relaxed),
+            body_bytes_after: self.body_bytes_after.load(Ordering::Relaxed),
+        }
+    }
+}
+
+fn add(counter: &AtomicU64, n: usize) {
+    counter.fetch_add(n as u64, Ordering::Relaxed);
+}
+
+/// An open upstream connection: the request side, and the task driving it.
+struct UpstreamConn {
+    sender: SendRequest<Incoming>,
+    task: AbortHandle,
+}
+
+impl Drop for UpstreamConn {
+    // The driving task must not outlive the downstream connection (the lead
+    // cuts connections at the hard deadline by dropping the serve task).
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+struct Shared<U> {
+    upstream: Arc<U>,
+    settings: Arc<HttpSettings>,
+    draining: watch::Receiver<bool>,
+    /// Held across one request/response head exchange: hyper serves the
+    /// requests of an HTTP/1 connection one after the other anyway.
+    conn: Mutex<Option<UpstreamConn>>,
+    counters: Arc<Counters>,
+}
+
+impl<U: Upstream> Shared<U> {
+    async fn handle(&self, req: Request<Incoming>) -> Response<ProxyBody> {
+        self.counters.requests.fetch_add(1, Ordering::Relaxed);
+        let is_head = req.method() == Method::HEAD;
+        let client_gzip = accepts_gzip(req.headers());
+        let mut resp = if req.method() == Method::CONNECT {
+            text_response(
+                StatusCode::NOT_IMPLEMENTED,
+                "501 Not Implemented: CONNECT is not proxied\n",
+            )
+        } else {
+            match self.send(self.upstream_request(req)).await {
+                Ok(resp) => self.downstream_response(resp, is_head, client_gzip),
+                Err(e) => {
+                    tracing::warn!(error = %e, "answering 502");
+                    text_response(
+                        StatusCode::BAD_GATEWAY,
+                        "502 Bad Gateway: upstream server failed\n",
+                    )
+                }
+            }
+        };
+        if *self.draining.borrow() {
+            resp.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        resp
+    }
+
+    /// Turns the downstream request into the one sent upstream.
+    fn upstream_request(&self, mut req: Request<Incoming>) -> Request<Incoming> {
+        // Absolute-form (a client talking to us as to a forward proxy) becomes
+        // origin-form, its authority the Host if the client sent none.
+        if let Some(authority) = req.uri().authority().cloned()
+            && !req.headers().contains_key(header::HOST)
+            && let Ok(host) = HeaderValue::from_str(authority.as_str())
+        {
+            req.headers_mut().insert(header::HOST, host);
+        }
+        let mut parts = hyper::http::uri::Parts::default();
+        parts.path_and_query = Some(
+            req.uri()
+                .path_and_query()
+                .cloned()
+                .unwrap_or_else(|| hyper::http::uri::PathAndQuery::from_static("/")),
+        );
+        *req.uri_mut() = Uri::from_parts(parts).unwrap_or_else(|_| Uri::from_static("/"));
+        *req.version_mut() = Version::HTTP_11;
+        strip_hop_by_hop(req.headers_mut());
+        if let Some(addr) = self.settings.client_addr {
+            set_forwarded_for(req.headers_mut(), addr);
+        }
+        req
+    }
+
+    /// Sends a request on the upstream connection, opening one if there is
+    /// none or it was closed.
+    async fn send(&self, mut req: Request<Incoming>) -> Result<Response<Incoming>, HttpError> {
+        let mut slot = self.conn.lock().await;
+        // A reused connection may turn out closed by the server just as we
+        // send; hyper hands the request back when none of it was written, and
+        // then one fresh connection gets it.
+        for attempt in 0..2 {
+            let reusable = match slot.take() {
+                Some(mut conn) if !conn.sender.is_closed() => {
+                    // Resolves once the previous response has been read to
+                    // its end, or fails if the server closed meanwhile.
+                    conn.sender.ready().await.is_ok().then_some(conn)
+                }
+                _ => None,
+            };
+            let mut conn = match reusable {
+                Some(conn) => conn,
+                None => self.connect().await?,
+            };
+            match conn.sender.try_send_request(req).await {
+                Ok(resp) => {
+                    *slot = Some(conn);
+                    return Ok(resp);
+                }
+                Err(mut e) => match e.take_message() {
+                    Some(unsent) if attempt == 0 => {
+                        tracing::debug!(error = %e.error(), "upstream connection unusable, reopening");
+                        req = unsent;
+                    }
+                    _ => return Err(HttpError::Upstream(e.into_error())),
+                },
+            }
+        }
+        unreachable!("the second attempt returns")
+    }
+
+    async fn connect(&self) -> Result<UpstreamConn, HttpError> {
+        let io = self
+            .upstream
+            .connect()
+            .await
+            .map_err(HttpError::UpstreamConnect)?;
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+            .await
+            .map_err(HttpError::UpstreamHandshake)?;
+        self.counters
+            .upstream_connects
+            .fetch_add(1, Ordering::Relaxed);
+        let task = tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "upstream connection ended with an error");
+            }
+        })
+        .abort_handle();
+        Ok(UpstreamConn { sender, task })
+    }
+
+    fn downstream_response(
+        &self,
+        resp: Response<Incoming>,
+        is_head: bool,
+        client_gzip: bool,
+    ) -> Response<ProxyBody> {
+        let (mut parts, body) = resp.into_parts();
+        parts.version = Version::HTTP_11;
+        strip_hop_by_hop(&mut parts.headers);
+        let counters = self.counters.clone();
+        let level = match &self.settings.compression {
+            Some(c) if compressible(c, parts.status, &parts.headers, is_head) => {
+                add_vary_accept_encoding(&mut parts.headers);
+                client_gzip.then_some(c.level)
+            }
+            _ => None,
+        };
+        let body = match level {
+            Some(level) => {
+                counters
+                    .compressed_responses
+                    .fetch_add(1, Ordering::Relaxed);
+                mark_gzipped(&mut parts.headers);
+                gzip_body(body, level, counters)
+            }
+            None => body
+                .map_frame(move |frame| {
+                    if let Some(data) = frame.data_ref() {
+                        add(&counters.body_bytes_before, data.len());
+                        add(&counters.body_bytes_after, data.len());
+                    }
+                    frame
+                })
+                .map_err(BodyError::Upstream)
+                .boxed_unsync(),
+        };
+        Response::from_parts(parts, body)
+    }
+}
+
+/// gzip over the upstream body as a stream: one upstream chunk and the
+/// encoder's window in memory at a time. The encoder flushes whenever the
+/// upstream has nothing more yet, so slow streams are not held back.
+fn gzip_body(body: Incoming, level: u32, counters: Arc<Counters>) -> ProxyBody {
+    let before = counters.clone();
+    let input = BodyDataStream::new(body).map(move |chunk| match chunk {
+        Ok(data) => {
+            add(&before.body_bytes_before, data.len());
+            Ok(data)
+        }
+        Err(e) => Err(io::Error::other(BodyError::Upstream(e))),
+    });
+    let level = Level::Precise(level.clamp(1, 9) as i32);
+    let encoder = GzipEncoder::with_quality(StreamReader::new(input), level);
+    let output = ReaderStream::with_capacity(encoder, 16 * 1024).map(move |chunk| match chunk {
+        Ok(data) => {
+            add(&counters.body_bytes_after, data.len());
+            Ok(Frame::data(data))
+        }
+        // An upstream failure travels through the encoder as an io::Error;
+        // unwrap it so the report names the upstream, not gzip.
+        Err(e) if e.get_ref().is_some_and(|inner| inner.is::<BodyError>()) => {
+            match e.into_inner().map(|inner| inner.downcast::<BodyError>()) {
+                Some(Ok(inner)) => Err(*inner),
+                _ => unreachable!("checked to be a BodyError"),
+            }
+        }
+        Err(e) => Err(BodyError::Compress(e)),
+    });
+    StreamBody::new(output).boxed_unsync()
+}
+
+fn text_response(status: StatusCode, text: &'static str) -> Response<ProxyBody> {
+    let mut resp = Response::new(
+        Full::new(Bytes::from_static(text.as_bytes()))
+            .map_err(|never: Infallible| match never {})
+            .boxed_unsync(),
+    );
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}
+
+/// Comma-separated tokens of every value of a header (values that are not
+/// visible ASCII are skipped).
+fn tokens<'a>(headers: &'a HeaderMap, name: &HeaderName) -> impl Iterator<Item = &'a str> {
+    headers
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+}
+
+/// Drops the headers that concern one connection only, including the ones
+/// the Connection header names.
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let listed: Vec<HeaderName> = tokens(headers, &header::CONNECTION)
+        .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
+        .collect();
+    for name in listed {
+        headers.remove(name);
+    }
+    for name in [
+        header::CONNECTION,
+        HeaderName::from_static("keep-alive"),
+        HeaderName::from_static("proxy-connection"),
+        header::TE,
+        header::TRAILER,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+    ] {
+        headers.remove(name);
+    }
+}
+
+/// Appends the client to X-Forwarded-For, folding earlier lines into one.
+fn set_forwarded_for(headers: &mut HeaderMap, addr: SocketAddr) {
+    let ip = addr.ip().to_canonical().to_string();
+    let mut value = Vec::new();
+    for existing in headers.get_all(header::HeaderName::from_static("x-forwarded-for")) {
+        let existing = existing.as_bytes().trim_ascii();
+        if !existing.is_empty() {
+            value.extend_from_slice(existing);
+            value.extend_from_slice(b", ");
+        }
+    }
+    value.extend_from_slice(ip.as_bytes());
+    if let Ok(value) = HeaderValue::from_bytes(&value) {
+        headers.insert(HeaderName::from_static("x-forwarded-for"), value);
+    }
+}
+
+/// Whether the client's Accept-Encoding lets us send gzip: an explicit
+/// `gzip`/`x-gzip` decides by its q-value, else a `*` with q > 0 does; no
+/// header means identity only.
+fn accepts_gzip(headers: &HeaderMap) -> bool {
+    let mut gzip_q: Option<f32> = None;
+    let mut star_q: Option<f32> = None;
+    for item in tokens(headers, &header::ACCEPT_ENCODING) {
+        let mut params = item.split(';');
+        let coding = params.next().unwrap_or_default().trim();
+        // A malformed q-value voids its element, as RFC 9110 asks.
+        let Some(q) = q_value(params) else { continue };
+        let slot = if coding.eq_ignore_ascii_case("gzip") || coding.eq_ignore_ascii_case("x-gzip") {
+            &mut gzip_q
+        } else if coding == "*" {
+            &mut star_q
+        } else {
+            continue;
+        };
+        *slot = Some(slot.map_or(q, |old| old.max(q)));
+    }
+    match gzip_q {
+        Some(q) => q > 0.0,
+        None => star_q.is_some_and(|q| q > 0.0),
+    }
+}
+
+fn q_value<'a>(params: impl Iterator<Item = &'a str>) -> Option<f32> {
+    let mut q = 1.0;
+    for param in params {
+        if let Some((name, value)) = param.split_once('=')
+            && name.trim().eq_ignore_ascii_case("q")
+        {
+            q = value
+                .trim()
+                .parse::<f32>()
+                .ok()
+                .filter(|q| (0.0..=1.0).contains(q))?;
+        }
+    }
+    Some(q)
+}
+
+/// Whether the response may be gzipped, leaving the client's choice aside:
+/// when this holds the response varies by Accept-Encoding.
+fn compressible(c: &Compression, status: StatusCode, headers: &HeaderMap, is_head: bool) -> bool {
+    if is_head || status.is_informational() || status == StatusCode::NO_CONTENT {
+        return false;
+    }
+    if status == StatusCode::NOT_MODIFIED {
+        return false;
+    }
+    // Byte ranges count in the identity encoding: a gzipped part would be wrong.
+    if status == StatusCode::PARTIAL_CONTENT || headers.contains_key(header::CONTENT_RANGE) {
+        return false;
+    }
+    if tokens(headers, &header::CONTENT_ENCODING).any(|t| !t.eq_ignore_ascii_case("identity")) {
+        return false;
+    }
+    let media_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .map(str::trim);
+    let Some(media_type) = media_type else {
+        return false;
+    };
+    if !c
+        .types
+        .iter()
+        .any(|t| t.trim().eq_ignore_ascii_case(media_type))
+    {
+        return false;
+    }
+    let length = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if length.is_some_and(|len| len < c.min_size) {
+        return false;
+    }
+    !tokens(headers, &header::CACHE_CONTROL).any(|t| {
+        let name = t.split('=').next().unwrap_or_default().trim();
+        name.eq_ignore_ascii_case("no-transform")
+    })
+}
+
+/// Adds `Accept-Encoding` to Vary unless it is already there or Vary is `*`.
+fn add_vary_accept_encoding(headers: &mut HeaderMap) {
+    let mut listed = Vec::new();
+    for value in headers.get_all(header::VARY) {
+        let Ok(value) = value.to_str() else {
+            // Unreadable value: keep it as it is and add ours beside it.
+            headers.append(header::VARY, HeaderValue::from_static("Accept-Encoding"));
+            return;
+        };
+        for t in value.split(',').map(str::trim).filter(|t| !t.is_empty()) {
+            if t == "*" || t.eq_ignore_ascii_case("accept-encoding") {
+                return;
+            }
+            listed.push(t);
+        }
+    }
+    listed.push("Accept-Encoding");
+    if let Ok(value) = HeaderValue::from_str(&listed.join(", ")) {
+        headers.insert(header::VARY, value);
+    }
+}
+
+/// Headers of a response about to be gzipped.
+fn mark_gzipped(headers: &mut HeaderMap) {
+    headers.insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+    // The length is unknown until the end: hyper sends it chunked.
+    headers.remove(header::CONTENT_LENGTH);
+    // Ranges of the gzipped bytes are not what the upstream would serve.
+    headers.remove(header::ACCEPT_RANGES);
+    // The gzipped bytes differ from the upstream's: a strong validator no
+    // longer holds for them.
+    if let Some(etag) = headers.get(header::ETAG)
+        && etag.as_bytes().starts_with(b"\"")
+    {
+        let mut weak = b"W/".to_vec();
+        weak.extend_from_slice(etag.as_bytes());
+        if let Ok(weak) = HeaderValue::from_bytes(&weak) {
+            headers.insert(header::ETAG, weak);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        io::Read,
+        sync::atomic::{AtomicUsize, Ordering::SeqCst},
+    };
+
+    use hyper::{body::Body, http::response::Parts};
+    use tokio::{
+        io::{AsyncReadExt, AsyncWriteExt},
+        net::{TcpListener, TcpStream},
+        sync::{mpsc, oneshot},
+        task::JoinHandle,
+        time::timeout,
+    };
+
+    use super::*;
+
+    type TestBody = UnsyncBoxBody<Bytes, io::Error>;
+
+    const LONG: Duration = Duration::from_secs(10);
+    const CLIENT: &str = "203.0.113.7:40000";
+
+    fn full(data: impl Into<Bytes>) -> TestBody {
+        Full::new(data.into())
+            .map_err(|never: Infallible| match never {})
+            .boxed_unsync()
+    }
+
+    /// A body of `data` in 64 KiB frames with no length announced.
+    fn chunked(data: impl Into<Bytes>) -> TestBody {
+        let data: Bytes = data.into();
+        let frames: Vec<Result<Frame<Bytes>, io::Error>> = (0..data.len())
+            .step_by(64 * 1024)
+            .map(|at| Ok(Frame::data(data.slice(at..data.len().min(at + 64 * 1024)))))
+            .collect();
+        StreamBody::new(futures_util::stream::iter(frames)).boxed_unsync()
+    }
+
+    /// Compressible text: one sentence over and over.
+    fn text(len: usize) -> Vec<u8> {
+        b"The quick brown fox jumps over the lazy dog. "
+            .iter()
+            .copied()
+            .cycle()
+            .take(len)
+            .collect()
+    }
+
+    /// Text where every line differs, so a misplaced byte shows.
+    fn numbered(len: usize) -> Vec<u8> {
+        let mut out = Vec::with_capacity(len + 64);
+        let mut line = 0u64;
+        while out.len() < len {
+            out.extend_from_slice(format!("line {line:09} of a long streamed body\n").as_bytes());
+            line += 1;
+        }
+        out.truncate(len);
+        out
+    }
+
+    fn gunzip(data: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        flate2::read::GzDecoder::new(data)
+            .read_to_end(&mut out)
+            .expect("valid gzip");
+        out
+    }
+
+    fn header<'a>(parts: &'a Parts, name: &str) -> Option<&'a str> {
+        parts.headers.get(name).map(|v| v.to_str().unwrap())
+    }
+
+    fn settings() -> HttpSettings {
+        HttpSettings {
+            compression: Some(Compression {
+                level: 6,
+                min_size: 1024,
+                types: vec![
+                    "text/html".into(),
+                    "Text/Plain".into(),
+                    "application/json".into(),
+                ],
+            }),
+            client_addr: Some(CLIENT.parse().unwrap()),
+            header_read_timeout: Duration::from_secs(5),
+        }
+    }
+
+    /// An HTTP server on 127.0.0.1 standing for the upstream.
+    struct Origin {
+        addr: SocketAddr,
+        accepts: Arc<AtomicUsize>,
+        task: JoinHandle<()>,
+    }
+
+    impl Drop for Origin {
+        fn drop(&mut self) {
+            self.task.abort();
+        }
+    }
+
+    async fn start_origin<F, Fut>(handler: F) -> Origin
+    where
+        F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+        Fut: Future<Output = Response<TestBody>> + Send + 'static,
+    {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepts = Arc::new(AtomicUsize::new(0));
+        let counted = accepts.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                counted.fetch_add(1, SeqCst);
+                let handler = handler.clone();
+                tokio::spawn(async move {
+                    let service = service_fn(move |req| {
+                        let handler = handler.clone();
+                        async move { Ok::<_, Infallible>(handler(req).await) }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        Origin {
+            addr,
+            accepts,
+            task,
+        }
+    }
+
+    /// The test upstream, steered by `x-*` request headers: `x-len`,
+    /// `x-body: numbered`, `x-chunked`, `x-ct` (`none` for no Content-Type),
+    /// `x-status`, `x-ce`, `x-cc`, `x-vary`, `x-etag`, `x-close`, `x-up-hop`.
+    /// It reports what it received in `x-seen-headers`, `x-seen-xff`,
+    /// `x-seen-uri` and `x-seen-host`;
+    /// `/echo` sends the request body back.
+    async fn origin_default(req: Request<Incoming>) -> Response<TestBody> {
+        let h = req.headers().clone();
+        let get = |name: &str| h.get(name).map(|v| v.to_str().unwrap().to_owned());
+        let seen: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        let seen = seen.join(",");
+        let xff: Vec<&str> = h
+            .get_all("x-forwarded-for")
+            .iter()
+            .map(|v| v.to_str().unwrap())
+            .collect();
+        let xff = xff.join(" | ");
+        let uri = req.uri().to_string();
+        let mut resp = if req.uri().path() == "/echo" {
+            Response::new(req.into_body().map_err(io::Error::other).boxed_unsync())
+        } else {
+            let status = get("x-status").map_or(200, |s| s.parse().unwrap());
+            let len = get("x-len").map_or(10_000, |s| s.parse().unwrap());
+            let data = match get("x-body").as_deref() {
+                Some("numbered") => numbered(len),
+                _ => text(len),
+            };
+            let body = if status == 204 || status == 304 {
+                full(Bytes::new())
+            } else if get("x-chunked").is_some() {
+                chunked(data)
+            } else {
+                full(data)
+            };
+            let mut resp = Response::new(body);
+            *resp.status_mut() = StatusCode::from_u16(status).unwrap();
+            match get("x-ct").as_deref() {
+                Some("none") => {}
+                Some(ct) => {
+                    resp.headers_mut()
+                        .insert(header::CONTENT_TYPE, ct.parse().unwrap());
+                }
+                None => {
+                    resp.headers_mut().insert(
+                        header::CONTENT_TYPE,
+                        HeaderValue::from_static("text/html; charset=utf-8"),
+                    );
+                }
+            }
+            for (from, to) in [
+                ("x-ce", header::CONTENT_ENCODING),
+                ("x-cc", header::CACHE_CONTROL),
+                ("x-vary", header::VARY),
+                ("x-etag", header::ETAG),
+            ] {
+                if let Some(v) = get(from) {
+                    resp.headers_mut().insert(to, v.parse().unwrap());
+                }
+            }
+            resp
+        };
+        let headers = resp.headers_mut();
+        headers.insert("x-seen-headers", seen.parse().unwrap());
+        headers.insert("x-seen-xff", xff.parse().unwrap());
+        headers.insert("x-seen-uri", uri.parse().unwrap());
+        if let Some(host) = h.get(header::HOST) {
+            headers.insert("x-seen-host", host.clone());
+        }
+        if get("x-close").is_some() {
+            headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        if get("x-up-hop").is_some() {
+            headers.insert(header::CONNECTION, HeaderValue::from_static("x-up-secret"));
+            headers.insert("x-up-secret", HeaderValue::from_static("1"));
+            headers.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+            headers.insert("proxy-connection", HeaderValue::from_static("keep-alive"));
+            headers.insert(header::UPGRADE, HeaderValue::from_static("h2c"));
+            headers.insert(header::TRAILER, HeaderValue::from_static("x-checksum"));
+        }
+        resp
+    }
+
+    /// `serve` on one end of an in-memory pipe, a hyper client on the other.
+    struct Proxy {
+        client: SendRequest<TestBody>,
+        serve: JoinHandle<Result<ConnStats, HttpError>>,
+        drain: watch::Sender<bool>,
+        client_task: JoinHandle<()>,
+    }
+
+    impl Proxy {
+        async fn start(upstream_addr: SocketAddr, settings: HttpSettings) -> Proxy {
+            let upstream = Arc::new(move || TcpStream::connect(upstream_addr));
+            Self::start_with(upstream, settings).await
+        }
+
+        async fn start_with<U: Upstream>(upstream: Arc<U>, settings: HttpSettings) -> Proxy {
+            let (client_io, server_io) = tokio::io::duplex(64 * 1024);
+            let (drain, draining) = watch::channel(false);
+            let serve = tokio::spawn(serve(server_io, upstream, Arc::new(settings), draining));
+            let (client, conn) = hyper::client::conn::http1::handshake(TokioIo::new(client_io))
+                .await
+                .unwrap();
+            let client_task = tokio::spawn(async move {
+                let _ = conn.await;
+            });
+            Proxy {
+                client,
+                serve,
+                drain,
+                client_task,
+            }
+        }
+
+        async fn send(&mut self, req: Request<TestBody>) -> Response<Incoming> {
+            timeout(LONG, async {
+                self.client.ready().await.unwrap();
+                self.client.send_request(req).await.unwrap()
+            })
+            .await
+            .expect("response in time")
+        }
+
+        async fn fetch(&mut self, req: Request<TestBody>) -> (Parts, Bytes) {
+            let (parts, body) = self.send(req).await.into_parts();
+            let body = timeout(LONG, body.collect())
+                .await
+                .expect("body in time")
+                .unwrap()
+                .to_bytes();
+            (parts, body)
+        }
+
+        /// Closes the client side and returns what `serve` reported.
+        async fn finish(self) -> Result<ConnStats, HttpError> {
+            drop(self.client);
+            let result = timeout(LONG, self.serve)
+                .await
+                .expect("serve ends")
+                .unwrap();
+            self.client_task.abort();
+            result
+        }
+    }
+
+    fn request(method: Method, path: &str, headers: &[(&str, &str)]) -> Request<TestBody> {
+        let mut builder = Request::builder()
+            .method(method)
+            .uri(path)
+            .header(header::HOST, "example.test");
+        for (name, value) in headers {
+            builder = builder.header(*name, *value);
+        }
+        builder.body(full(Bytes::new())).unwrap()
+    }
+
+    fn get(headers: &[(&str, &str)]) -> Request<TestBody> {
+        request(Method::GET, "/", headers)
+    }
+
+    /// One GET through a fresh origin and proxy with the default settings.
+    async fn fetch_one(headers: &[(&str, &str)]) -> (Parts, Bytes) {
+        fetch_one_with(settings(), Method::GET, headers).await
+    }
+
+    async fn fetch_one_with(
+        settings: HttpSettings,
+        method: Method,
+        headers: &[(&str, &str)],
+    ) -> (Parts, Bytes) {
+        let origin = start_origin(origin_default).await;
+        let mut proxy = Proxy::start(origin.addr, settings).await;
+        let out = proxy.fetch(request(method, "/", headers)).await;
+        proxy.finish().await.unwrap();
+        out
+    }
+
+    fn assert_gzipped(parts: &Parts, body: &[u8], original: &[u8]) {
+        assert_eq!(parts.status, StatusCode::OK);
+        assert_eq!(header(parts, "content-encoding"), Some("gzip"));
+        assert_eq!(header(parts, "content-length"), None);
+        assert_eq!(gunzip(body), original);
+    }
+
+    fn assert_identity(parts: &Parts, body: &[u8], original: &[u8]) {
+        assert_eq!(header(parts, "content-encoding"), None);
+        assert_eq!(body, original);
+    }
+
+    fn vary_values(parts: &Parts) -> Vec<&str> {
+        parts
+            .headers
+            .get_all(header::VARY)
+            .iter()
+            .map(|v| v.to_str().unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn accept_encoding_parsing() {
+        let cases: &[(&[&str], bool)] = &[
+            (&[], false),
+            (&[""], false),
+            (&["gzip"], true),
+            (&["GZIP"], true),
+            (&["deflate, gzip;q=0.5"], true),
+            (&["gzip;q=0"], false),
+            (&["gzip; q=0.000"], false),
+            (&["gzip;q=0, *"], false),
+            (&["*"], true),
+            (&["*;q=0"], false),
+            (&["br, *;q=0.1"], true),
+            (&["x-gzip"], true),
+            (&["x-gzip;q=0"], false),
+            (&["identity"], false),
+            (&["br", "gzip"], true),
+            (&["gzip;q=2"], false),
+            (&["gzip;q=abc, deflate"], false),
+            (&["deflate;q=1, gzip;Q=0.3"], true),
+        ];
+        for (values, want) in cases {
+            let mut headers = HeaderMap::new();
+            for v in *values {
+                headers.append(header::ACCEPT_ENCODING, v.parse().unwrap());
+            }
+            assert_eq!(accepts_gzip(&headers), *want, "{values:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn gzip_compresses_text_byte_exact_and_counts() {
+        let origin = start_origin(origin_default).await;
+        let mut proxy = Proxy::start(origin.addr, settings()).await;
+        let (parts, body) = proxy
+            .fetch(get(&[("accept-encoding", "gzip, deflate, br")]))
+            .await;
+        assert_gzipped(&parts, &body, &text(10_000));
+        assert!(body.len() < 10_000 / 10, "compressed to {}", body.len());
+        assert_eq!(vary_values(&parts), ["Accept-Encoding"]);
+        let stats = proxy.finish().await.unwrap();
+        assert_eq!(stats.requests, 1);
+        assert_eq!(stats.compressed_responses, 1);
+        assert_eq!(stats.body_bytes_before, 10_000);
+        assert_eq!(stats.body_bytes_after, body.len() as u64);
+        assert!(stats.compression_ratio().unwrap() < 0.1);
+    }
+
+    #[tokio::test]
+    async fn q_zero_refuses_gzip_but_still_varies() {
+        let (parts, body) = fetch_one(&[("accept-encoding", "gzip;q=0, deflate")]).await;
+        assert_identity(&parts, &body, &text(10_000));
+        assert_eq!(header(&parts, "content-length"), Some("10000"));
+        assert_eq!(vary_values(&parts), ["Accept-Encoding"]);
+    }
+
+    #[tokio::test]
+    async fn star_accepts_gzip() {
+        let (parts, body) = fetch_one(&[("accept-encoding", "br;q=1, *;q=0.5")]).await;
+        assert_gzipped(&parts, &body, &text(10_000));
+        let (parts, body) = fetch_one(&[("accept-encoding", "*;q=0")]).await;
+        assert_identity(&parts, &body, &text(10_000));
+    }
+
+    #[tokio::test]
+    async fn x_gzip_counts_as_gzip() {
+        let (parts, body) = fetch_one(&[("accept-encoding", "x-gzip")]).await;
+        assert_gzipped(&parts, &body, &text(10_000));
+    }
+
+    #[tokio::test]
+    async fn no_accept_encoding_means_identity_with_vary() {
+        let (parts, body) = fetch_one(&[]).await;
+        assert_identity(&parts, &body, &text(10_000));
+        assert_eq!(vary_values(&parts), ["Accept-Encoding"]);
+    }
+
+    #[tokio::test]
+    async fn already_encoded_passes_untouched() {
+        let (parts, body) = fetch_one(&[
+            ("accept-encoding", "gzip"),
+            ("x-ce", "br"),
+            ("x-vary", "Origin"),
+        ])
+        .await;
+        assert_eq!(header(&parts, "content-encoding"), Some("br"));
+        assert_eq!(&body[..], text(10_000));
+        assert_eq!(vary_values(&parts), ["Origin"]);
+        // `identity` is no encoding at all.
+        let (parts, body) = fetch_one(&[("accept-encoding", "gzip"), ("x-ce", "identity")]).await;
+        assert_gzipped(&parts, &body, &text(10_000));
+    }
+
+    #[tokio::test]
+    async fn type_not_listed_is_not_compressed() {
+        let (parts, body) = fetch_one(&[("accept-encoding", "gzip"), ("x-ct", "image/png")]).await;
+        assert_identity(&parts, &body, &text(10_000));
+        assert!(vary_values(&parts).is_empty());
+        let (parts, body) = fetch_one(&[("accept-encoding", "gzip"), ("x-ct", "none")]).await;
+        assert_identity(&parts, &body, &text(10_000));
+        // Parameters do not matter, case does not either.
+        let (parts, body) = fetch_one(&[
+            ("accept-encoding", "gzip"),
+            ("x-ct", "TEXT/PLAIN ; charset=utf-8"),
+        ])
+        .await;
+        assert_gzipped(&parts, &body, &text(10_000));
+    }
+
+    #[tokio::test]
+    async fn below_min_size_is_not_compressed() {
+        let (parts, body) = fetch_one(&[("accept-encoding", "gzip"), ("x-len", "1023")]).await;
+        assert_identity(&parts, &body, &text(1023));
+        assert_eq!(header(&parts, "content-length"), Some("1023"));
+        assert!(vary_values(&parts).is_empty());
+        let (parts, body) = fetch_one(&[("accept-encoding", "gzip"), ("x-len", "1024")]).await;
+        assert_gzipped(&parts, &body, &text(1024));
+    }
+
+    #[tokio::test]
+    async fn unknown_length_is_compressed() {
+        let (parts, body) = fetch_one(&[
+            ("accept-encoding", "gzip"),
+            ("x-len", "100"),
+            ("x-chunked", "1"),
+        ])
+        .await;
+        assert_gzipped(&parts, &body, &text(100));
+    }
+
+    #[tokio::test]
+    async fn head_is_not_compressed() {
+        let (parts, body) =
+            fetch_one_with(settings(), Method::HEAD, &[("accept-encoding", "gzip")]).await;
+        assert_eq!(parts.status, StatusCode::OK);
+        assert_eq!(header(&parts, "content-encoding"), None);
+        assert_eq!(header(&parts, "content-length"), Some("10000"));
+        assert!(body.is_empty());
+    }
+
+    #[tokio::test]
+    async fn no_content_and_not_modified_are_not_compressed() {
+        for status in ["204", "304"] {
+            let (parts, body) = fetch_one(&[
+                ("accept-encoding", "gzip"),
+                ("x-status", status),
+                ("x-etag", "\"v1\""),
+            ])
+            .await;
+            assert_eq!(parts.status.as_str(), status);
+            assert_eq!(header(&parts, "content-encoding"), None);
+            assert_eq!(header(&parts, "etag"), Some("\"v1\""));
+            assert!(body.is_empty());
+        }
+    }
+
+    #[tokio::test]
+    async fn no_transform_is_respected() {
+        let (parts, body) = fetch_one(&[
+            ("accept-encoding", "gzip"),
+            ("x-cc", "public, No-Transform, max-age=60"),
+        ])
+        .await;
+        assert_identity(&parts, &body, &text(10_000));
+    }
+
+    #[tokio::test]
+    async fn compression_off_leaves_everything() {
+        let mut off = settings();
+        off.compression = None;
+        let (parts, body) = fetch_one_with(off, Method::GET, &[("accept-encoding", "gzip")]).await;
+        assert_identity(&parts, &body, &text(10_000));
+        assert!(vary_values(&parts).is_empty());
+    }
+
+    #[tokio::test]
+    async fn vary_gets_accept_encoding_once() {
+        let (parts, body) = fetch_one(&[("accept-encoding", "gzip"), ("x-vary", "Origin")]).await;
+        assert_gzipped(&parts, &body, &text(10_000));
+        assert_eq!(vary_values(&parts), ["Origin, Accept-Encoding"]);
+        let (parts, _) = fetch_one(&[
+            ("accept-encoding", "gzip"),
+            ("x-vary", "accept-encoding, Origin"),
+        ])
+        .await;
+        assert_eq!(vary_values(&parts), ["accept-encoding, Origin"]);
+        let (parts, _) = fetch_one(&[("accept-encoding", "gzip"), ("x-vary", "*")]).await;
+        assert_eq!(vary_values(&parts), ["*"]);
+        let (parts, _) = fetch_one(&[("x-vary", "Origin")]).await;
+        assert_eq!(vary_values(&parts), ["Origin, Accept-Encoding"]);
+    }
+
+    #[tokio::test]
+    async fn strong_etag_is_weakened() {
+        let (parts, body) = fetch_one(&[("accept-encoding", "gzip"), ("x-etag", "\"abc\"")]).await;
+        assert_gzipped(&parts, &body, &text(10_000));
+        assert_eq!(header(&parts, "etag"), Some("W/\"abc\""));
+        let (parts, _) = fetch_one(&[("accept-encoding", "gzip"), ("x-etag", "W/\"abc\"")]).await;
+        assert_eq!(header(&parts, "etag"), Some("W/\"abc\""));
+        // Not compressed: the validator still holds.
+        let (parts, _) = fetch_one(&[("x-etag", "\"abc\"")]).await;
+        assert_eq!(header(&parts, "etag"), Some("\"abc\""));
+    }
+
+    #[tokio::test]
+    async fn keep_alive_reuses_one_upstream_connection() {
+        let origin = start_origin(origin_default).await;
+        let mut proxy = Proxy::start(origin.addr, settings()).await;
+        for len in [5000, 20_000, 300] {
+            let len_text = len.to_string();
+            let (parts, body) = proxy
+                .fetch(get(&[("accept-encoding", "gzip"), ("x-len", &len_text)]))
+                .await;
+            if len >= 1024 {
+                assert_gzipped(&parts, &body, &text(len));
+            } else {
+                assert_identity(&parts, &body, &text(len));
+            }
+        }
+        assert_eq!(origin.accepts.load(SeqCst), 1);
+        let stats = proxy.finish().await.unwrap();
+        assert_eq!(stats.requests, 3);
+        assert_eq!(stats.upstream_connects, 1);
+        assert_eq!(stats.compressed_responses, 2);
+        assert_eq!(stats.body_bytes_before, 25_300);
+    }
+
+    #[tokio::test]
+    async fn upstream_closing_gets_reopened() {
+        let origin = start_origin(origin_default).await;
+        let mut proxy = Proxy::start(origin.addr, settings()).await;
+        for _ in 0..3 {
+            let (parts, body) = proxy.fetch(get(&[("x-close", "1")])).await;
+            assert_eq!(parts.status, StatusCode::OK);
+            // The upstream's `Connection: close` concerns the upstream hop only.
+            assert_eq!(header(&parts, "connection"), None);
+            assert_eq!(&body[..], text(10_000));
+        }
+        assert_eq!(origin.accepts.load(SeqCst), 3);
+        let stats = proxy.finish().await.unwrap();
+        assert_eq!(stats.upstream_connects, 3);
+    }
+
+    #[tokio::test]
+    async fn forwarded_for_is_set_or_appended() {
+        let (parts, _) = fetch_one(&[]).await;
+        assert_eq!(header(&parts, "x-seen-xff"), Some("203.0.113.7"));
+        let (parts, _) = fetch_one(&[
+            ("x-forwarded-for", "198.51.100.1"),
+            ("x-forwarded-for", "198.51.100.2"),
+        ])
+        .await;
+        assert_eq!(
+            header(&parts, "x-seen-xff"),
+            Some("198.51.100.1, 198.51.100.2, 203.0.113.7")
+        );
+        let mut v6 = settings();
+        v6.client_addr = Some("[2001:db8::1]:443".parse().unwrap());
+        let (parts, _) =
+            fetch_one_with(v6, Method::GET, &[("x-forwarded-for", "198.51.100.1")]).await;
+        assert_eq!(
+            header(&parts, "x-seen-xff"),
+            Some("198.51.100.1, 2001:db8::1")
+        );
+        let mut unknown = settings();
+        unknown.client_addr = None;
+        let (parts, _) = fetch_one_with(unknown, Method::GET, &[]).await;
+        assert_eq!(header(&parts, "x-seen-xff"), Some(""));
+    }
+
+    #[tokio::test]
+    async fn hop_by_hop_headers_are_dropped_both_ways() {
+        let (parts, body) = fetch_one(&[
+            ("connection", "keep-alive, x-secret"),
+            ("x-secret", "1"),
+            ("keep-alive", "timeout=5"),
+            ("proxy-connection", "keep-alive"),
+            ("te", "trailers"),
+            ("x-kept", "1"),
+            ("x-up-hop", "1"),
+        ])
+        .await;
+        assert_eq!(&body[..], text(10_000));
+        let seen: Vec<&str> = header(&parts, "x-seen-headers")
+            .unwrap()
+            .split(',')
+            .collect();
+        for gone in [
+            "connection",
+            "x-secret",
+            "keep-alive",
+            "proxy-connection",
+            "te",
+        ] {
+            assert!(
+                !seen.contains(&gone),
+                "{gone} reached the upstream: {seen:?}"
+            );
+        }
+        for kept in ["host", "x-kept", "x-forwarded-for"] {
+            assert!(seen.contains(&kept), "{kept} missing upstream: {seen:?}");
+        }
+        for gone in [
+            "connection",
+            "x-up-secret",
+            "keep-alive",
+            "proxy-connection",
+            "upgrade",
+            "trailer",
+        ] {
+            assert_eq!(header(&parts, gone), None, "{gone} reached the client");
+        }
+    }
+
+    #[tokio::test]
+    async fn draining_closes_after_the_next_response_only() {
+        let origin = start_origin(origin_default).await;
+        let mut proxy = Proxy::start(origin.addr, settings()).await;
+        let (parts, _) = proxy.fetch(get(&[])).await;
+        assert_eq!(header(&parts, "connection"), None);
+
+        // Draining while idle: the keep-alive connection stays open.
+        proxy.drain.send(true).unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(!proxy.serve.is_finished());
+
+        let (parts, body) = proxy.fetch(get(&[("accept-encoding", "gzip")])).await;
+        assert_eq!(header(&parts, "connection"), Some("close"));
+        assert_gzipped(&parts, &body, &text(10_000));
+        // serve ends on its own, with the client still holding its side.
+        let stats = timeout(LONG, &mut proxy.serve)
+            .await
+            .expect("connection closed after the draining response")
+            .unwrap()
+            .unwrap();
+        assert_eq!(stats.requests, 2);
+        timeout(LONG, &mut proxy.client_task)
+            .await
+            .expect("client saw the close")
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn unreachable_upstream_gets_502() {
+        let gone = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = gone.local_addr().unwrap();
+        drop(gone);
+        let mut proxy = Proxy::start(addr, settings()).await;
+        for _ in 0..2 {
+            let (parts, body) = proxy.fetch(get(&[("accept-encoding", "gzip")])).await;
+            assert_eq!(parts.status, StatusCode::BAD_GATEWAY);
+            assert!(std::str::from_utf8(&body).unwrap().starts_with("502"));
+        }
+        let stats = proxy.finish().await.unwrap();
+        assert_eq!(stats.requests, 2);
+        assert_eq!(stats.upstream_connects, 0);
+    }
+
+    #[tokio::test]
+    async fn upstream_failing_before_the_head_gets_502() {
+        let upstream = Arc::new(|| async {
+            let (mut ours, theirs) = tokio::io::duplex(4096);
+            tokio::spawn(async move {
+                // Read a little of the request, then hang up without a word.
+                let mut buf = [0u8; 16];
+                let _ = ours.read(&mut buf).await;
+            });
+            Ok(theirs)
+        });
+        let mut proxy = Proxy::start_with(upstream, settings()).await;
+        let (parts, _) = proxy.fetch(get(&[])).await;
+        assert_eq!(parts.status, StatusCode::BAD_GATEWAY);
+        proxy.finish().await.unwrap();
+    }
+
+    /// An upstream that sends `head` and a piece of the body, then hangs up.
+    fn broken_upstream(head: &'static str) -> impl Upstream {
+        move || async move {
+            let (mut ours, theirs) = tokio::io::duplex(64 * 1024);
+            tokio::spawn(async move {
+                let mut seen = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                    let n = ours.read(&mut buf).await.unwrap();
+                    assert!(n > 0);
+                    seen.extend_from_slice(&buf[..n]);
+                }
+                ours.write_all(head.as_bytes()).await.unwrap();
+            });
+            Ok(theirs)
+        }
+    }
+
+    #[tokio::test]
+    async fn upstream_breaking_off_mid_body_cuts_the_client() {
+        for head in [
+            "HTTP/1.1 200 OK\r\ncontent-type: image/png\r\ncontent-length: 1000\r\n\r\n0123456789",
+            "HTTP/1.1 200 OK\r\ncontent-type: text/html\r\ntransfer-encoding: chunked\r\n\r\na\r\n0123456789\r\n",
+        ] {
+            let mut proxy = Proxy::start_with(Arc::new(broken_upstream(head)), settings()).await;
+            let resp = proxy.send(get(&[("accept-encoding", "gzip")])).await;
+            assert_eq!(resp.status(), StatusCode::OK);
+            assert!(
+                timeout(LONG, resp.into_body().collect())
+                    .await
+                    .unwrap()
+                    .is_err()
+            );
+            let err = proxy.finish().await.unwrap_err();
+            assert!(matches!(err, HttpError::UpstreamBody(_)), "{err}");
+            assert!(err.to_string().starts_with("upstream server"), "{err}");
+        }
+    }
+
+    #[tokio::test]
+    async fn large_bodies_stream_through_byte_exact() {
+        const SIZE: usize = 8 * 1024 * 1024;
+        let data = numbered(SIZE);
+        let origin = start_origin(origin_default).await;
+        let mut proxy = Proxy::start(origin.addr, settings()).await;
+        let size = SIZE.to_string();
+        let (parts, body) = proxy
+            .fetch(get(&[
+                ("accept-encoding", "gzip"),
+                ("x-len", &size),
+                ("x-body", "numbered"),
+                ("x-ct", "text/plain"),
+                ("x-chunked", "1"),
+            ]))
+            .await;
+        assert_gzipped(&parts, &body, &data);
+        let (parts, body) = proxy
+            .fetch(get(&[
+                ("accept-encoding", "gzip"),
+                ("x-len", &size),
+                ("x-body", "numbered"),
+                ("x-ct", "application/octet-stream"),
+            ]))
+            .await;
+        assert_identity(&parts, &body, &data);
+        assert_eq!(header(&parts, "content-length"), Some(size.as_str()));
+        // And upstream: a chunked request body echoed back.
+        let req = Request::builder()
+            .method(Method::POST)
+            .uri("/echo")
+            .header(header::HOST, "example.test")
+            .body(chunked(data.clone()))
+            .unwrap();
+        let (parts, body) = proxy.fetch(req).await;
+        assert_eq!(parts.status, StatusCode::OK);
+        assert!(body[..] == data[..], "echoed body differs");
+        assert_eq!(origin.accepts.load(SeqCst), 1);
+        proxy.finish().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn gzip_streams_before_the_upstream_body_ends() {
+        // The upstream sends 1 MiB, then holds the rest until the client has
+        // seen compressed bytes: a proxy that buffered the whole body would
+        // never get there.
+        let (release_tx, release_rx) = oneshot::channel::<()>();
+        let release = Arc::new(std::sync::Mutex::new(Some(release_rx)));
+        let first = numbered(2 * 1024 * 1024);
+        let expected = first.clone();
+        let origin = start_origin(move |_req: Request<Incoming>| {
+            let release = release.lock().unwrap().take().unwrap();
+            let data = Bytes::from(first.clone());
+            async move {
+                let (tx, rx) = mpsc::channel::<Result<Frame<Bytes>, io::Error>>(4);
+                tokio::spawn(async move {
+                    let half = data.len() / 2;
+                    tx.send(Ok(Frame::data(data.slice(..half)))).await.unwrap();
+                    release.await.unwrap();
+                    tx.send(Ok(Frame::data(data.slice(half..)))).await.unwrap();
+                });
+                let frames = futures_util::stream::unfold(rx, |mut rx| async move {
+                    rx.recv().await.map(|frame| (frame, rx))
+                });
+                let mut resp = Response::new(StreamBody::new(frames).boxed_unsync());
+                resp.headers_mut()
+                    .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+                resp
+            }
+        })
+        .await;
+        let mut proxy = Proxy::start(origin.addr, settings()).await;
+        let resp = proxy.send(get(&[("accept-encoding", "gzip")])).await;
+        assert_eq!(resp.headers()[header::CONTENT_ENCODING], "gzip");
+        let mut body = resp.into_body();
+        let mut compressed = Vec::new();
+        let next = async |body: &mut Incoming| {
+            timeout(LONG, body.frame())
+                .await
+                .expect("compressed bytes while the upstream holds back")
+                .map(|frame| frame.unwrap().into_data().unwrap_or_default())
+        };
+        // Wait for at least half of the first MiB, decompressed.
+        loop {
+            compressed.extend_from_slice(&next(&mut body).await.unwrap());
+            let mut partial = Vec::new();
+            let _ = flate2::read::GzDecoder::new(&compressed[..]).read_to_end(&mut partial);
+            if partial.len() >= 512 * 1024 {
+                assert_eq!(partial[..], expected[..partial.len()]);
+                break;
+            }
+        }
+        release_tx.send(()).unwrap();
+        while let Some(data) = next(&mut body).await {
+            compressed.extend_from_slice(&data);
+        }
+        assert!(gunzip(&compressed) == expected, "body differs");
+        proxy.finish().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn slow_request_head_times_out() {
+        let origin = start_origin(origin_default).await;
+        let mut short = settings();
+        short.header_read_timeout = Duration::from_millis(200);
+        let (mut client, server) = tokio::io::duplex(4096);
+        let (_drain, draining) = watch::channel(false);
+        let upstream = Arc::new(move || TcpStream::connect(origin.addr));
+        let serving = tokio::spawn(serve(server, upstream, Arc::new(short), draining));
+        client
+            .write_all(b"GET / HTTP/1.1\r\nHost: a\r\n")
+            .await
+            .unwrap();
+        let err = timeout(LONG, serving).await.unwrap().unwrap().unwrap_err();
+        assert!(matches!(err, HttpError::HeaderTimeout(_)), "{err}");
+        assert!(err.to_string().starts_with("downstream client"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn request_line_is_forwarded_in_origin_form() {
+        let origin = start_origin(origin_default).await;
+        let mut proxy = Proxy::start(origin.addr, settings()).await;
+        let (parts, _) = proxy
+            .fetch(request(Method::GET, "/a/b?c=d&e", &[("x-ct", "image/png")]))
+            .await;
+        assert_eq!(header(&parts, "x-seen-uri"), Some("/a/b?c=d&e"));
+        assert_eq!(header(&parts, "x-seen-host"), Some("example.test"));
+        // Absolute-form without a Host: the authority becomes the Host.
+        let req = Request::builder()
+            .uri("http://absolute.test:8080/x?y")
+            .body(full(Bytes::new()))
+            .unwrap();
+        let (parts, _) = proxy.fetch(req).await;
+        assert_eq!(header(&parts, "x-seen-uri"), Some("/x?y"));
+        assert_eq!(header(&parts, "x-seen-host"), Some("absolute.test:8080"));
+        // Methods and request bodies go through as they are.
+        let req = Request::builder()
+            .method(Method::PUT)
+            .uri("/echo")
+            .header(header::HOST, "example.test")
+            .body(full("payload"))
+            .unwrap();
+        let (parts, body) = proxy.fetch(req).await;
+        assert_eq!(parts.status, StatusCode::OK);
+        assert_eq!(&body[..], b"payload");
+        assert_eq!(proxy.finish().await.unwrap().upstream_connects, 1);
+    }
+
+    #[tokio::test]
+    async fn idle_keep_alive_ends_quietly_at_the_header_timeout() {
+        let origin = start_origin(origin_default).await;
+        let mut short = settings();
+        short.header_read_timeout = Duration::from_millis(200);
+        let mut proxy = Proxy::start(origin.addr, short).await;
+        proxy.fetch(get(&[])).await;
+        let stats = timeout(LONG, &mut proxy.serve)
+            .await
+            .expect("idle connection closed")
+            .unwrap()
+            .unwrap();
+        assert_eq!(stats.requests, 1);
+    }
+
+    #[tokio::test]
+    async fn body_size_hint_is_kept_for_identity() {
+        // The identity path must not turn a known length into chunked.
+        let origin = start_origin(origin_default).await;
+        let mut proxy = Proxy::start(origin.addr, settings()).await;
+        let resp = proxy.send(get(&[("x-ct", "image/png")])).await;
+        assert_eq!(resp.body().size_hint().exact(), Some(10_000));
+        assert_eq!(
+            resp.headers().get(header::TRANSFER_ENCODING),
+            None,
+            "identity response went chunked"
+        );
+    }
+}
