@@ -130,6 +130,9 @@ struct Shared {
     accepting: watch::Sender<bool>,
     /// Wakes the accept loops to try `accept()` without waiting for epoll.
     sweep: Notify,
+    /// Set when the generation drains (HTTP keep-alive answers with
+    /// `Connection: close` from then on).
+    draining: watch::Sender<bool>,
 }
 
 /// The eBPF side of this generation.
@@ -224,6 +227,7 @@ async fn serve(
         stats: Stats::default(),
         accepting: watch::channel(true).0,
         sweep: Notify::new(),
+        draining: watch::channel(false).0,
     });
 
     // Bind every listener first: a failure here leaves the running
@@ -234,7 +238,7 @@ async fn serve(
     let mut listeners = Vec::new();
     for l in &cfg.listeners {
         let runtime = StageRuntime::new(&l.name, l.cpus.as_deref())?;
-        let stage = Stage::new(cfg, l)?;
+        let stage = Stage::new(cfg, l, shared.draining.subscribe())?;
         for addr in &l.bind {
             let _entered = runtime.handle().enter();
             let listener = Listener::bind(addr, l.backlog, l.unix_mode)
@@ -465,6 +469,7 @@ async fn control(
             Action::SoftStop(why) => {
                 info!("{label}: soft-stop ({why}): closing listeners, draining");
                 stop_accepting(shared, listeners, label);
+                shared.draining.send_replace(true);
                 phase.send_replace(Phase::Draining);
                 publish(steer, shared, Phase::Draining);
                 return Ok(drain(cfg, steer, shared, label).await);

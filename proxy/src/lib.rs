@@ -8,6 +8,7 @@
 //! - [`stage`]: what a listener does with a connection, on which runtime.
 //! - [`tls`]: TLS termination (rustls), certificates chosen by SNI.
 //! - [`proxy_proto`]: PROXY v2 headers, read strictly and written (ppp).
+//! - [`http`]: HTTP/1.1 mode through hyper, gzip compression, X-Forwarded-For.
 //! - [`steering`]: the pinned eBPF maps and the `sk_reuseport` program.
 //! - [`generation`]: one running copy: lifecycle, handover, drain.
 //! - [`status`]: what `proxy status` reads and prints.
@@ -17,6 +18,7 @@
 pub mod config;
 pub mod forward;
 pub mod generation;
+pub mod http;
 pub mod net;
 pub mod proxy_proto;
 pub mod stage;

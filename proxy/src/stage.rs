@@ -7,7 +7,9 @@
 //! the way HAProxy gives TLS or compression listeners their own cores.
 
 use std::{
+    future::Future,
     net::SocketAddr,
+    pin::Pin,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -15,12 +17,14 @@ use std::{
 use tokio::{
     io::{AsyncRead, AsyncWrite},
     runtime::{Handle, Runtime},
+    sync::watch,
 };
 use tracing::{debug, info, warn};
 
 use crate::{
-    config::{Config, Listener as ListenerConfig},
+    config::{Config, Listener as ListenerConfig, Mode},
     forward::{ForwardError, Pool, Transfer},
+    http::{self, Compression, HttpError, HttpSettings, Upstream},
     net::{PeerAddr, Stream},
     proxy_proto::{self, ProxyError},
     sys,
@@ -54,6 +58,8 @@ pub enum ConnError {
     Tls(#[from] TlsError),
     #[error("upstream: {0}")]
     Upstream(#[from] ForwardError),
+    #[error("http: {0}")]
+    Http(#[from] HttpError),
 }
 
 /// The runtime a stage runs on: its own (pinned) or the default one.
@@ -116,12 +122,47 @@ impl Drop for StageRuntime {
 /// What one listener does with its connections.
 pub struct Stage {
     pub name: String,
-    pool: Pool,
+    pool: Arc<Pool>,
+    /// HTTP mode: compression and timeouts; None in tcp mode.
+    http: Option<HttpMode>,
+    /// Becomes true when the generation drains: HTTP keep-alive connections
+    /// then answer their next request with `Connection: close`.
+    draining: watch::Receiver<bool>,
     /// Deadline of the PROXY v2 header, when the listener requires one.
     accept_proxy: Option<Duration>,
     tls: Option<TlsAcceptor>,
     /// Whether the backend wants a PROXY v2 header.
     send_proxy: bool,
+}
+
+/// HTTP settings of a listener in http mode.
+struct HttpMode {
+    compression: Option<Compression>,
+}
+
+/// How long a client may take to send a request head (also the idle
+/// keep-alive timeout).
+const HTTP_HEADER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// New upstream connections for the HTTP mode: a server of the pool, with the
+/// PROXY header first when the backend wants one.
+struct PoolUpstream {
+    pool: Arc<Pool>,
+    preamble: Vec<u8>,
+}
+
+impl Upstream for PoolUpstream {
+    type Io = Stream;
+
+    fn connect(&self) -> Pin<Box<dyn Future<Output = std::io::Result<Stream>> + Send + '_>> {
+        Box::pin(async move {
+            self.pool
+                .connect_with(&self.preamble)
+                .await
+                .map(|(stream, _)| stream)
+                .map_err(std::io::Error::other)
+        })
+    }
 }
 
 /// The largest PROXY v2 header we accept: addresses plus generous TLVs.
@@ -140,7 +181,11 @@ struct ClientInfo {
 impl Stage {
     /// Builds the stage of listener `l`: loads its certificates now, so that
     /// a bad certificate stops the generation before the flip.
-    pub fn new(cfg: &Config, l: &ListenerConfig) -> Result<Arc<Self>, StageError> {
+    pub fn new(
+        cfg: &Config,
+        l: &ListenerConfig,
+        draining: watch::Receiver<bool>,
+    ) -> Result<Arc<Self>, StageError> {
         let backend = cfg.listener_backend(l);
         let tls = match &l.tls {
             Some(t) => Some(
@@ -158,7 +203,15 @@ impl Stage {
         };
         Ok(Arc::new(Self {
             name: l.name.clone(),
-            pool: Pool::new(backend),
+            pool: Arc::new(Pool::new(backend)),
+            http: (l.mode == Mode::Http).then(|| HttpMode {
+                compression: l.compression.as_ref().map(|c| Compression {
+                    level: c.level,
+                    min_size: c.min_size,
+                    types: c.types.clone(),
+                }),
+            }),
+            draining,
             accept_proxy: l.accept_proxy.then_some(l.accept_proxy_timeout),
             tls,
             send_proxy: backend.send_proxy_v2,
@@ -207,13 +260,36 @@ impl Stage {
         result.map(|_| ())
     }
 
-    /// The payload part: bytes to the backend (tcp mode).
+    /// The payload part: bytes to the backend (tcp mode) or HTTP/1.1
+    /// requests (http mode).
     async fn finish<IO>(&self, io: IO, client: &ClientInfo) -> Result<(Transfer, String), ConnError>
     where
         IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let preamble = self.preamble(client)?;
-        Ok(self.pool.forward(io, &preamble).await?)
+        let Some(mode) = &self.http else {
+            return Ok(self.pool.forward(io, &preamble).await?);
+        };
+        let settings = Arc::new(HttpSettings {
+            compression: mode.compression.clone(),
+            client_addr: client.source,
+            header_read_timeout: HTTP_HEADER_TIMEOUT,
+        });
+        let upstream = Arc::new(PoolUpstream {
+            pool: self.pool.clone(),
+            preamble,
+        });
+        let stats = http::serve(io, upstream, settings, self.draining.clone()).await?;
+        Ok((
+            Transfer {
+                from_client: stats.requests,
+                from_server: stats.body_bytes_after,
+            },
+            format!(
+                "{} ({} requests, gzip {}/{} bytes)",
+                self.pool.name, stats.requests, stats.body_bytes_after, stats.body_bytes_before
+            ),
+        ))
     }
 
     /// The PROXY v2 header for the backend, or nothing.

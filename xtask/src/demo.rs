@@ -43,7 +43,17 @@ fn serve(mut stream: TcpStream, name: &str) {
             return;
         }
     }
-    let body = format!("hello from demo backend {name}\n");
+    // Long enough (and repetitive enough) for the gzip stage to compress.
+    let head = seen.split(|&b| b == b'\n').next().unwrap_or_default();
+    let mut body = format!(
+        "hello from demo backend {name}\nrequest: {}\n",
+        String::from_utf8_lossy(head).trim_end()
+    );
+    for i in 1..=40 {
+        body.push_str(&format!(
+            "line {i:02}: the proxy hands over between generations without losing a connection\n"
+        ));
+    }
     let _ = write!(
         stream,
         "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",

@@ -78,6 +78,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Run { args } => {
             let proxy = build_all(&ws)?;
             require_root("run")?;
+            certs::run(&ws.join("certs"))?;
             let args = if args.is_empty() {
                 vec!["-c".into(), ws.join("examples/proxy.toml").into_os_string()]
             } else {
@@ -85,6 +86,7 @@ fn run(cli: Cli) -> Result<()> {
             };
             demo::start(&["127.0.0.1:9000", "127.0.0.1:9001"])?;
             let status = Command::new(&proxy)
+                .current_dir(&ws)
                 .arg("run")
                 .args(&args)
                 .status()
