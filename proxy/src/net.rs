@@ -12,6 +12,7 @@ use std::{
     os::fd::{AsFd, BorrowedFd},
     path::{Path, PathBuf},
     pin::Pin,
+    sync::{Arc, RwLock},
     task::{Context, Poll},
 };
 
@@ -21,13 +22,22 @@ use socket2::{Domain, SockAddr, Socket, Type};
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf, unix::AsyncFd},
     net::{TcpStream, UnixStream},
+    runtime::Handle,
 };
 
 use crate::config::{BindAddr, ServerAddr};
 
 /// A listening socket of one generation.
 pub struct Listener {
-    fd: AsyncFd<Socket>,
+    /// The socket itself: shutdown, listen, and the fd the steering maps
+    /// register.
+    socket: Socket,
+    /// A duplicate of `socket` registered with the stage's reactor. Replaced
+    /// on `resume()`: after `shutdown()` tokio keeps a sticky "read closed"
+    /// readiness on the registration, which would make `accept()` spin.
+    fd: RwLock<Arc<AsyncFd<Socket>>>,
+    /// The reactor the listener belongs to (its stage's runtime).
+    runtime: Handle,
     /// Where it listens, for logs and for the UNIX hand-off.
     pub addr: BindAddr,
     /// The kernel backlog, reused by `resume()`.
@@ -88,8 +98,11 @@ impl Listener {
             BindAddr::Unix(path) => Some(std::fs::metadata(path)?.ino()),
             BindAddr::Tcp(_) => None,
         };
+        let dup = socket.try_clone()?;
         Ok(Self {
-            fd: crate::sys::async_fd(socket)?,
+            fd: RwLock::new(Arc::new(crate::sys::async_fd(dup)?)),
+            socket,
+            runtime: Handle::current(),
             addr: addr.clone(),
             backlog,
             path_ino,
@@ -104,7 +117,8 @@ impl Listener {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 other => return other,
             }
-            let mut guard = self.fd.readable().await?;
+            let fd = self.fd();
+            let mut guard = fd.readable().await?;
             match guard.try_io(|fd| accept_raw(fd.get_ref())) {
                 Ok(result) => return result.and_then(into_stream),
                 Err(_would_block) => continue,
@@ -114,7 +128,7 @@ impl Listener {
 
     /// One non-blocking `accept()`.
     pub fn try_accept(&self) -> io::Result<(Stream, PeerAddr)> {
-        accept_raw(self.fd.get_ref()).and_then(into_stream)
+        accept_raw(&self.socket).and_then(into_stream)
     }
 
     /// Stops listening. For TCP this is `shutdown()`: the socket leaves the
@@ -123,7 +137,7 @@ impl Listener {
     /// so that `resume()` can rejoin the group.
     pub fn pause(&self) -> io::Result<()> {
         match self.addr {
-            BindAddr::Tcp(_) => self.fd.get_ref().shutdown(std::net::Shutdown::Read),
+            BindAddr::Tcp(_) => self.socket.shutdown(std::net::Shutdown::Read),
             // A UNIX listener cannot hand its queue over; it keeps it, and the
             // caller sweeps it before closing.
             BindAddr::Unix(_) => Ok(()),
@@ -132,7 +146,15 @@ impl Listener {
 
     /// Listens again after `pause()`: the socket rejoins its reuseport group.
     pub fn resume(&self) -> io::Result<()> {
-        self.fd.get_ref().listen(self.backlog)
+        self.socket.listen(self.backlog)?;
+        let _entered = self.runtime.enter();
+        let fresh = Arc::new(crate::sys::async_fd(self.socket.try_clone()?)?);
+        *self.fd.write().unwrap_or_else(|e| e.into_inner()) = fresh;
+        Ok(())
+    }
+
+    fn fd(&self) -> Arc<AsyncFd<Socket>> {
+        self.fd.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// Removes our UNIX socket path, unless a successor has replaced it.
@@ -151,7 +173,7 @@ impl Listener {
 
 impl AsFd for Listener {
     fn as_fd(&self) -> BorrowedFd<'_> {
-        self.fd.get_ref().as_fd()
+        self.socket.as_fd()
     }
 }
 

@@ -1,1 +1,1259 @@
-//! Harness for the integration tests.
+//! Harness for the integration tests of the proxy.
+//!
+//! Every test builds a [`Sandbox`] first: a network namespace of its own (so
+//! fixed ports never collide with anything), a private bpffs mount (so the
+//! pinned maps of one test are never seen by another), a temporary folder for
+//! configs and logs, and a guard that kills every proxy process the test
+//! started, also when the test panics. On top of it:
+//!
+//! - [`Backend`]: an in-process echo-like server whose every response is
+//!   derived byte for byte from its request, so a client can tell a correct
+//!   answer from a truncated or misrouted one;
+//! - [`Load`]: a bounded load generator opening new connections at a target
+//!   rate and checking every response;
+//! - [`Proxy`]: one `proxy run` process (one generation), with its log
+//!   captured in the sandbox, and helpers to wait for it to be active, read
+//!   `proxy status --json`, signal it and read its final counters.
+//!
+//! Set `PROXY_IT_KEEP=1` to keep each test's folder (configs, proxy logs,
+//! `summary.txt` with the measured figures) after the test.
+//!
+//! Helpers are synchronous on purpose: the test thread drives the scenario
+//! (starting generations, polling status) while the backend and the load run
+//! on a tokio runtime's worker threads, so that slow polling never stalls the
+//! traffic the test measures.
+
+use std::{
+    fs,
+    io::{self, Write as _},
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitStatus, Stdio},
+    sync::{
+        Arc, Mutex, MutexGuard,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use serde::Deserialize;
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+    runtime::Runtime,
+    task::JoinSet,
+};
+
+/// The address the proxy listens on inside each test's network namespace.
+pub const PROXY_ADDR: &str = "127.0.0.1:8080";
+/// The address of the in-process backend inside each test's namespace.
+pub const BACKEND_ADDR: &str = "127.0.0.1:9000";
+
+// ---------------------------------------------------------------------------
+// Locating the binary, checking privileges
+// ---------------------------------------------------------------------------
+
+/// The proxy binary: `$PROXY_BIN`, else `<workspace>/target/release/proxy`.
+pub fn proxy_bin() -> PathBuf {
+    let path = match std::env::var_os("PROXY_BIN") {
+        Some(p) if !p.is_empty() => PathBuf::from(p),
+        _ => Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .expect("tests/ lives inside the workspace")
+            .join("target/release/proxy"),
+    };
+    assert!(
+        path.is_file(),
+        "proxy binary not found at {} (set PROXY_BIN, or build it with `cargo xtask build`)",
+        path.display()
+    );
+    path
+}
+
+/// Panics unless we are root: the tests load eBPF programs, mount bpffs and
+/// create network namespaces. A skipped test would look like a passed one.
+pub fn require_root() {
+    // Safety: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(
+        euid, 0,
+        "the integration tests must run as root (CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN): \
+         run them with `sudo` or `cargo xtask test` as root"
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Sandbox: network namespace, bpffs, temp folder, process guard
+// ---------------------------------------------------------------------------
+
+/// Tests of one test binary run one at a time even without
+/// `--test-threads=1`: each drives several processes and thousands of
+/// connections per second, and two at once on two cores would make timings
+/// (and so the failure counts) depend on the neighbour.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+/// Distinguishes the instances of several sandboxes of one process.
+static SANDBOX_SEQ: AtomicU64 = AtomicU64::new(0);
+
+/// One test's private world. Drop it last (declare it first).
+pub struct Sandbox {
+    /// The temporary folder (configs, logs, the bpffs mount point).
+    pub dir: PathBuf,
+    /// The private bpffs mount.
+    pub bpffs: PathBuf,
+    /// The proxy instance name (`global.name`), unique per sandbox.
+    pub name: String,
+    /// Every process the test started; killed and reaped on drop.
+    children: Mutex<Vec<Arc<Mutex<Child>>>>,
+    mounted: bool,
+    tempdir: Option<tempfile::TempDir>,
+    _serial: MutexGuard<'static, ()>,
+}
+
+impl Sandbox {
+    /// Moves the calling thread into a new network namespace and prepares a
+    /// private bpffs. Build the tokio runtime *after* this, from the same
+    /// thread, so that its threads are in the namespace too.
+    pub fn new(test: &str) -> Sandbox {
+        require_root();
+        let _ = proxy_bin(); // fail early and clearly when it is missing
+        let serial = SERIAL
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+
+        // Network namespaces are per thread: this thread, and every process
+        // and thread it creates from now on, see only the new namespace.
+        // Safety: unshare has no memory effects.
+        let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+        assert_eq!(
+            rc,
+            0,
+            "unshare(CLONE_NEWNET) failed: {}",
+            io::Error::last_os_error()
+        );
+        run_ok(Command::new("ip").args(["link", "set", "lo", "up"]));
+        // Thousands of short connections per second: widen the ephemeral
+        // port range and reuse TIME_WAIT ports, so that the client never runs
+        // out of ports during a long run. These sysctls are per namespace;
+        // /proc/sys/net resolves to the namespace of the writing thread.
+        write_sysctl("net/ipv4/ip_local_port_range", "1024 65000");
+        write_sysctl("net/ipv4/tcp_tw_reuse", "1");
+
+        let tempdir = tempfile::Builder::new()
+            .prefix(&format!("proxy-it-{test}-"))
+            .tempdir()
+            .expect("creating a temporary folder");
+        let dir = tempdir.path().to_path_buf();
+        let bpffs = dir.join("bpf");
+        fs::create_dir(&bpffs).expect("creating the bpffs mount point");
+        mount_bpffs(&bpffs);
+
+        let seq = SANDBOX_SEQ.fetch_add(1, Ordering::Relaxed);
+        let name = format!("{test}-{}-{seq}", std::process::id());
+        Sandbox {
+            dir,
+            bpffs,
+            name,
+            children: Mutex::new(Vec::new()),
+            mounted: true,
+            tempdir: Some(tempdir),
+            _serial: serial,
+        }
+    }
+
+    /// A multi-thread tokio runtime whose threads live in this sandbox's
+    /// network namespace (they are created now, from the test thread).
+    pub fn runtime(&self) -> Runtime {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("building the tokio runtime")
+    }
+
+    /// Writes a config for this sandbox's instance and returns its path.
+    pub fn write_config(&self, file: &str, cfg: &ProxyConfig) -> PathBuf {
+        self.write_file(file, &cfg.render(self))
+    }
+
+    /// Writes any file (e.g. a broken config) into the sandbox folder.
+    pub fn write_file(&self, file: &str, text: &str) -> PathBuf {
+        let path = self.dir.join(file);
+        fs::write(&path, text).unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
+        path
+    }
+
+    /// `proxy status --json` of this sandbox's instance.
+    pub fn status(&self) -> Status {
+        self.try_status().unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// `proxy status --json`, or why it could not be read.
+    pub fn try_status(&self) -> Result<Status, String> {
+        let out = Command::new(proxy_bin())
+            .arg("status")
+            .arg("--name")
+            .arg(&self.name)
+            .arg("--bpffs")
+            .arg(&self.bpffs)
+            .arg("--json")
+            .env("NO_COLOR", "1")
+            .output()
+            .map_err(|e| format!("running proxy status: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "proxy status exited with {}: {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        serde_json::from_slice(&out.stdout).map_err(|e| {
+            format!(
+                "proxy status printed JSON we cannot parse ({e}): {}",
+                String::from_utf8_lossy(&out.stdout)
+            )
+        })
+    }
+
+    /// Polls status until `pred` holds; panics with `what` after `timeout`.
+    pub fn wait_status(
+        &self,
+        what: &str,
+        timeout: Duration,
+        mut pred: impl FnMut(&Status) -> bool,
+    ) -> Status {
+        let deadline = Instant::now() + timeout;
+        let mut last = Err("never read".to_string());
+        while Instant::now() < deadline {
+            last = self.try_status();
+            if let Ok(st) = &last
+                && pred(st)
+            {
+                return last.unwrap();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("timed out after {timeout:?} waiting for {what}; last status: {last:#?}");
+    }
+
+    /// Runs `proxy <args>` to completion (check, or a run expected to fail).
+    pub fn run_proxy_cmd(&self, args: &[&str], timeout: Duration) -> CmdOutput {
+        let mut child = Command::new(proxy_bin())
+            .args(args)
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawning the proxy binary");
+        let deadline = Instant::now() + timeout;
+        loop {
+            if child.try_wait().expect("waiting for proxy").is_some() {
+                break;
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("`proxy {}` did not exit within {timeout:?}", args.join(" "));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let out = child.wait_with_output().expect("reading proxy output");
+        CmdOutput {
+            status: out.status,
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+
+    fn adopt(&self, child: Child) -> Arc<Mutex<Child>> {
+        let child = Arc::new(Mutex::new(child));
+        self.children
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(child.clone());
+        child
+    }
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        // Kill by PID only processes we started and have not reaped yet (an
+        // unreaped child's PID cannot have been reused).
+        let children =
+            std::mem::take(&mut *self.children.lock().unwrap_or_else(|p| p.into_inner()));
+        for child in children {
+            let mut child = child.lock().unwrap_or_else(|p| p.into_inner());
+            if let Ok(None) = child.try_wait() {
+                // A `unshare --fork` wrapper: its child dies with it
+                // (--kill-child), but kill the grandchildren explicitly too.
+                for pid in grandchildren(child.id()) {
+                    // Safety: kill has no memory effects.
+                    unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+                }
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+        if self.mounted {
+            let c = std::ffi::CString::new(self.bpffs.as_os_str().as_encoded_bytes())
+                .expect("path without NUL");
+            // Safety: a valid C string; MNT_DETACH never blocks.
+            unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+            self.mounted = false;
+        }
+        if let Some(dir) = self.tempdir.take()
+            && std::env::var_os("PROXY_IT_KEEP").is_some()
+        {
+            eprintln!("PROXY_IT_KEEP: keeping {}", dir.keep().display());
+        }
+    }
+}
+
+/// The children of `pid` (its direct children, from /proc).
+fn grandchildren(pid: u32) -> Vec<u32> {
+    fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect()
+}
+
+fn run_ok(cmd: &mut Command) {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed ({}): {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Sets a per-namespace sysctl of this thread's network namespace, and
+/// checks from a child process (which inherits the namespace) that it took.
+fn write_sysctl(key: &str, value: &str) {
+    let path = Path::new("/proc/sys").join(key);
+    fs::write(&path, value).unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
+    let normalize = |s: &str| s.split_whitespace().collect::<Vec<_>>().join(" ");
+    if normalize(&read_sysctl_in_child(key)) != normalize(value) {
+        // The write went elsewhere (it should not: /proc/sys/net follows
+        // the writing thread's namespace); let sysctl(8) do it from a child.
+        let dotted = key.replace('/', ".");
+        run_ok(
+            Command::new("sysctl")
+                .arg("-w")
+                .arg(format!("{dotted}={value}")),
+        );
+        assert_eq!(
+            normalize(&read_sysctl_in_child(key)),
+            normalize(value),
+            "could not set {dotted} in the test's network namespace"
+        );
+    }
+}
+
+/// Reads a sysctl from a subprocess, which sees the namespace of this thread.
+pub fn read_sysctl_in_child(key: &str) -> String {
+    let out = Command::new("cat")
+        .arg(Path::new("/proc/sys").join(key))
+        .output()
+        .expect("running cat");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+fn mount_bpffs(target: &Path) {
+    let c = |s: &str| std::ffi::CString::new(s).expect("no NUL");
+    let target_c =
+        std::ffi::CString::new(target.as_os_str().as_encoded_bytes()).expect("path without NUL");
+    let (src, fstype) = (c("bpf"), c("bpf"));
+    // Safety: valid C strings; no data argument.
+    let rc = unsafe {
+        libc::mount(
+            src.as_ptr(),
+            target_c.as_ptr(),
+            fstype.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    assert_eq!(
+        rc,
+        0,
+        "mount -t bpf bpf {}: {}",
+        target.display(),
+        io::Error::last_os_error()
+    );
+}
+
+/// What a finished `proxy` command printed.
+#[derive(Debug)]
+pub struct CmdOutput {
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+// ---------------------------------------------------------------------------
+// Config
+// ---------------------------------------------------------------------------
+
+/// The knobs the tests turn; rendered as TOML for the sandbox's instance.
+#[derive(Clone, Debug)]
+pub struct ProxyConfig {
+    pub hard_stop_after: &'static str,
+    pub handover_grace: &'static str,
+    pub maxconn: Option<u32>,
+    pub backlog: u32,
+    pub connect_timeout: &'static str,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        ProxyConfig {
+            hard_stop_after: "30s",
+            handover_grace: "200ms",
+            maxconn: None,
+            // Above the default (1024): a generation that is stopped in a
+            // test keeps its queue for a second; no SYN must be dropped.
+            backlog: 4096,
+            connect_timeout: "2s",
+        }
+    }
+}
+
+impl ProxyConfig {
+    pub fn render(&self, sb: &Sandbox) -> String {
+        let maxconn = self
+            .maxconn
+            .map(|n| format!("maxconn = {n}\n"))
+            .unwrap_or_default();
+        format!(
+            r#"[global]
+name = "{name}"
+bpffs = "{bpffs}"
+hard_stop_after = "{hard}"
+handover_grace = "{grace}"
+# eBPF steering or nothing: a silent fallback must fail the tests.
+steering = "ebpf"
+
+[[listener]]
+name = "front"
+bind = ["{proxy}"]
+backend = "app"
+backlog = {backlog}
+{maxconn}
+[[backend]]
+name = "app"
+servers = ["{backend}"]
+connect_timeout = "{ct}"
+"#,
+            name = sb.name,
+            bpffs = sb.bpffs.display(),
+            hard = self.hard_stop_after,
+            grace = self.handover_grace,
+            proxy = PROXY_ADDR,
+            backlog = self.backlog,
+            backend = BACKEND_ADDR,
+            ct = self.connect_timeout,
+        )
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Status
+// ---------------------------------------------------------------------------
+
+/// `proxy status --json`.
+#[derive(Clone, Debug, Deserialize)]
+pub struct Status {
+    pub instance: String,
+    pub pins: String,
+    pub active_slot: Option<u32>,
+    pub generations: Vec<GenStatus>,
+    pub counters: Counters,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct GenStatus {
+    pub slot: u32,
+    pub generation: u64,
+    pub pid: u32,
+    pub state: String,
+    pub alive: bool,
+    pub active: bool,
+    pub age_ms: u64,
+    pub accepted: u64,
+    pub active_conns: u64,
+    pub steered: u64,
+    pub migrated_in: u64,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct Counters {
+    pub selected: Vec<u64>,
+    pub migrated: Vec<u64>,
+    pub fallback_new: u64,
+    pub fallback_migrate: u64,
+}
+
+impl Status {
+    /// The record of generation number `generation`, if its slot still has it.
+    pub fn generation(&self, generation: u64) -> Option<&GenStatus> {
+        self.generations.iter().find(|g| g.generation == generation)
+    }
+
+    /// The generation holding the active slot.
+    pub fn active_generation(&self) -> Option<&GenStatus> {
+        self.generations.iter().find(|g| g.active)
+    }
+
+    /// Whether `generation` is the active, serving one.
+    pub fn is_serving(&self, generation: u64) -> bool {
+        self.generation(generation)
+            .is_some_and(|g| g.active && g.state == "active" && g.alive)
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Proxy processes
+// ---------------------------------------------------------------------------
+
+/// Which generation a process became (from its log).
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct GenId {
+    pub generation: u64,
+    pub slot: u32,
+}
+
+/// One `proxy run` process (one generation).
+pub struct Proxy {
+    child: Arc<Mutex<Child>>,
+    /// PID of the process we spawned (the `unshare` wrapper when wrapped).
+    pub pid: u32,
+    pub log_path: PathBuf,
+    /// Filled by [`Proxy::wait_active`].
+    pub id: Option<GenId>,
+    label: String,
+    exit: Option<ExitStatus>,
+}
+
+impl Proxy {
+    /// Starts `proxy run -c config` with `extra_env`, stderr to a log file.
+    pub fn start(sb: &Sandbox, config: &Path, extra_env: &[(&str, &str)]) -> Proxy {
+        Self::start_wrapped(sb, &[], config, extra_env)
+    }
+
+    /// Like [`Proxy::start`], with the proxy run by `wrapper` (e.g.
+    /// `["unshare", "--pid", "--fork", "--kill-child"]`).
+    pub fn start_wrapped(
+        sb: &Sandbox,
+        wrapper: &[&str],
+        config: &Path,
+        extra_env: &[(&str, &str)],
+    ) -> Proxy {
+        static SEQ: AtomicU64 = AtomicU64::new(0);
+        let n = SEQ.fetch_add(1, Ordering::Relaxed);
+        let log_path = sb.dir.join(format!("proxy-{n}.log"));
+        let log = fs::File::create(&log_path).expect("creating the proxy log");
+        let mut cmd = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut cmd = Command::new(program);
+                cmd.args(args).arg(proxy_bin());
+                cmd
+            }
+            None => Command::new(proxy_bin()),
+        };
+        cmd.arg("run")
+            .arg("-c")
+            .arg(config)
+            .env("NO_COLOR", "1")
+            .env("PROXY_LOG", "info")
+            .envs(extra_env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log);
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawning {cmd:?}: {e}"));
+        let pid = child.id();
+        let label = format!("proxy #{n} (pid {pid})");
+        Proxy {
+            child: sb.adopt(child),
+            pid,
+            log_path,
+            id: None,
+            label,
+            exit: None,
+        }
+    }
+
+    /// The log so far.
+    pub fn log(&self) -> String {
+        fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// Which generation this process claimed, once it logged it.
+    pub fn gen_id_from_log(&self) -> Option<GenId> {
+        parse_gen_id(&self.log(), ": active")
+    }
+
+    /// Waits until this process is the active, serving generation: its log
+    /// says `: active` and status shows its generation active with a fresh
+    /// heartbeat. Matching by generation number rather than PID works when
+    /// the proxy runs in another PID namespace.
+    pub fn wait_active(&mut self, sb: &Sandbox, timeout: Duration) -> GenId {
+        let deadline = Instant::now() + timeout;
+        let id = loop {
+            if let Some(id) = self.gen_id_from_log() {
+                break id;
+            }
+            if let Some(status) = self.try_exit() {
+                panic!(
+                    "{} exited with {status} before becoming active; log:\n{}",
+                    self.label,
+                    self.log()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} did not log `: active` within {timeout:?}; log:\n{}",
+                self.label,
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        let left = deadline.saturating_duration_since(Instant::now());
+        sb.wait_status(
+            &format!("{} (generation {}) to be active", self.label, id.generation),
+            left.max(Duration::from_secs(1)),
+            |st| st.is_serving(id.generation),
+        );
+        self.id = Some(id);
+        id
+    }
+
+    /// The generation number (after [`Proxy::wait_active`]).
+    pub fn generation(&self) -> u64 {
+        self.id.expect("wait_active() first").generation
+    }
+
+    /// The slot (after [`Proxy::wait_active`]).
+    pub fn slot(&self) -> u32 {
+        self.id.expect("wait_active() first").slot
+    }
+
+    /// Sends `sig` to the process we spawned.
+    pub fn signal(&self, sig: i32) {
+        let child = self.child.lock().unwrap_or_else(|p| p.into_inner());
+        // Only signal an unreaped child: its PID is still ours.
+        if let Ok(None) = child_try_wait(&child) {
+            // Safety: kill has no memory effects.
+            let rc = unsafe { libc::kill(self.pid as libc::pid_t, sig) };
+            assert_eq!(
+                rc,
+                0,
+                "kill({}, {sig}): {}",
+                self.pid,
+                io::Error::last_os_error()
+            );
+        }
+    }
+
+    /// The exit status if the process has exited (reaps it).
+    pub fn try_exit(&mut self) -> Option<ExitStatus> {
+        if self.exit.is_none() {
+            let mut child = self.child.lock().unwrap_or_else(|p| p.into_inner());
+            self.exit = child.try_wait().expect("waiting for the proxy");
+        }
+        self.exit
+    }
+
+    /// Waits for the process to exit, at most `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.try_exit() {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Like [`Proxy::wait_exit`], panicking with the log on a timeout.
+    pub fn expect_exit(&mut self, timeout: Duration) -> ExitStatus {
+        match self.wait_exit(timeout) {
+            Some(status) => status,
+            None => panic!(
+                "{} did not exit within {timeout:?}; log:\n{}",
+                self.label,
+                self.log()
+            ),
+        }
+    }
+
+    /// SIGKILL and reap.
+    pub fn kill(&mut self) -> ExitStatus {
+        self.signal(libc::SIGKILL);
+        self.expect_exit(Duration::from_secs(5))
+    }
+
+    /// The `... generation stopped ...` line, if logged.
+    pub fn final_line(&self) -> Option<String> {
+        self.log()
+            .lines()
+            .find(|l| l.contains("generation stopped"))
+            .map(str::to_string)
+    }
+
+    /// `accepted=N` of the final line; panics with the log when missing.
+    pub fn final_accepted(&self) -> u64 {
+        self.final_field("accepted")
+    }
+
+    /// `name=N` of the final line; panics with the log when missing.
+    pub fn final_field(&self, name: &str) -> u64 {
+        let line = self.final_line().unwrap_or_else(|| {
+            panic!(
+                "{} logged no `generation stopped` line; log:\n{}",
+                self.label,
+                self.log()
+            )
+        });
+        field(&line, name).unwrap_or_else(|| panic!("no {name}=N in final line: {line}"))
+    }
+
+    /// The state letter of /proc/PID/stat of `pid` (R, S, T, Z...).
+    pub fn proc_state(pid: u32) -> Option<char> {
+        let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // The command name is in parentheses and may contain spaces.
+        stat.rsplit_once(") ")?.1.chars().next()
+    }
+
+    pub fn label(&self) -> &str {
+        &self.label
+    }
+}
+
+fn child_try_wait(child: &Child) -> io::Result<Option<()>> {
+    // Child::try_wait needs &mut; peek with waitid(WNOWAIT) instead, so
+    // that signal() never reaps behind try_exit()'s back.
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    // Safety: info is a valid out-pointer.
+    let rc = unsafe {
+        libc::waitid(
+            libc::P_PID,
+            child.id(),
+            &mut info,
+            libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
+        )
+    };
+    if rc != 0 {
+        // ECHILD: already reaped.
+        return Ok(Some(()));
+    }
+    // Safety: filled by waitid (zero when no child changed state).
+    let pid = unsafe { info.si_pid() };
+    Ok(if pid == 0 { None } else { Some(()) })
+}
+
+/// `generation N (slot S)` from the first log line containing `marker`.
+pub fn parse_gen_id(log: &str, marker: &str) -> Option<GenId> {
+    let line = log.lines().find(|l| l.contains(marker))?;
+    let rest = &line[line.find("generation ")? + "generation ".len()..];
+    let (generation, rest) = rest.split_once(" (slot ")?;
+    let (slot, _) = rest.split_once(')')?;
+    Some(GenId {
+        generation: generation.trim().parse().ok()?,
+        slot: slot.trim().parse().ok()?,
+    })
+}
+
+/// The number of `name=N` in a log line.
+pub fn field(line: &str, name: &str) -> Option<u64> {
+    let key = format!("{name}=");
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(&key))
+        .and_then(|v| v.trim_matches(|c: char| !c.is_ascii_digit()).parse().ok())
+}
+
+// ---------------------------------------------------------------------------
+// Backend
+// ---------------------------------------------------------------------------
+
+/// The response to request `id` with payload `payload`: `RSP <id>\n`, then
+/// the payload reversed and xored with a byte derived from the id, so that
+/// a response to another request or a shifted one never matches.
+pub fn expected_response(id: u64, payload: &[u8]) -> Vec<u8> {
+    let mut out = format!("RSP {id}\n").into_bytes();
+    let key = (id.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 56) as u8 | 1;
+    out.extend(payload.iter().rev().map(|b| b ^ key));
+    out
+}
+
+/// The request line and payload of request `id`.
+pub fn request(id: u64, payload: &[u8]) -> Vec<u8> {
+    let mut out = format!("REQ {id} {}\n", payload.len()).into_bytes();
+    out.extend_from_slice(payload);
+    out
+}
+
+/// Counters of the backend.
+#[derive(Default, Debug)]
+pub struct BackendStats {
+    pub accepted: AtomicU64,
+    pub served: AtomicU64,
+    pub bad_requests: AtomicU64,
+}
+
+/// An in-process server answering `REQ <id> <len>\n<len bytes>` with
+/// [`expected_response`], then closing.
+pub struct Backend {
+    pub stats: Arc<BackendStats>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Backend {
+    /// Listens on [`BACKEND_ADDR`] in the runtime's namespace. `delay` is
+    /// waited between reading a request and answering it.
+    pub fn start(rt: &Runtime, delay: Duration) -> Backend {
+        let listener = rt
+            .block_on(TcpListener::bind(BACKEND_ADDR))
+            .expect("binding the backend");
+        let stats = Arc::new(BackendStats::default());
+        let stop = Arc::new(AtomicBool::new(false));
+        let (st, sp) = (stats.clone(), stop.clone());
+        rt.spawn(async move {
+            while !sp.load(Ordering::Relaxed) {
+                let Ok((stream, _)) = listener.accept().await else {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    continue;
+                };
+                st.accepted.fetch_add(1, Ordering::Relaxed);
+                let st = st.clone();
+                tokio::spawn(async move {
+                    match tokio::time::timeout(Duration::from_secs(60), serve_one(stream, delay))
+                        .await
+                    {
+                        Ok(Ok(())) => st.served.fetch_add(1, Ordering::Relaxed),
+                        _ => st.bad_requests.fetch_add(1, Ordering::Relaxed),
+                    };
+                });
+            }
+        });
+        Backend { stats, stop }
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+async fn serve_one(mut stream: TcpStream, delay: Duration) -> io::Result<()> {
+    let (id, payload) = read_request(&mut stream).await?;
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
+    stream.write_all(&expected_response(id, &payload)).await?;
+    stream.shutdown().await?;
+    Ok(())
+}
+
+async fn read_request(stream: &mut TcpStream) -> io::Result<(u64, Vec<u8>)> {
+    let bad = |m: &str| io::Error::new(io::ErrorKind::InvalidData, m.to_string());
+    let mut line = Vec::new();
+    loop {
+        let mut b = [0u8; 1];
+        if stream.read(&mut b).await? == 0 {
+            return Err(bad("EOF before the request line"));
+        }
+        if b[0] == b'\n' {
+            break;
+        }
+        line.push(b[0]);
+        if line.len() > 64 {
+            return Err(bad("request line too long"));
+        }
+    }
+    let line = String::from_utf8(line).map_err(|_| bad("request line not UTF-8"))?;
+    let mut parts = line.split(' ');
+    let (Some("REQ"), Some(id), Some(len), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(bad("malformed request line"));
+    };
+    let id: u64 = id.parse().map_err(|_| bad("bad id"))?;
+    let len: usize = len.parse().map_err(|_| bad("bad length"))?;
+    if len > 1 << 20 {
+        return Err(bad("request too long"));
+    }
+    let mut payload = vec![0u8; len];
+    stream.read_exact(&mut payload).await?;
+    Ok((id, payload))
+}
+
+// ---------------------------------------------------------------------------
+// Clients
+// ---------------------------------------------------------------------------
+
+/// A small deterministic PRNG (xorshift64*), enough for payloads.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    pub fn bytes(&mut self, len: usize) -> Vec<u8> {
+        (0..len).map(|_| self.next_u64() as u8).collect()
+    }
+}
+
+/// One complete exchange through the proxy: connect, send request `id`,
+/// read until EOF, compare byte for byte. Err says what went wrong.
+pub async fn exchange(
+    addr: &str,
+    id: u64,
+    payload_len: usize,
+    timeout: Duration,
+) -> Result<(), String> {
+    let payload = Rng::new(id).bytes(payload_len);
+    let started = Instant::now();
+    let work = async {
+        let mut stream = TcpStream::connect(addr)
+            .await
+            .map_err(|e| format!("connect: {e}"))?;
+        stream
+            .write_all(&request(id, &payload))
+            .await
+            .map_err(|e| format!("write: {e}"))?;
+        read_and_check(&mut stream, id, &payload).await
+    };
+    match tokio::time::timeout(timeout, work).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(format!("conn {id}: {e} (after {:?})", started.elapsed())),
+        Err(_) => Err(format!("conn {id}: timed out after {timeout:?}")),
+    }
+}
+
+/// Reads the response to request `id` until EOF and compares it.
+pub async fn read_and_check(stream: &mut TcpStream, id: u64, payload: &[u8]) -> Result<(), String> {
+    let mut got = Vec::new();
+    stream
+        .read_to_end(&mut got)
+        .await
+        .map_err(|e| format!("read: {e} (after {} bytes)", got.len()))?;
+    let want = expected_response(id, payload);
+    if got != want {
+        let at = got
+            .iter()
+            .zip(&want)
+            .position(|(a, b)| a != b)
+            .unwrap_or(got.len().min(want.len()));
+        return Err(format!(
+            "wrong response: {} bytes, expected {}, first difference at byte {at}",
+            got.len(),
+            want.len()
+        ));
+    }
+    Ok(())
+}
+
+/// A connection that sent only part of its request and waits: it keeps a
+/// proxy connection (and so its generation) busy until [`Held::finish`].
+pub struct Held {
+    stream: TcpStream,
+    id: u64,
+    payload: Vec<u8>,
+    sent: usize,
+}
+
+impl Held {
+    /// Connects and sends the request line and half of the payload.
+    pub async fn open(addr: &str, id: u64) -> Held {
+        let payload = Rng::new(id).bytes(256);
+        let mut stream = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(addr))
+            .await
+            .expect("connecting the held connection: timed out")
+            .expect("connecting the held connection");
+        let req = request(id, &payload);
+        let sent = req.len() - payload.len() / 2;
+        stream
+            .write_all(&req[..sent])
+            .await
+            .expect("sending the first half of the held request");
+        Held {
+            stream,
+            id,
+            payload,
+            sent,
+        }
+    }
+
+    /// Sends the rest and checks the response.
+    pub async fn finish(mut self, timeout: Duration) -> Result<(), String> {
+        let req = request(self.id, &self.payload);
+        let work = async {
+            self.stream
+                .write_all(&req[self.sent..])
+                .await
+                .map_err(|e| format!("write: {e}"))?;
+            read_and_check(&mut self.stream, self.id, &self.payload).await
+        };
+        tokio::time::timeout(timeout, work)
+            .await
+            .map_err(|_| format!("held conn {}: timed out after {timeout:?}", self.id))?
+    }
+}
+
+/// Ids of connections, unique within the test process.
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+/// A fresh request id.
+pub fn next_id() -> u64 {
+    NEXT_ID.fetch_add(1, Ordering::Relaxed)
+}
+
+/// What the load generator is asked to do.
+#[derive(Clone, Debug)]
+pub struct LoadSpec {
+    /// New connections per second.
+    pub rate: f64,
+    /// Never more connections than this.
+    pub max_conns: u64,
+    /// Never longer than this (the test usually stops it earlier).
+    pub max_duration: Duration,
+    /// Per-connection deadline (connect + exchange).
+    pub conn_timeout: Duration,
+}
+
+impl LoadSpec {
+    pub fn new(rate: f64, max_duration: Duration) -> LoadSpec {
+        LoadSpec {
+            rate,
+            max_conns: (rate * max_duration.as_secs_f64()).ceil() as u64 + 1,
+            max_duration,
+            conn_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Live counters of a load.
+#[derive(Default, Debug)]
+pub struct LoadStats {
+    pub started: AtomicU64,
+    pub ok: AtomicU64,
+    pub failed: AtomicU64,
+    /// The first failure reasons, for the assert message.
+    pub failures: Mutex<Vec<String>>,
+}
+
+/// Final numbers of a load.
+#[derive(Clone, Debug)]
+pub struct LoadReport {
+    pub started: u64,
+    pub ok: u64,
+    pub failed: u64,
+    pub failures: Vec<String>,
+    /// From the first connection to the last one started.
+    pub duration: Duration,
+}
+
+impl LoadReport {
+    /// Connections started per second.
+    pub fn rate(&self) -> f64 {
+        self.started as f64 / self.duration.as_secs_f64().max(1e-9)
+    }
+
+    /// Panics unless every connection succeeded byte for byte.
+    pub fn assert_clean(&self, what: &str) {
+        assert!(
+            self.failed == 0 && self.ok == self.started,
+            "{what}: expected 0 failed connections and ok == started, got started={} ok={} failed={}; first failures: {:#?}",
+            self.started,
+            self.ok,
+            self.failed,
+            self.failures
+        );
+    }
+}
+
+/// A running load: new connections to [`PROXY_ADDR`] at `spec.rate`.
+pub struct Load {
+    pub stats: Arc<LoadStats>,
+    stop: Arc<AtomicBool>,
+    handle: Option<tokio::task::JoinHandle<Duration>>,
+}
+
+impl Load {
+    pub fn start(rt: &Runtime, spec: LoadSpec) -> Load {
+        let stats = Arc::new(LoadStats::default());
+        let stop = Arc::new(AtomicBool::new(false));
+        let (st, sp) = (stats.clone(), stop.clone());
+        let handle = rt.spawn(generate(spec, st, sp));
+        Load {
+            stats,
+            stop,
+            handle: Some(handle),
+        }
+    }
+
+    pub fn started(&self) -> u64 {
+        self.stats.started.load(Ordering::Relaxed)
+    }
+
+    pub fn ok(&self) -> u64 {
+        self.stats.ok.load(Ordering::Relaxed)
+    }
+
+    pub fn failed(&self) -> u64 {
+        self.stats.failed.load(Ordering::Relaxed)
+    }
+
+    /// Waits (bounded) until at least `n` connections succeeded.
+    pub fn wait_ok(&self, n: u64, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while self.ok() < n {
+            assert!(
+                Instant::now() < deadline,
+                "load: expected {n} successful connections within {timeout:?}, got ok={} failed={} ({:?})",
+                self.ok(),
+                self.failed(),
+                self.stats
+                    .failures
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Stops starting connections, waits for those in flight (each bounded
+    /// by its own timeout) and returns the totals.
+    pub fn finish(mut self, rt: &Runtime) -> LoadReport {
+        self.stop.store(true, Ordering::Relaxed);
+        let handle = self.handle.take().expect("finish() once");
+        let duration = rt
+            .block_on(handle)
+            .expect("the load generator task panicked");
+        let s = &self.stats;
+        LoadReport {
+            started: s.started.load(Ordering::Relaxed),
+            ok: s.ok.load(Ordering::Relaxed),
+            failed: s.failed.load(Ordering::Relaxed),
+            failures: s.failures.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+            duration,
+        }
+    }
+}
+
+impl Drop for Load {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// The generator: bounded in count (`max_conns`) and time (`max_duration`).
+async fn generate(spec: LoadSpec, stats: Arc<LoadStats>, stop: Arc<AtomicBool>) -> Duration {
+    let start = Instant::now();
+    let mut tasks = JoinSet::new();
+    let mut sent = 0u64;
+    let mut last_start = start;
+    while !stop.load(Ordering::Relaxed) && sent < spec.max_conns {
+        let elapsed = start.elapsed();
+        if elapsed >= spec.max_duration {
+            break;
+        }
+        let due = ((elapsed.as_secs_f64() * spec.rate) as u64 + 1).min(spec.max_conns);
+        while sent < due {
+            sent += 1;
+            stats.started.fetch_add(1, Ordering::Relaxed);
+            last_start = Instant::now();
+            let id = next_id();
+            let len = 16 + (id % 8) as usize * 61; // 16..=443 bytes
+            let st = stats.clone();
+            let timeout = spec.conn_timeout;
+            tasks.spawn(async move {
+                match exchange(PROXY_ADDR, id, len, timeout).await {
+                    Ok(()) => {
+                        st.ok.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(e) => {
+                        st.failed.fetch_add(1, Ordering::Relaxed);
+                        let mut f = st.failures.lock().unwrap_or_else(|p| p.into_inner());
+                        if f.len() < 10 {
+                            f.push(e);
+                        }
+                    }
+                }
+            });
+        }
+        // Reap finished tasks so that memory stays bounded on long runs.
+        while tasks.try_join_next().is_some() {}
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    while tasks.join_next().await.is_some() {}
+    last_start
+        .duration_since(start)
+        .max(Duration::from_millis(1))
+}
+
+/// Appends a line to `<sandbox>/summary.txt` and prints it (visible with
+/// `--nocapture`), so that the measured figures survive in the sandbox too.
+pub fn report(sb: &Sandbox, line: &str) {
+    eprintln!("{line}");
+    if let Ok(mut f) = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(sb.dir.join("summary.txt"))
+    {
+        let _ = writeln!(f, "{line}");
+    }
+}
+
+/// Accept-queue lengths of the TCP listeners on `port` in this thread's
+/// network namespace (from /proc/thread-self/net/tcp: for a listening
+/// socket, `rx_queue` is the number of established connections waiting for
+/// `accept()`). /proc/self/net would show the main thread's namespace.
+pub fn accept_queues(port: u16) -> Vec<u32> {
+    let table = fs::read_to_string("/proc/thread-self/net/tcp").expect("reading /proc/net/tcp");
+    let want = format!(":{port:04X}");
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            let (local, state, queues) = (cols.get(1)?, cols.get(3)?, cols.get(4)?);
+            if *state != "0A" || !local.ends_with(&want) {
+                return None;
+            }
+            u32::from_str_radix(queues.split_once(':')?.1, 16).ok()
+        })
+        .collect()
+}
+
+/// Polls `cond` every 5 ms until it holds; panics with `what()` after
+/// `timeout`.
+pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool, what: impl Fn() -> String) {
+    let deadline = Instant::now() + timeout;
+    while !cond() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?}: {}",
+            what()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
