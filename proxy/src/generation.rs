@@ -133,6 +133,11 @@ struct Shared {
     /// Set when the generation drains (HTTP keep-alive answers with
     /// `Connection: close` from then on).
     draining: watch::Sender<bool>,
+    /// When this generation flipped the active slot, to log how soon the
+    /// first connection arrived after it (the handover gap operators ask
+    /// about).
+    flipped_at: std::sync::OnceLock<Instant>,
+    first_conn_logged: std::sync::atomic::AtomicBool,
 }
 
 /// The eBPF side of this generation.
@@ -228,6 +233,8 @@ async fn serve(
         accepting: watch::channel(true).0,
         sweep: Notify::new(),
         draining: watch::channel(false).0,
+        flipped_at: std::sync::OnceLock::new(),
+        first_conn_logged: std::sync::atomic::AtomicBool::new(false),
     });
 
     // Bind every listener first: a failure here leaves the running
@@ -308,6 +315,7 @@ async fn serve(
     if let Some(s) = steer.as_mut() {
         let previous = s.maps.active_slot()?;
         s.maps.lock()?.flip(s.slot, None)?;
+        let _ = shared.flipped_at.set(Instant::now());
         info!(
             previous_slot = ?previous.map(|p| p.0),
             "{label}: flipped the active slot to {}", s.slot.0
@@ -678,6 +686,16 @@ fn spawn_conn(
 ) {
     shared.stats.accepted.fetch_add(1, Ordering::Relaxed);
     shared.stats.active.fetch_add(1, Ordering::Relaxed);
+    if let Some(flipped) = shared.flipped_at.get()
+        && !shared.first_conn_logged.load(Ordering::Relaxed)
+        && !shared.first_conn_logged.swap(true, Ordering::Relaxed)
+    {
+        info!(
+            after_flip_us = flipped.elapsed().as_micros() as u64,
+            listener = %stage.name,
+            "first connection after the flip"
+        );
+    }
     let stage = stage.clone();
     let shared = shared.clone();
     tokio::spawn(async move {

@@ -1257,3 +1257,724 @@ pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool, what: impl 
         std::thread::sleep(Duration::from_millis(5));
     }
 }
+
+// ===========================================================================
+// Stages: TLS, HTTP, gzip, PROXY v2 (helpers of the tests/tests/stages_*.rs)
+// ===========================================================================
+
+/// Helpers of the data-path stage tests: certificates made with openssl, a
+/// TLS client that accepts any certificate (and lets the test look at it),
+/// an HTTP/1.1 backend whose responses are chosen by the request's query,
+/// HTTP/1.1 client calls, and external commands bounded in time.
+pub mod stages {
+    use std::{
+        collections::HashMap,
+        convert::Infallible,
+        fs,
+        io::{self, Read as _},
+        net::SocketAddr,
+        path::{Path, PathBuf},
+        process::{Command, Output, Stdio},
+        sync::{
+            Arc, Mutex,
+            atomic::{AtomicBool, AtomicU64, Ordering},
+        },
+        time::{Duration, Instant},
+    };
+
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, Full, combinators::UnsyncBoxBody};
+    use hyper::{
+        Request, Response, StatusCode,
+        body::{Frame, Incoming},
+        client::conn::http1::SendRequest,
+        header::{self, HeaderValue},
+        http::response::Parts,
+        service::service_fn,
+    };
+    use hyper_util::rt::TokioIo;
+    use rustls::{
+        ClientConfig, DigitallySignedStruct, SignatureScheme,
+        client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
+        crypto::CryptoProvider,
+        pki_types::{CertificateDer, ServerName, UnixTime, pem::PemObject},
+    };
+    use tokio::{
+        io::{AsyncRead, AsyncReadExt, AsyncWrite},
+        net::{TcpListener, TcpStream},
+        runtime::Runtime,
+    };
+    use tokio_rustls::{TlsConnector, client::TlsStream};
+
+    use super::{BACKEND_ADDR, Rng, Sandbox};
+
+    // -----------------------------------------------------------------------
+    // External commands
+    // -----------------------------------------------------------------------
+
+    /// Runs `cmd` to completion with stdin closed, killing it after
+    /// `timeout` (then panics with what it printed so far is lost).
+    pub fn run_bounded(cmd: &mut Command, timeout: Duration) -> Output {
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawning {cmd:?}: {e}"));
+        // Drain the pipes on threads so that a chatty command never blocks.
+        let mut stdout = child.stdout.take().expect("piped stdout");
+        let mut stderr = child.stderr.take().expect("piped stderr");
+        let out_t = std::thread::spawn(move || {
+            let mut v = Vec::new();
+            let _ = stdout.read_to_end(&mut v);
+            v
+        });
+        let err_t = std::thread::spawn(move || {
+            let mut v = Vec::new();
+            let _ = stderr.read_to_end(&mut v);
+            v
+        });
+        let deadline = Instant::now() + timeout;
+        let status = loop {
+            if let Some(status) = child.try_wait().expect("waiting for a command") {
+                break status;
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("{cmd:?} did not finish within {timeout:?}");
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        Output {
+            status,
+            stdout: out_t.join().unwrap_or_default(),
+            stderr: err_t.join().unwrap_or_default(),
+        }
+    }
+
+    /// Like [`run_bounded`], panicking unless the command succeeded.
+    pub fn run_bounded_ok(cmd: &mut Command, timeout: Duration) -> Output {
+        let out = run_bounded(cmd, timeout);
+        assert!(
+            out.status.success(),
+            "{cmd:?} failed ({}): stdout: {} stderr: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    }
+
+    // -----------------------------------------------------------------------
+    // Certificates
+    // -----------------------------------------------------------------------
+
+    /// A self-signed ECDSA P-256 certificate made with openssl.
+    #[derive(Clone, Debug)]
+    pub struct TestCert {
+        /// Certificate then key, as `[listener.tls] certs` wants it.
+        pub bundle: PathBuf,
+        /// The certificate alone (PEM).
+        pub cert_pem: String,
+        /// The certificate (DER), to compare with what a client was shown.
+        pub der: Vec<u8>,
+        /// Its subject CN.
+        pub cn: String,
+    }
+
+    /// Makes `<dir>/<cn>.pem` for the DNS names `sans`, subject `CN=<cn>`.
+    pub fn make_cert(dir: &Path, cn: &str, sans: &[&str]) -> TestCert {
+        let key = dir.join(format!("{cn}.key"));
+        let crt = dir.join(format!("{cn}.crt"));
+        let san = sans
+            .iter()
+            .map(|s| format!("DNS:{s}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        run_bounded_ok(
+            Command::new("openssl")
+                .args([
+                    "req",
+                    "-x509",
+                    "-newkey",
+                    "ec",
+                    "-pkeyopt",
+                    "ec_paramgen_curve:P-256",
+                    "-nodes",
+                    "-days",
+                    "2",
+                    "-subj",
+                ])
+                .arg(format!("/CN={cn}"))
+                .arg("-addext")
+                .arg(format!("subjectAltName={san}"))
+                .args(["-addext", "basicConstraints=critical,CA:FALSE"])
+                .arg("-keyout")
+                .arg(&key)
+                .arg("-out")
+                .arg(&crt),
+            Duration::from_secs(20),
+        );
+        let cert_pem = fs::read_to_string(&crt).expect("reading the new certificate");
+        let key_pem = fs::read_to_string(&key).expect("reading the new key");
+        let bundle = dir.join(format!("{cn}.pem"));
+        fs::write(&bundle, format!("{cert_pem}{key_pem}")).expect("writing the bundle");
+        let der = CertificateDer::from_pem_slice(cert_pem.as_bytes())
+            .expect("openssl wrote a PEM certificate")
+            .to_vec();
+        TestCert {
+            bundle,
+            cert_pem,
+            der,
+            cn: cn.to_string(),
+        }
+    }
+
+    /// `openssl x509 -noout -subject -ext subjectAltName` of a DER certificate.
+    pub fn describe_cert(der: &[u8]) -> String {
+        let mut child = Command::new("openssl")
+            .args([
+                "x509",
+                "-inform",
+                "DER",
+                "-noout",
+                "-subject",
+                "-ext",
+                "subjectAltName",
+            ])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("running openssl x509");
+        {
+            use std::io::Write as _;
+            let mut stdin = child.stdin.take().expect("piped stdin");
+            stdin.write_all(der).expect("writing the certificate");
+        }
+        let out = child.wait_with_output().expect("openssl x509 output");
+        assert!(
+            out.status.success(),
+            "openssl x509 failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    // -----------------------------------------------------------------------
+    // TLS client
+    // -----------------------------------------------------------------------
+
+    /// Accepts any server certificate (the test compares it itself) but
+    /// checks the handshake signatures, so the server really holds the key.
+    #[derive(Debug)]
+    struct AnyCert(Arc<CryptoProvider>);
+
+    impl ServerCertVerifier for AnyCert {
+        fn verify_server_cert(
+            &self,
+            _end_entity: &CertificateDer<'_>,
+            _intermediates: &[CertificateDer<'_>],
+            _server_name: &ServerName<'_>,
+            _ocsp_response: &[u8],
+            _now: UnixTime,
+        ) -> Result<ServerCertVerified, rustls::Error> {
+            Ok(ServerCertVerified::assertion())
+        }
+
+        fn verify_tls12_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls12_signature(
+                message,
+                cert,
+                dss,
+                &self.0.signature_verification_algorithms,
+            )
+        }
+
+        fn verify_tls13_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls13_signature(
+                message,
+                cert,
+                dss,
+                &self.0.signature_verification_algorithms,
+            )
+        }
+
+        fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+            self.0.signature_verification_algorithms.supported_schemes()
+        }
+    }
+
+    /// A client config offering `alpn`, sending SNI or not.
+    pub fn tls_client_config(alpn: &[&str], send_sni: bool) -> Arc<ClientConfig> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = ClientConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .expect("ring supports the default versions")
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(AnyCert(provider)))
+            .with_no_client_auth();
+        config.alpn_protocols = alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
+        config.enable_sni = send_sni;
+        Arc::new(config)
+    }
+
+    /// Connects to `addr` and runs the TLS handshake for `server_name`.
+    pub async fn tls_connect(
+        addr: &str,
+        server_name: &str,
+        config: Arc<ClientConfig>,
+    ) -> io::Result<TlsStream<TcpStream>> {
+        let tcp = TcpStream::connect(addr).await?;
+        tcp.set_nodelay(true)?;
+        let name = ServerName::try_from(server_name.to_string())
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        TlsConnector::from(config).connect(name, tcp).await
+    }
+
+    /// The leaf certificate (DER) the server showed on `stream`.
+    pub fn peer_leaf(stream: &TlsStream<TcpStream>) -> Vec<u8> {
+        stream
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .map(|c| c.to_vec())
+            .expect("a finished handshake has the server certificate")
+    }
+
+    // -----------------------------------------------------------------------
+    // Bodies
+    // -----------------------------------------------------------------------
+
+    /// Compressible text where every line differs (a shifted or dropped
+    /// byte shows): `line 000000042 of body 7 ...\n`, cut to `len`.
+    pub fn text_body(len: usize, seed: u64) -> Vec<u8> {
+        let mut out = Vec::with_capacity(len + 64);
+        let mut line = 0u64;
+        while out.len() < len {
+            out.extend_from_slice(
+                format!(
+                    "line {line:09} of body {seed}: the quick brown fox jumps over the lazy dog\n"
+                )
+                .as_bytes(),
+            );
+            line += 1;
+        }
+        out.truncate(len);
+        out
+    }
+
+    /// Incompressible bytes.
+    pub fn binary_body(len: usize, seed: u64) -> Vec<u8> {
+        Rng::new(seed ^ 0x5eed).bytes(len)
+    }
+
+    /// gunzip, panicking with `what` on a corrupt stream.
+    pub fn gunzip(data: &[u8], what: &str) -> Vec<u8> {
+        let mut out = Vec::new();
+        flate2::read::GzDecoder::new(data)
+            .read_to_end(&mut out)
+            .unwrap_or_else(|e| panic!("{what}: the gzip stream does not decode: {e}"));
+        out
+    }
+
+    /// Where the first difference of two byte strings is, for messages.
+    pub fn first_difference(got: &[u8], want: &[u8]) -> String {
+        if got == want {
+            return "identical".into();
+        }
+        let at = got
+            .iter()
+            .zip(want)
+            .position(|(a, b)| a != b)
+            .unwrap_or(got.len().min(want.len()));
+        format!(
+            "{} bytes, expected {}, first difference at byte {at}",
+            got.len(),
+            want.len()
+        )
+    }
+
+    // -----------------------------------------------------------------------
+    // HTTP backend
+    // -----------------------------------------------------------------------
+
+    /// What the HTTP backend saw.
+    #[derive(Default, Debug)]
+    pub struct HttpBackendStats {
+        pub connections: AtomicU64,
+        pub requests: AtomicU64,
+        /// Requests by their `X-Forwarded-For` (`<none>` when absent).
+        pub xff: Mutex<HashMap<String, u64>>,
+    }
+
+    impl HttpBackendStats {
+        pub fn xff_counts(&self) -> HashMap<String, u64> {
+            self.xff.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        }
+    }
+
+    /// An HTTP/1.1 server (hyper, keep-alive) on [`BACKEND_ADDR`]:
+    ///
+    /// - `POST /echo`: the request body back;
+    /// - `GET|HEAD /r?len=N&seed=S&body=text|bin&ct=TYPE&status=CODE&enc=CODING
+    ///   &cc=CACHE_CONTROL&etag=strong:X|weak:X&vary=V&chunked=1`: a body of
+    ///   `len` bytes ([`text_body`] or [`binary_body`]) with those headers;
+    ///   `chunked=1` sends it without Content-Length in 16 KiB frames.
+    ///
+    /// Every response carries `x-seen-xff` (the request's X-Forwarded-For, or
+    /// `<none>`) and `x-backend-conn` (which backend connection served it).
+    pub struct HttpBackend {
+        pub stats: Arc<HttpBackendStats>,
+        pub addr: SocketAddr,
+        stop: Arc<AtomicBool>,
+    }
+
+    impl HttpBackend {
+        pub fn start(rt: &Runtime) -> HttpBackend {
+            let listener = rt
+                .block_on(TcpListener::bind(BACKEND_ADDR))
+                .expect("binding the HTTP backend");
+            let addr = listener.local_addr().expect("backend address");
+            let stats = Arc::new(HttpBackendStats::default());
+            let stop = Arc::new(AtomicBool::new(false));
+            let (st, sp) = (stats.clone(), stop.clone());
+            rt.spawn(async move {
+                while !sp.load(Ordering::Relaxed) {
+                    let Ok((stream, _)) = listener.accept().await else {
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                        continue;
+                    };
+                    let _ = stream.set_nodelay(true);
+                    let conn_no = st.connections.fetch_add(1, Ordering::Relaxed) + 1;
+                    let st = st.clone();
+                    tokio::spawn(async move {
+                        let service = service_fn(move |req| {
+                            let st = st.clone();
+                            async move { Ok::<_, Infallible>(answer(req, &st, conn_no).await) }
+                        });
+                        let _ = hyper::server::conn::http1::Builder::new()
+                            .keep_alive(true)
+                            .serve_connection(TokioIo::new(stream), service)
+                            .await;
+                    });
+                }
+            });
+            HttpBackend { stats, addr, stop }
+        }
+
+        pub fn requests(&self) -> u64 {
+            self.stats.requests.load(Ordering::Relaxed)
+        }
+    }
+
+    impl Drop for HttpBackend {
+        fn drop(&mut self) {
+            self.stop.store(true, Ordering::Relaxed);
+        }
+    }
+
+    pub type TestBody = UnsyncBoxBody<Bytes, io::Error>;
+
+    /// A body of known length.
+    pub fn full(data: impl Into<Bytes>) -> TestBody {
+        Full::new(data.into())
+            .map_err(|never: Infallible| match never {})
+            .boxed_unsync()
+    }
+
+    /// A body sent in 16 KiB frames with no length announced (HTTP/1.1
+    /// chunked transfer coding).
+    pub fn chunked(data: impl Into<Bytes>) -> TestBody {
+        let data: Bytes = data.into();
+        let frames = (0..data.len())
+            .step_by(16 * 1024)
+            .map(|at| data.slice(at..data.len().min(at + 16 * 1024)))
+            .collect();
+        ChunkedBody(frames).boxed_unsync()
+    }
+
+    /// Frames handed out one by one, no size hint.
+    struct ChunkedBody(std::collections::VecDeque<Bytes>);
+
+    impl hyper::body::Body for ChunkedBody {
+        type Data = Bytes;
+        type Error = io::Error;
+
+        fn poll_frame(
+            mut self: std::pin::Pin<&mut Self>,
+            _cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+            std::task::Poll::Ready(self.0.pop_front().map(|b| Ok(Frame::data(b))))
+        }
+
+        fn is_end_stream(&self) -> bool {
+            self.0.is_empty()
+        }
+    }
+
+    /// The parsed query of a request.
+    pub fn query_map(uri: &hyper::Uri) -> HashMap<String, String> {
+        uri.query()
+            .unwrap_or_default()
+            .split('&')
+            .filter(|kv| !kv.is_empty())
+            .map(|kv| match kv.split_once('=') {
+                Some((k, v)) => (k.to_string(), v.to_string()),
+                None => (kv.to_string(), String::new()),
+            })
+            .collect()
+    }
+
+    async fn answer(
+        req: Request<Incoming>,
+        st: &HttpBackendStats,
+        conn_no: u64,
+    ) -> Response<TestBody> {
+        st.requests.fetch_add(1, Ordering::Relaxed);
+        let xff = req
+            .headers()
+            .get_all("x-forwarded-for")
+            .iter()
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+            .collect::<Vec<_>>();
+        let xff = if xff.is_empty() {
+            "<none>".to_string()
+        } else {
+            xff.join(" | ")
+        };
+        *st.xff
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(xff.clone())
+            .or_default() += 1;
+        let mut resp = if req.uri().path() == "/echo" {
+            match req.into_body().collect().await {
+                Ok(body) => {
+                    let mut r = Response::new(full(body.to_bytes()));
+                    r.headers_mut().insert(
+                        header::CONTENT_TYPE,
+                        HeaderValue::from_static("application/octet-stream"),
+                    );
+                    r
+                }
+                Err(e) => {
+                    let mut r = Response::new(full(format!("reading the body: {e}\n")));
+                    *r.status_mut() = StatusCode::BAD_REQUEST;
+                    r
+                }
+            }
+        } else {
+            configured(&query_map(req.uri()))
+        };
+        let h = resp.headers_mut();
+        if let Ok(v) = HeaderValue::from_str(&xff) {
+            h.insert("x-seen-xff", v);
+        }
+        h.insert("x-backend-conn", HeaderValue::from(conn_no));
+        resp
+    }
+
+    /// The response `/r?...` asks for.
+    fn configured(q: &HashMap<String, String>) -> Response<TestBody> {
+        let num = |k: &str, d: u64| q.get(k).and_then(|v| v.parse().ok()).unwrap_or(d);
+        let len = num("len", 1000) as usize;
+        let seed = num("seed", 0);
+        let status = StatusCode::from_u16(num("status", 200) as u16).unwrap_or(StatusCode::OK);
+        let data = match q.get("body").map(String::as_str) {
+            Some("bin") => binary_body(len, seed),
+            _ => text_body(len, seed),
+        };
+        let no_body = status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED;
+        let chunked_mode = q.get("chunked").is_some_and(|v| v == "1");
+        let body = if no_body {
+            full(Bytes::new())
+        } else if chunked_mode {
+            chunked(data.clone())
+        } else {
+            full(data.clone())
+        };
+        let mut resp = Response::new(body);
+        *resp.status_mut() = status;
+        let h = resp.headers_mut();
+        let ct = q.get("ct").map(String::as_str).unwrap_or("text/html");
+        if !ct.is_empty() && ct != "none" {
+            h.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_str(ct).expect("a valid content type"),
+            );
+        }
+        if !no_body && !chunked_mode {
+            h.insert(header::CONTENT_LENGTH, HeaderValue::from(data.len()));
+        }
+        for (key, name) in [
+            ("enc", header::CONTENT_ENCODING),
+            ("cc", header::CACHE_CONTROL),
+            ("vary", header::VARY),
+        ] {
+            if let Some(v) = q.get(key) {
+                h.insert(
+                    name,
+                    HeaderValue::from_str(v).expect("a valid header value"),
+                );
+            }
+        }
+        if let Some(etag) = q.get("etag") {
+            let value = match etag.split_once(':') {
+                Some(("weak", tag)) => format!("W/\"{tag}\""),
+                Some((_, tag)) => format!("\"{tag}\""),
+                None => format!("\"{etag}\""),
+            };
+            h.insert(
+                header::ETAG,
+                HeaderValue::from_str(&value).expect("an ETag"),
+            );
+        }
+        h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+        resp
+    }
+
+    // -----------------------------------------------------------------------
+    // HTTP client
+    // -----------------------------------------------------------------------
+
+    /// HTTP/1.1 client handshake over any byte stream; the connection task
+    /// runs on the current runtime.
+    pub async fn http_handshake<IO>(io: IO) -> io::Result<SendRequest<TestBody>>
+    where
+        IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+            .await
+            .map_err(io::Error::other)?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        Ok(sender)
+    }
+
+    /// A new plain HTTP connection to `addr`.
+    pub async fn http_connect(addr: &str) -> io::Result<SendRequest<TestBody>> {
+        let tcp = TcpStream::connect(addr).await?;
+        tcp.set_nodelay(true)?;
+        http_handshake(tcp).await
+    }
+
+    /// Sends `req` and reads the whole response.
+    pub async fn fetch(
+        sender: &mut SendRequest<TestBody>,
+        req: Request<TestBody>,
+    ) -> Result<(Parts, Vec<u8>), String> {
+        sender
+            .ready()
+            .await
+            .map_err(|e| format!("connection not ready: {e}"))?;
+        let resp = sender
+            .send_request(req)
+            .await
+            .map_err(|e| format!("sending the request: {e}"))?;
+        let (parts, body) = resp.into_parts();
+        let body = body
+            .collect()
+            .await
+            .map_err(|e| format!("reading the body (status {}): {e}", parts.status))?
+            .to_bytes()
+            .to_vec();
+        Ok((parts, body))
+    }
+
+    /// A GET (or other bodiless method) with `headers`; Host `host`.
+    pub fn request(
+        method: &str,
+        uri: &str,
+        host: &str,
+        headers: &[(&str, &str)],
+    ) -> Request<TestBody> {
+        let mut b = Request::builder()
+            .method(method)
+            .uri(uri)
+            .header(header::HOST, host);
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        b.body(full(Bytes::new())).expect("a valid request")
+    }
+
+    /// A POST of `body` to `/echo`.
+    pub fn echo_request(host: &str, body: Vec<u8>) -> Request<TestBody> {
+        Request::builder()
+            .method("POST")
+            .uri("/echo")
+            .header(header::HOST, host)
+            .header(header::CONTENT_TYPE, "application/octet-stream")
+            .body(full(body))
+            .expect("a valid request")
+    }
+
+    /// All values of a response header joined with `, ` (None if absent).
+    pub fn header_str(parts: &Parts, name: &str) -> Option<String> {
+        let values: Vec<String> = parts
+            .headers
+            .get_all(name)
+            .iter()
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+            .collect();
+        (!values.is_empty()).then(|| values.join(", "))
+    }
+
+    /// The stage config's `[global]` table for this sandbox.
+    pub fn global_toml(sb: &Sandbox, hard_stop_after: &str) -> String {
+        format!(
+            "[global]\nname = \"{}\"\nbpffs = \"{}\"\nsteering = \"ebpf\"\nhard_stop_after = \"{hard_stop_after}\"\n\n",
+            sb.name,
+            sb.bpffs.display()
+        )
+    }
+
+    /// Reads from `stream` until EOF, an error or `bound`; says how it
+    /// ended and after how long (the bytes read are returned too).
+    pub async fn read_until_closed<S: AsyncRead + Unpin>(
+        stream: &mut S,
+        bound: Duration,
+    ) -> (Closed, Duration, Vec<u8>) {
+        let start = Instant::now();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            let left = bound.saturating_sub(start.elapsed());
+            match tokio::time::timeout(left, stream.read(&mut buf)).await {
+                Err(_) => return (Closed::StillOpen, start.elapsed(), got),
+                Ok(Ok(0)) => return (Closed::Eof, start.elapsed(), got),
+                Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+                Ok(Err(e)) => return (Closed::Error(e.kind()), start.elapsed(), got),
+            }
+        }
+    }
+
+    /// How a connection ended in [`read_until_closed`].
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum Closed {
+        Eof,
+        Error(io::ErrorKind),
+        StillOpen,
+    }
+
+    impl Closed {
+        /// EOF or a reset: the peer closed it.
+        pub fn is_closed(self) -> bool {
+            !matches!(self, Closed::StillOpen)
+        }
+    }
+}
