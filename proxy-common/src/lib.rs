@@ -36,6 +36,18 @@ pub const MAP_STATE: &str = "PROXY_STATE";
 pub const MAP_COUNTERS: &str = "PROXY_COUNTERS";
 pub const MAP_GENS: &str = "PROXY_GENS";
 pub const MAP_GROUPS: &str = "PROXY_GROUPS";
+pub const MAP_METRICS: &str = "PROXY_METRICS";
+pub const MAP_HISTORY: &str = "PROXY_HISTORY";
+/// Every map an instance pins; a generation creates the missing ones.
+pub const ALL_MAPS: [&str; 7] = [
+    MAP_SOCKS,
+    MAP_STATE,
+    MAP_COUNTERS,
+    MAP_GENS,
+    MAP_GROUPS,
+    MAP_METRICS,
+    MAP_HISTORY,
+];
 /// Name of the `sk_reuseport/migrate` program in the object.
 pub const PROGRAM: &str = "proxy_steer";
 /// Read-only global patched at load time: the group this program copy serves.
@@ -44,6 +56,9 @@ pub const GLOBAL_GROUP: &str = "PROXY_GROUP";
 /// Entries of [`MAP_STATE`].
 pub const STATE_ACTIVE_SLOT: u32 = 0;
 pub const STATE_GEN_SEQ: u32 = 1;
+/// Number of history samples written so far (the next goes to
+/// `cursor % HISTORY_LEN`).
+pub const STATE_HISTORY_CURSOR: u32 = 2;
 pub const STATE_ENTRIES: u32 = 4;
 
 /// Index of the listening socket of `slot` for reuseport group `group`.
@@ -131,10 +146,48 @@ pub struct GroupKey {
     pub addr: [u8; 16],
 }
 
+/// Entries of [`MAP_METRICS`]: counters of every generation, so that totals
+/// stay monotonic across handovers.
+pub const METRIC_ENTRIES: u32 = 8192;
+/// The [`MetricKey::slot`] of counters folded in from generations whose slot
+/// was reused.
+pub const RETIRED_SLOT: u32 = u32::MAX;
+/// Bytes of a metric id (`listener/<name>/<counter>`), zero padded.
+pub const METRIC_ID_LEN: usize = 200;
+
+/// Key of [`MAP_METRICS`].
+#[repr(C)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
+pub struct MetricKey {
+    /// Generation slot that publishes the value, or [`RETIRED_SLOT`].
+    pub slot: u32,
+    pub id: [u8; METRIC_ID_LEN],
+}
+
+/// Samples kept in [`MAP_HISTORY`] (one every [`HISTORY_INTERVAL_MS`]).
+pub const HISTORY_LEN: u32 = 240;
+pub const HISTORY_INTERVAL_MS: u64 = 2000;
+
+/// One sample of [`MAP_HISTORY`]: connections accepted so far per slot, and
+/// which generation held the slot then.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct HistorySample {
+    pub unix_ms: u64,
+    pub accepted: [u64; MAX_SLOTS as usize],
+    pub generation: [u64; MAX_SLOTS as usize],
+}
+
 #[cfg(feature = "user")]
 // Safety: plain #[repr(C)] data with no padding holes that matter and no
 // pointers; any bit pattern is a valid value.
 unsafe impl aya::Pod for GenRecord {}
+#[cfg(feature = "user")]
+// Safety: as above.
+unsafe impl aya::Pod for MetricKey {}
+#[cfg(feature = "user")]
+// Safety: as above.
+unsafe impl aya::Pod for HistorySample {}
 #[cfg(feature = "user")]
 // Safety: as above.
 unsafe impl aya::Pod for GroupKey {}

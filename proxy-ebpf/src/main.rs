@@ -17,8 +17,8 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use proxy_common::{
-    COUNTER_ENTRIES, Counter, GenRecord, GroupKey, MAX_GROUPS, MAX_SLOTS, STATE_ACTIVE_SLOT,
-    STATE_ENTRIES, sock_index,
+    COUNTER_ENTRIES, Counter, GenRecord, GroupKey, HISTORY_LEN, HistorySample, MAX_GROUPS,
+    MAX_SLOTS, METRIC_ENTRIES, MetricKey, STATE_ACTIVE_SLOT, STATE_ENTRIES, sock_index,
 };
 
 #[map(name = "PROXY_SOCKS")]
@@ -39,6 +39,14 @@ static PROXY_GENS: Array<GenRecord> = Array::pinned(MAX_SLOTS, 0);
 #[map(name = "PROXY_GROUPS")]
 static PROXY_GROUPS: HashMap<GroupKey, u32> = HashMap::pinned(MAX_GROUPS, 0);
 
+/// Userspace-only: counters of every generation (monotonic totals).
+#[map(name = "PROXY_METRICS")]
+static PROXY_METRICS: HashMap<MetricKey, u64> = HashMap::pinned(METRIC_ENTRIES, 0);
+
+/// Userspace-only: new connections per generation over the last minutes.
+#[map(name = "PROXY_HISTORY")]
+static PROXY_HISTORY: Array<HistorySample> = Array::pinned(HISTORY_LEN, 0);
+
 /// The reuseport group this copy serves; patched by the loader.
 #[unsafe(no_mangle)]
 static PROXY_GROUP: u32 = 0;
@@ -46,7 +54,7 @@ static PROXY_GROUP: u32 = 0;
 #[sk_reuseport(migrate)]
 pub fn proxy_steer(ctx: SkReuseportContext) -> u32 {
     // Keep the userspace-only maps in the object.
-    let _ = (&PROXY_GENS, &PROXY_GROUPS);
+    let _ = (&PROXY_GENS, &PROXY_GROUPS, &PROXY_METRICS, &PROXY_HISTORY);
 
     // Safety: a plain read of a read-only global that the loader patched.
     let group = unsafe { core::ptr::read_volatile(&PROXY_GROUP) };

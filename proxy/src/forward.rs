@@ -12,15 +12,19 @@ use tokio::{
     time::timeout,
 };
 
+use std::sync::Arc;
+
 use crate::{
     config::{Backend, ServerAddr},
+    metrics::{Metered, Registry, ServerMetrics},
     net::{self, Stream},
 };
 
 /// The servers of one backend and where the round-robin stands.
 pub struct Pool {
     pub name: String,
-    servers: Vec<ServerAddr>,
+    /// Each server with its figures.
+    servers: Vec<(ServerAddr, Arc<ServerMetrics>)>,
     connect_timeout: Duration,
     next: AtomicUsize,
 }
@@ -54,29 +58,40 @@ pub struct Transfer {
 }
 
 impl Pool {
-    pub fn new(backend: &Backend) -> Self {
+    pub fn new(backend: &Backend, metrics: &Registry) -> Self {
         Self {
             name: backend.name.clone(),
-            servers: backend.servers.clone(),
+            servers: backend
+                .servers
+                .iter()
+                .map(|s| (s.clone(), metrics.server(&backend.name, &s.to_string())))
+                .collect(),
             connect_timeout: backend.connect_timeout,
             next: AtomicUsize::new(0),
         }
     }
 
     /// Connects to the next server in turn, trying each server once.
-    pub async fn connect(&self) -> Result<(Stream, &ServerAddr), ForwardError> {
+    pub async fn connect(&self) -> Result<(Metered<Stream>, &ServerAddr), ForwardError> {
         let start = self.next.fetch_add(1, Ordering::Relaxed);
         let mut last = None;
         for i in 0..self.servers.len() {
-            let server = &self.servers[(start + i) % self.servers.len()];
+            let (server, metrics) = &self.servers[(start + i) % self.servers.len()];
             let err = match timeout(self.connect_timeout, net::connect(server)).await {
-                Ok(Ok(stream)) => return Ok((stream, server)),
+                Ok(Ok(stream)) => {
+                    metrics.up.store(1, Ordering::Relaxed);
+                    return Ok((Metered::server(stream, metrics), server));
+                }
                 Ok(Err(e)) => e,
                 Err(_) => io::Error::new(
                     io::ErrorKind::TimedOut,
                     format!("connect timed out after {:?}", self.connect_timeout),
                 ),
             };
+            metrics.errors.fetch_add(1, Ordering::Relaxed);
+            if metrics.up.swap(0, Ordering::Relaxed) == 1 {
+                tracing::warn!(backend = %self.name, %server, error = %err, "server DOWN");
+            }
             tracing::debug!(backend = %self.name, %server, error = %err, "server refused, trying the next");
             last = Some((server, err));
         }
@@ -91,7 +106,10 @@ impl Pool {
 
     /// Connects to a server and writes `preamble` (a PROXY v2 header, or
     /// nothing) before anything else.
-    pub async fn connect_with(&self, preamble: &[u8]) -> Result<(Stream, String), ForwardError> {
+    pub async fn connect_with(
+        &self,
+        preamble: &[u8],
+    ) -> Result<(Metered<Stream>, String), ForwardError> {
         let (mut server, addr) = self.connect().await?;
         let addr = addr.to_string();
         if !preamble.is_empty() {

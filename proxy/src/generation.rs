@@ -30,7 +30,7 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
-use proxy_common::{GenRecord, GroupKey, gen_state};
+use proxy_common::{GenRecord, GroupKey, HISTORY_INTERVAL_MS, HistorySample, gen_state};
 use tokio::{
     signal::unix::{SignalKind, signal},
     sync::{Notify, Semaphore, watch},
@@ -39,6 +39,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::{
     config::{BindAddr, Config, Steering as SteeringMode},
+    metrics::Registry,
     net::{Listener, PeerAddr, Stream},
     stage::{Stage, StageRuntime},
     steering::{self, Group, Maps, Slot},
@@ -133,6 +134,8 @@ struct Shared {
     /// Set when the generation drains (HTTP keep-alive answers with
     /// `Connection: close` from then on).
     draining: watch::Sender<bool>,
+    /// Per listener and per server counters.
+    metrics: Registry,
     /// When this generation flipped the active slot, to log how soon the
     /// first connection arrived after it (the handover gap operators ask
     /// about).
@@ -151,6 +154,10 @@ struct Steer {
     /// The loaded programs with their maps; kept so that their log ring
     /// buffers stay open.
     _programs: Vec<aya::Ebpf>,
+    /// When counters and history were last published, and in which phase.
+    metrics_at: Instant,
+    history_at: Instant,
+    last_phase: Phase,
 }
 
 /// Runs one generation until it has stopped.
@@ -233,6 +240,7 @@ async fn serve(
         accepting: watch::channel(true).0,
         sweep: Notify::new(),
         draining: watch::channel(false).0,
+        metrics: Registry::new(cfg),
         flipped_at: std::sync::OnceLock::new(),
         first_conn_logged: std::sync::atomic::AtomicBool::new(false),
     });
@@ -245,7 +253,7 @@ async fn serve(
     let mut listeners = Vec::new();
     for l in &cfg.listeners {
         let runtime = StageRuntime::new(&l.name, l.cpus.as_deref())?;
-        let stage = Stage::new(cfg, l, shared.draining.subscribe())?;
+        let stage = Stage::new(cfg, l, shared.draining.subscribe(), &shared.metrics)?;
         for addr in &l.bind {
             let _entered = runtime.handle().enter();
             let listener = Listener::bind(addr, l.backlog, l.unix_mode)
@@ -284,6 +292,9 @@ async fn serve(
                 record,
                 groups,
                 _programs: programs,
+                metrics_at: Instant::now(),
+                history_at: Instant::now() - Duration::from_millis(HISTORY_INTERVAL_MS),
+                last_phase: Phase::Starting,
             })
         }
         None => None,
@@ -405,6 +416,43 @@ fn publish(steer: &mut Option<Steer>, shared: &Shared, phase: Phase) {
     if let Err(e) = s.maps.write_record(s.slot, &s.record) {
         warn!("publishing the generation record: {e}");
     }
+    // Counters once a second (and at every phase change), history every
+    // HISTORY_INTERVAL_MS while active.
+    let now = Instant::now();
+    if phase != s.last_phase || now.duration_since(s.metrics_at) >= Duration::from_secs(1) {
+        s.metrics_at = now;
+        s.last_phase = phase;
+        let snapshot = shared.metrics.snapshot();
+        if let Err(e) = s
+            .maps
+            .publish_metrics(s.slot, snapshot.iter().map(|(id, v)| (id.as_str(), *v)))
+        {
+            warn!("publishing counters: {e}");
+        }
+    }
+    if phase == Phase::Active
+        && now.duration_since(s.history_at) >= Duration::from_millis(HISTORY_INTERVAL_MS)
+    {
+        s.history_at = now;
+        if let Err(e) = push_history(&mut s.maps) {
+            warn!("recording history: {e}");
+        }
+    }
+}
+
+/// One history sample: connections accepted so far by each live slot.
+fn push_history(maps: &mut Maps) -> Result<(), steering::SteeringError> {
+    let mut sample = HistorySample {
+        unix_ms: sys::unix_ms(),
+        ..Default::default()
+    };
+    for (slot, r) in maps.records()? {
+        if r.state != gen_state::FREE {
+            sample.accepted[slot.0 as usize] = r.accepted;
+            sample.generation[slot.0 as usize] = r.generation;
+        }
+    }
+    maps.push_history(&sample)
 }
 
 /// Why the control loop ended.

@@ -9,6 +9,7 @@
 //! - [`tls`]: TLS termination (rustls), certificates chosen by SNI.
 //! - [`proxy_proto`]: PROXY v2 headers, read strictly and written (ppp).
 //! - [`http`]: HTTP/1.1 mode through hyper, gzip compression, X-Forwarded-For.
+//! - [`metrics`]: per listener and per server counters, metered streams.
 //! - [`steering`]: the pinned eBPF maps and the `sk_reuseport` program.
 //! - [`generation`]: one running copy: lifecycle, handover, drain.
 //! - [`status`]: what `proxy status` reads and prints.
@@ -19,6 +20,7 @@ pub mod config;
 pub mod forward;
 pub mod generation;
 pub mod http;
+pub mod metrics;
 pub mod net;
 pub mod proxy_proto;
 pub mod stage;

@@ -101,7 +101,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
             // Load what the stages load at startup (certificates), so that
             // check catches everything run would.
             for l in &cfg.listeners {
-                proxy::stage::Stage::new(&cfg, l, tokio::sync::watch::channel(false).1)?;
+                proxy::stage::Stage::new(
+                    &cfg,
+                    l,
+                    tokio::sync::watch::channel(false).1,
+                    &proxy::metrics::Registry::new(&cfg),
+                )?;
             }
             println!(
                 "{}: ok (instance {}, {} listeners, {} backends)",

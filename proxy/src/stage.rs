@@ -14,17 +14,20 @@ use std::{
     time::{Duration, Instant},
 };
 
+use std::sync::atomic::Ordering::Relaxed;
 use tokio::{
     io::{AsyncRead, AsyncWrite},
     runtime::{Handle, Runtime},
     sync::watch,
 };
-use tracing::{debug, info, warn};
+
+use tracing::{info, warn};
 
 use crate::{
     config::{Config, Listener as ListenerConfig, Mode},
     forward::{ForwardError, Pool, Transfer},
     http::{self, Compression, HttpError, HttpSettings, Upstream},
+    metrics::{ListenerMetrics, Metered, Registry},
     net::{PeerAddr, Stream},
     proxy_proto::{self, ProxyError},
     sys,
@@ -123,6 +126,7 @@ impl Drop for StageRuntime {
 pub struct Stage {
     pub name: String,
     pool: Arc<Pool>,
+    metrics: Arc<ListenerMetrics>,
     /// HTTP mode: compression and timeouts; None in tcp mode.
     http: Option<HttpMode>,
     /// Becomes true when the generation drains: HTTP keep-alive connections
@@ -133,6 +137,14 @@ pub struct Stage {
     tls: Option<TlsAcceptor>,
     /// Whether the backend wants a PROXY v2 header.
     send_proxy: bool,
+}
+
+/// What a finished connection did, for its access line.
+struct Done {
+    transfer: Transfer,
+    /// The server (tcp mode) or backend (http mode) it went to.
+    server: String,
+    requests: u64,
 }
 
 /// HTTP settings of a listener in http mode.
@@ -152,9 +164,11 @@ struct PoolUpstream {
 }
 
 impl Upstream for PoolUpstream {
-    type Io = Stream;
+    type Io = Metered<Stream>;
 
-    fn connect(&self) -> Pin<Box<dyn Future<Output = std::io::Result<Stream>> + Send + '_>> {
+    fn connect(
+        &self,
+    ) -> Pin<Box<dyn Future<Output = std::io::Result<Metered<Stream>>> + Send + '_>> {
         Box::pin(async move {
             self.pool
                 .connect_with(&self.preamble)
@@ -185,6 +199,7 @@ impl Stage {
         cfg: &Config,
         l: &ListenerConfig,
         draining: watch::Receiver<bool>,
+        metrics: &Registry,
     ) -> Result<Arc<Self>, StageError> {
         let backend = cfg.listener_backend(l);
         let tls = match &l.tls {
@@ -203,7 +218,8 @@ impl Stage {
         };
         Ok(Arc::new(Self {
             name: l.name.clone(),
-            pool: Arc::new(Pool::new(backend)),
+            pool: Arc::new(Pool::new(backend, metrics)),
+            metrics: metrics.listener(&l.name),
             http: (l.mode == Mode::Http).then(|| HttpMode {
                 compression: l.compression.as_ref().map(|c| Compression {
                     level: c.level,
@@ -218,14 +234,55 @@ impl Stage {
         }))
     }
 
-    /// Serves one accepted connection to its end.
-    pub async fn serve(&self, mut stream: Stream, peer: PeerAddr) -> Result<(), ConnError> {
+    /// Serves one accepted connection to its end, counts it, and writes its
+    /// access log line.
+    pub async fn serve(&self, stream: Stream, peer: PeerAddr) -> Result<(), ConnError> {
         let start = Instant::now();
+        let m = &self.metrics;
+        m.current.fetch_add(1, Relaxed);
+        m.total.fetch_add(1, Relaxed);
         let mut client = ClientInfo {
             source: peer.socket_addr(),
             destination: stream.local_addr(),
             tlvs: Vec::new(),
         };
+        let result = self.pipeline(Metered::client(stream, m), &mut client).await;
+        m.current.fetch_sub(1, Relaxed);
+        let duration_ms = start.elapsed().as_millis() as u64;
+        let client_addr = client
+            .source
+            .map(|a| a.to_string())
+            .unwrap_or_else(|| peer.to_string());
+        match &result {
+            Ok(done) => info!(
+                target: "access",
+                client = %client_addr, listener = %self.name, server = %done.server,
+                bytes_in = done.transfer.from_client, bytes_out = done.transfer.from_server,
+                requests = done.requests, duration_ms, outcome = "ok",
+            ),
+            Err(e) => {
+                m.errors.fetch_add(1, Relaxed);
+                match e {
+                    ConnError::ProxyHeader(_) => m.proxy_header_errors.fetch_add(1, Relaxed),
+                    ConnError::Tls(_) => m.tls_failures.fetch_add(1, Relaxed),
+                    _ => 0,
+                };
+                info!(
+                    target: "access",
+                    client = %client_addr, listener = %self.name, duration_ms,
+                    outcome = "error", error = %e,
+                );
+            }
+        }
+        result.map(|_| ())
+    }
+
+    /// PROXY header, TLS, then the payload.
+    async fn pipeline(
+        &self,
+        mut stream: Metered<Stream>,
+        client: &mut ClientInfo,
+    ) -> Result<Done, ConnError> {
         if let Some(deadline) = self.accept_proxy {
             let (header, _) =
                 proxy_proto::read_header(&mut stream, deadline, MAX_PROXY_HEADER).await?;
@@ -237,38 +294,36 @@ impl Stage {
             }
             client.tlvs = header.tlvs;
         }
-        let result = match &self.tls {
+        match &self.tls {
             Some(acceptor) => {
                 let (tls, info) = acceptor.accept(stream).await?;
+                self.metrics.tls_handshakes.fetch_add(1, Relaxed);
                 client.tlvs = proxy_proto::tls_tlvs(
                     info.sni.as_deref(),
                     info.alpn.as_deref(),
                     info.version,
                     &info.cipher,
                 );
-                self.finish(tls, &client).await
+                self.finish(tls, client).await
             }
-            None => self.finish(stream, &client).await,
-        };
-        if let Ok((t, server)) = &result {
-            debug!(
-                client = ?client.source, listener = %self.name, %server, bytes_in = t.from_client,
-                bytes_out = t.from_server, duration_ms = start.elapsed().as_millis() as u64,
-                "connection closed"
-            );
+            None => self.finish(stream, client).await,
         }
-        result.map(|_| ())
     }
 
     /// The payload part: bytes to the backend (tcp mode) or HTTP/1.1
     /// requests (http mode).
-    async fn finish<IO>(&self, io: IO, client: &ClientInfo) -> Result<(Transfer, String), ConnError>
+    async fn finish<IO>(&self, io: IO, client: &ClientInfo) -> Result<Done, ConnError>
     where
         IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let preamble = self.preamble(client)?;
         let Some(mode) = &self.http else {
-            return Ok(self.pool.forward(io, &preamble).await?);
+            let (transfer, server) = self.pool.forward(io, &preamble).await?;
+            return Ok(Done {
+                transfer,
+                server,
+                requests: 0,
+            });
         };
         let settings = Arc::new(HttpSettings {
             compression: mode.compression.clone(),
@@ -280,16 +335,18 @@ impl Stage {
             preamble,
         });
         let stats = http::serve(io, upstream, settings, self.draining.clone()).await?;
-        Ok((
-            Transfer {
-                from_client: stats.requests,
+        let m = &self.metrics;
+        m.http_requests.fetch_add(stats.requests, Relaxed);
+        m.body_in.fetch_add(stats.body_bytes_before, Relaxed);
+        m.body_out.fetch_add(stats.body_bytes_after, Relaxed);
+        Ok(Done {
+            transfer: Transfer {
+                from_client: 0,
                 from_server: stats.body_bytes_after,
             },
-            format!(
-                "{} ({} requests, gzip {}/{} bytes)",
-                self.pool.name, stats.requests, stats.body_bytes_after, stats.body_bytes_before
-            ),
-        ))
+            server: self.pool.name.clone(),
+            requests: stats.requests,
+        })
     }
 
     /// The PROXY v2 header for the backend, or nothing.

@@ -21,9 +21,10 @@ use aya::{
     util::nr_cpus,
 };
 use proxy_common::{
-    COUNTER_ENTRIES, Counter, GLOBAL_GROUP, GenRecord, GroupKey, MAP_COUNTERS, MAP_GENS,
-    MAP_GROUPS, MAP_SOCKS, MAP_STATE, MAX_GROUPS, MAX_SLOTS, NO_SLOT, PROGRAM, STATE_ACTIVE_SLOT,
-    STATE_GEN_SEQ, gen_state, sock_index,
+    ALL_MAPS, COUNTER_ENTRIES, Counter, GLOBAL_GROUP, GenRecord, GroupKey, HISTORY_LEN,
+    HistorySample, MAP_COUNTERS, MAP_GENS, MAP_GROUPS, MAP_HISTORY, MAP_METRICS, MAP_SOCKS,
+    MAP_STATE, MAX_GROUPS, MAX_SLOTS, METRIC_ID_LEN, MetricKey, NO_SLOT, PROGRAM, RETIRED_SLOT,
+    STATE_ACTIVE_SLOT, STATE_GEN_SEQ, STATE_HISTORY_CURSOR, gen_state, sock_index,
 };
 
 /// The eBPF object, embedded at build time by `cargo xtask build` (see
@@ -87,6 +88,8 @@ pub struct Maps {
     counters: PerCpuArray<MapData, u64>,
     gens: Array<MapData, GenRecord>,
     groups: HashMap<MapData, GroupKey, u32>,
+    metrics: HashMap<MapData, MetricKey, u64>,
+    history: Array<MapData, HistorySample>,
 }
 
 /// Where an instance keeps its pins: `<bpffs>/proxy/<name>`.
@@ -119,7 +122,7 @@ impl std::ops::Deref for Locked<'_> {
 impl Maps {
     /// Opens the maps of an instance that some generation already pinned.
     pub fn open(dir: &Path) -> Result<Self> {
-        if !dir.join(MAP_STATE).exists() {
+        if !ALL_MAPS.iter().all(|m| dir.join(m).exists()) {
             return Err(SteeringError::NotFound(dir.to_path_buf()));
         }
         let pin = |name: &str| {
@@ -135,6 +138,9 @@ impl Maps {
                 .map_err(conv(MAP_COUNTERS))?,
             gens: Array::try_from(Map::Array(pin(MAP_GENS)?)).map_err(conv(MAP_GENS))?,
             groups: HashMap::try_from(Map::HashMap(pin(MAP_GROUPS)?)).map_err(conv(MAP_GROUPS))?,
+            metrics: HashMap::try_from(Map::HashMap(pin(MAP_METRICS)?))
+                .map_err(conv(MAP_METRICS))?,
+            history: Array::try_from(Map::Array(pin(MAP_HISTORY)?)).map_err(conv(MAP_HISTORY))?,
         })
     }
 
@@ -216,7 +222,123 @@ impl Maps {
     }
 }
 
+/// Metric ids whose values are levels, not running totals: they are summed
+/// over live generations only and never folded into the retired totals.
+pub fn is_gauge(id: &str) -> bool {
+    id.ends_with("/current") || id.ends_with("/up")
+}
+
+fn metric_key(slot: u32, id: &str) -> Option<MetricKey> {
+    let bytes = id.as_bytes();
+    if bytes.len() > METRIC_ID_LEN {
+        return None;
+    }
+    let mut key = MetricKey {
+        slot,
+        id: [0; METRIC_ID_LEN],
+    };
+    key.id[..bytes.len()].copy_from_slice(bytes);
+    Some(key)
+}
+
+fn metric_id(key: &MetricKey) -> String {
+    let end = key.id.iter().position(|&b| b == 0).unwrap_or(METRIC_ID_LEN);
+    String::from_utf8_lossy(&key.id[..end]).into_owned()
+}
+
+impl Maps {
+    /// Publishes this generation's counters (ids too long for the map are
+    /// kept in-process only).
+    pub fn publish_metrics<'a>(
+        &mut self,
+        slot: Slot,
+        values: impl IntoIterator<Item = (&'a str, u64)>,
+    ) -> Result<()> {
+        for (id, value) in values {
+            if let Some(key) = metric_key(slot.0, id) {
+                self.metrics
+                    .insert(key, value, 0)
+                    .map_err(map_err(format!("publishing metric {id}")))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Per metric id: the sum over the retired totals and every generation
+    /// (gauges: live generations only). `live` says which slots are alive.
+    pub fn metric_totals(&self, live: &[Slot]) -> Result<std::collections::BTreeMap<String, u64>> {
+        let mut totals = std::collections::BTreeMap::new();
+        for entry in self.metrics.iter() {
+            let (key, value) = entry.map_err(map_err("reading metrics"))?;
+            let id = metric_id(&key);
+            if is_gauge(&id) && !live.contains(&Slot(key.slot)) {
+                continue;
+            }
+            *totals.entry(id).or_insert(0) += value;
+        }
+        Ok(totals)
+    }
+
+    /// Appends a history sample.
+    pub fn push_history(&mut self, sample: &HistorySample) -> Result<()> {
+        let cursor = self
+            .state
+            .get(&STATE_HISTORY_CURSOR, 0)
+            .map_err(map_err("reading the history cursor"))?;
+        self.history
+            .set((cursor % HISTORY_LEN as u64) as u32, sample, 0)
+            .map_err(map_err("writing history"))?;
+        self.state
+            .set(STATE_HISTORY_CURSOR, cursor + 1, 0)
+            .map_err(map_err("advancing the history cursor"))
+    }
+
+    /// The history samples, oldest first.
+    pub fn history(&self) -> Result<Vec<HistorySample>> {
+        let cursor = self
+            .state
+            .get(&STATE_HISTORY_CURSOR, 0)
+            .map_err(map_err("reading the history cursor"))?;
+        let len = HISTORY_LEN as u64;
+        let first = cursor.saturating_sub(len);
+        (first..cursor)
+            .map(|i| {
+                self.history
+                    .get(&((i % len) as u32), 0)
+                    .map_err(map_err("reading history"))
+            })
+            .collect()
+    }
+}
+
 impl Locked<'_> {
+    /// Moves the counters published under `slot` into the retired totals
+    /// (gauges are dropped), so that a new owner of the slot starts at zero
+    /// and instance totals never go back.
+    fn retire_metrics(&mut self, slot: Slot) -> Result<()> {
+        let entries: Vec<(MetricKey, u64)> = self
+            .maps
+            .metrics
+            .iter()
+            .filter_map(|e| e.ok())
+            .filter(|(k, _)| k.slot == slot.0)
+            .collect();
+        for (key, value) in entries {
+            let id = metric_id(&key);
+            if !is_gauge(&id) {
+                let mut retired = key;
+                retired.slot = RETIRED_SLOT;
+                let sum = self.maps.metrics.get(&retired, 0).unwrap_or(0) + value;
+                self.maps
+                    .metrics
+                    .insert(retired, sum, 0)
+                    .map_err(map_err("retiring metrics"))?;
+            }
+            let _ = self.maps.metrics.remove(&key);
+        }
+        Ok(())
+    }
+
     /// The one map write of a handover: every new connection now goes to
     /// `slot`. `expected` makes it a compare-and-swap under the lock (used by
     /// rollback, so that it never undoes a newer flip).
@@ -298,6 +420,7 @@ impl Locked<'_> {
                 .set(counter.index(), zeros, 0)
                 .map_err(map_err("resetting the slot's counters"))?;
         }
+        self.retire_metrics(slot)?;
         self.maps.write_record(slot, &record)?;
         Ok((slot, record))
     }
@@ -381,10 +504,16 @@ pub fn ensure_pinned(dir: &Path) -> Result<()> {
         what: format!("locking {}", dir.display()),
         source,
     })?;
-    if !dir.join(MAP_STATE).exists() {
+    let fresh = !dir.join(MAP_STATE).exists();
+    if fresh || !ALL_MAPS.iter().all(|m| dir.join(m).exists()) {
+        // Loading with the pin folder creates and pins what is missing
+        // (all of it for a new instance; new maps after an upgrade).
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(dir)
             .load(EBPF_OBJECT)?;
+        if !fresh {
+            return Ok(());
+        }
         // A fresh instance has no active slot (0 would name slot 0).
         let mut state: Array<_, u64> = Array::try_from(
             ebpf.map_mut(MAP_STATE)

@@ -52,6 +52,13 @@ enum Cmd {
         #[arg(last = true)]
         args: Vec<OsString>,
     },
+    /// Measure requests/s through each stage and new connections/s, next to
+    /// the backend reached directly, and the gzip ratio (root).
+    Bench {
+        /// Arguments for proxy-bench, e.g. `-- --seconds 10`.
+        #[arg(last = true)]
+        args: Vec<OsString>,
+    },
     /// Write demo certificates (RSA 2048 and ECDSA P-256) into certs/.
     Certs,
     /// `cargo fmt --check` and `cargo clippy -D warnings` for the host crates
@@ -111,6 +118,22 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Lint => lint(&ws),
         Cmd::Certs => certs::run(&ws.join("certs")),
+        Cmd::Bench { args } => {
+            let proxy = build_all(&ws)?;
+            require_root("bench")?;
+            cargo(&ws)
+                .args([
+                    "run",
+                    "--release",
+                    "--package",
+                    "proxy-bench",
+                    "--",
+                    "--proxy",
+                ])
+                .arg(&proxy)
+                .args(&args)
+                .run("proxy-bench")
+        }
     }
 }
 
