@@ -59,6 +59,21 @@ pub struct Config {
     /// `[[backend]]` tables.
     #[serde(rename = "backend", default)]
     pub backends: Vec<Backend>,
+    /// The instance-wide stats listener (`[stats]`), if any.
+    #[serde(default)]
+    pub stats: Option<StatsConfig>,
+}
+
+/// A stats listener: HTML page, JSON and Prometheus views of the counters.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StatsConfig {
+    /// Loopback by default: the page shows internal addresses.
+    #[serde(default = "default_stats_bind")]
+    pub bind: SocketAddr,
+    /// A line shown under the title (env interpolation applies).
+    #[serde(default)]
+    pub banner: String,
 }
 
 /// Process-wide settings (`[global]`).
@@ -151,6 +166,9 @@ pub struct Listener {
     /// gzip compression of responses, http mode only (`[listener.compression]`).
     #[serde(default)]
     pub compression: Option<CompressionConfig>,
+    /// This stage's own stats listener (`[listener.stats]`), showing only it.
+    #[serde(default)]
+    pub stats: Option<StatsConfig>,
 }
 
 /// What a listener speaks after accept (and after TLS, if any).
@@ -480,6 +498,10 @@ fn default_backlog() -> u32 {
 
 fn default_connect_timeout() -> Duration {
     Duration::from_secs(2)
+}
+
+fn default_stats_bind() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 8404))
 }
 
 fn default_accept_proxy_timeout() -> Duration {

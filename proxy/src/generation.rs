@@ -42,6 +42,7 @@ use crate::{
     metrics::Registry,
     net::{Listener, PeerAddr, Stream},
     stage::{Stage, StageRuntime},
+    stats::{self, StatsSource},
     steering::{self, Group, Maps, Slot},
     sys,
 };
@@ -135,7 +136,7 @@ struct Shared {
     /// `Connection: close` from then on).
     draining: watch::Sender<bool>,
     /// Per listener and per server counters.
-    metrics: Registry,
+    metrics: Arc<Registry>,
     /// When this generation flipped the active slot, to log how soon the
     /// first connection arrived after it (the handover gap operators ask
     /// about).
@@ -240,7 +241,7 @@ async fn serve(
         accepting: watch::channel(true).0,
         sweep: Notify::new(),
         draining: watch::channel(false).0,
-        metrics: Registry::new(cfg),
+        metrics: Arc::new(Registry::new(cfg)),
         flipped_at: std::sync::OnceLock::new(),
         first_conn_logged: std::sync::atomic::AtomicBool::new(false),
     });
@@ -300,6 +301,37 @@ async fn serve(
         None => None,
     };
 
+    // Stats listeners (instance-wide and per stage): SO_REUSEPORT too, so
+    // old and new generations can both hold them during a handover; they
+    // show the same figures, read from the pinned maps.
+    let mut stats_listeners = Vec::new();
+    let stats_configs = cfg.stats.iter().map(|s| (None, s)).chain(
+        cfg.listeners
+            .iter()
+            .filter_map(|l| l.stats.as_ref().map(|s| (Some(l.name.clone()), s))),
+    );
+    for (only, sc) in stats_configs {
+        let listener = Arc::new(
+            Listener::bind(&BindAddr::Tcp(sc.bind), 128, 0)
+                .with_context(|| format!("stats listener: binding {}", sc.bind))?,
+        );
+        let source = Arc::new(StatsSource {
+            instance: cfg.global.name.clone(),
+            banner: sc.banner.clone(),
+            only_listener: only,
+            pins: steer.as_ref().map(|s| s.maps.dir().to_path_buf()),
+            bpffs: cfg.global.bpffs.clone(),
+            registry: shared.metrics.clone(),
+            listener_backends: cfg
+                .listeners
+                .iter()
+                .map(|l| (l.name.clone(), l.backend.clone()))
+                .collect(),
+        });
+        let task = tokio::spawn(stats::serve(listener.clone(), source));
+        stats_listeners.push((listener, task.abort_handle()));
+    }
+
     // Accept loops run from the start: before the flip the program sends
     // nothing here (unless the active slot is empty and the kernel falls
     // back), after it everything.
@@ -354,7 +386,16 @@ async fn serve(
     }
 
     let listeners: Vec<Arc<Listener>> = listeners.into_iter().map(|(_, l, _, _)| l).collect();
-    let outcome = control(cfg, &mut steer, &shared, &listeners, &phase, label).await;
+    let outcome = control(
+        cfg,
+        &mut steer,
+        &shared,
+        &listeners,
+        &stats_listeners,
+        &phase,
+        label,
+    )
+    .await;
 
     // Stopped: leave the slot for the next generation.
     phase.send_replace(Phase::Stopped);
@@ -487,6 +528,7 @@ async fn control(
     steer: &mut Option<Steer>,
     shared: &Arc<Shared>,
     listeners: &[Arc<Listener>],
+    stats_listeners: &[(Arc<Listener>, tokio::task::AbortHandle)],
     phase: &watch::Sender<Phase>,
     label: &str,
 ) -> Result<Outcome> {
@@ -525,6 +567,10 @@ async fn control(
             Action::SoftStop(why) => {
                 info!("{label}: soft-stop ({why}): closing listeners, draining");
                 stop_accepting(shared, listeners, label);
+                for (l, task) in stats_listeners {
+                    task.abort();
+                    let _ = l.pause();
+                }
                 shared.draining.send_replace(true);
                 phase.send_replace(Phase::Draining);
                 publish(steer, shared, Phase::Draining);

@@ -12,6 +12,7 @@
 //! - [`metrics`]: per listener and per server counters, metered streams.
 //! - [`steering`]: the pinned eBPF maps and the `sk_reuseport` program.
 //! - [`generation`]: one running copy: lifecycle, handover, drain.
+//! - [`stats`]: the stats listener: HTML, JSON and Prometheus views.
 //! - [`status`]: what `proxy status` reads and prints.
 //! - [`sys`]: the few raw syscalls (clocks, signals by PID).
 #![deny(unsafe_code)]
@@ -24,6 +25,7 @@ pub mod metrics;
 pub mod net;
 pub mod proxy_proto;
 pub mod stage;
+pub mod stats;
 pub mod status;
 pub mod steering;
 #[allow(unsafe_code)]
