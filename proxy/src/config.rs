@@ -99,6 +99,13 @@ pub struct Global {
     /// queue connections on the old sockets.
     #[serde(default = "default_handover_grace", deserialize_with = "de_duration")]
     pub handover_grace: Duration,
+    /// Run as this user once the pins exist: the process keeps only
+    /// CAP_BPF, CAP_NET_ADMIN and CAP_NET_BIND_SERVICE.
+    #[serde(default)]
+    pub user: Option<String>,
+    /// Group for `user` (default: the user's primary group).
+    #[serde(default)]
+    pub group: Option<String>,
 }
 
 /// How new connections are steered to the active generation's sockets.

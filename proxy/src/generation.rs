@@ -319,8 +319,11 @@ async fn serve(
             instance: cfg.global.name.clone(),
             banner: sc.banner.clone(),
             only_listener: only,
-            pins: steer.as_ref().map(|s| s.maps.dir().to_path_buf()),
-            bpffs: cfg.global.bpffs.clone(),
+            maps: match &steer {
+                Some(s) => Some(std::sync::Mutex::new(Maps::open(s.maps.dir())?)),
+                None => None,
+            },
+            own_slot: steer.as_ref().map(|s| s.slot),
             registry: shared.metrics.clone(),
             listener_backends: cfg
                 .listeners
@@ -372,6 +375,10 @@ async fn serve(
     publish(&mut steer, &shared, Phase::Active);
     shared.sweep.notify_waiters();
     info!(listeners = listeners.len(), "{label}: active");
+    sys::sd_notify(&format!(
+        "READY=1\nMAINPID={}\nSTATUS={label}: active",
+        std::process::id()
+    ));
 
     for (pids, sig, what) in [
         (&opts.soft_stop, libc::SIGUSR1, "soft-stop (SIGUSR1)"),
@@ -566,6 +573,7 @@ async fn control(
             }
             Action::SoftStop(why) => {
                 info!("{label}: soft-stop ({why}): closing listeners, draining");
+                sys::sd_notify(&format!("STOPPING=1\nSTATUS={label}: draining ({why})"));
                 stop_accepting(shared, listeners, label);
                 for (l, task) in stats_listeners {
                     task.abort();
@@ -630,7 +638,15 @@ fn watch_handover(
             if r.state != gen_state::ACTIVE {
                 return Action::None; // flipped, not yet serving: wait
             }
-            let seen = *successor_seen.get_or_insert_with(Instant::now);
+            let seen = *successor_seen.get_or_insert_with(|| {
+                // A handover of this service is under way.
+                sys::sd_notify(&format!(
+                    "RELOADING=1\nMONOTONIC_USEC={}\nSTATUS={label}: generation {} took over",
+                    sys::monotonic_us(),
+                    r.generation
+                ));
+                Instant::now()
+            });
             if seen.elapsed() >= grace {
                 info!(
                     successor = r.generation,

@@ -5,6 +5,7 @@
 //! - [`config`]: the TOML config, env interpolation, validation with key paths.
 //! - [`net`]: listeners (SO_REUSEPORT, accept-first sweeping) and streams.
 //! - [`forward`]: backend pools, round-robin, the byte copy.
+//! - [`privilege`]: the optional drop to `global.user`.
 //! - [`stage`]: what a listener does with a connection, on which runtime.
 //! - [`tls`]: TLS termination (rustls), certificates chosen by SNI.
 //! - [`proxy_proto`]: PROXY v2 headers, read strictly and written (ppp).
@@ -23,6 +24,7 @@ pub mod generation;
 pub mod http;
 pub mod metrics;
 pub mod net;
+pub mod privilege;
 pub mod proxy_proto;
 pub mod stage;
 pub mod stats;

@@ -157,6 +157,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 hook: TestHook::from_env(),
             };
             generation::validate(&opts)?;
+            // Single-threaded still: capabilities are per thread.
+            proxy::privilege::drop_if_configured(&opts.config, opts.pidfile.as_deref())?;
             let rt = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
             rt.block_on(generation::run(opts))?;
             Ok(ExitCode::SUCCESS)

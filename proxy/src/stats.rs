@@ -32,9 +32,11 @@ pub struct StatsSource {
     /// Only this listener (and its backend's servers), for a stage's own
     /// stats listener; None for the instance-wide one.
     pub only_listener: Option<String>,
-    /// `<bpffs>/proxy/<name>`, when steering is in use.
-    pub pins: Option<std::path::PathBuf>,
-    pub bpffs: std::path::PathBuf,
+    /// The pinned maps, opened at startup (before any privilege drop), when
+    /// steering is in use.
+    pub maps: Option<std::sync::Mutex<Maps>>,
+    /// Our slot: our own counters are published fresh before each view.
+    pub own_slot: Option<Slot>,
     /// This generation's counters (used without maps).
     pub registry: Arc<Registry>,
     /// Backend of each listener, to filter servers.
@@ -95,9 +97,14 @@ pub struct View {
 impl StatsSource {
     /// Gathers the figures now.
     pub fn view(&self) -> View {
-        let from_maps = self.pins.as_ref().and_then(|dir| {
-            let maps = Maps::open(dir).ok()?;
-            let st = status::read(&self.bpffs, &self.instance).ok()?;
+        let from_maps = self.maps.as_ref().and_then(|maps| {
+            let mut maps = maps.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(slot) = self.own_slot {
+                let snapshot = self.registry.snapshot();
+                let _ =
+                    maps.publish_metrics(slot, snapshot.iter().map(|(id, v)| (id.as_str(), *v)));
+            }
+            let st = status::from_maps(&maps, &self.instance).ok()?;
             let live: Vec<Slot> = st
                 .generations
                 .iter()

@@ -46,7 +46,13 @@ const STALE_NS: u64 = 1_000_000_000;
 
 pub fn read(bpffs: &Path, name: &str) -> Result<Status, SteeringError> {
     let dir = steering::pin_dir(bpffs, name);
-    let maps = Maps::open(&dir)?;
+    from_maps(&Maps::open(&dir)?, name)
+}
+
+/// The status from maps already open (a generation that dropped its
+/// privileges can no longer open the pins, but keeps its descriptors).
+pub fn from_maps(maps: &Maps, name: &str) -> Result<Status, SteeringError> {
+    let dir = maps.dir();
     let active = maps.active_slot()?;
     let counters = maps.counters()?;
     let now_ns = sys::boottime_ns();

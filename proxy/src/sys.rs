@@ -92,3 +92,128 @@ pub fn pin_current_thread(cpus: &[usize]) -> io::Result<()> {
         Err(io::Error::last_os_error())
     }
 }
+
+/// CLOCK_MONOTONIC in microseconds (what systemd's MONOTONIC_USEC wants).
+pub fn monotonic_us() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // Safety: clock_gettime writes a timespec into the valid pointer given.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    assert_eq!(rc, 0, "CLOCK_MONOTONIC is always available on Linux");
+    ts.tv_sec as u64 * 1_000_000 + ts.tv_nsec as u64 / 1_000
+}
+
+/// The uid and primary gid of a user name.
+pub fn lookup_user(name: &str) -> io::Result<(u32, u32)> {
+    let cname = std::ffi::CString::new(name).map_err(|_| io::ErrorKind::InvalidInput)?;
+    let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };
+    let mut buf = vec![0 as libc::c_char; 16 * 1024];
+    let mut result: *mut libc::passwd = std::ptr::null_mut();
+    // Safety: all pointers are valid for the sizes given; getpwnam_r writes
+    // only into pwd and buf.
+    let rc = unsafe {
+        libc::getpwnam_r(
+            cname.as_ptr(),
+            &mut pwd,
+            buf.as_mut_ptr(),
+            buf.len(),
+            &mut result,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::from_raw_os_error(rc));
+    }
+    if result.is_null() {
+        return Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("no user named {name:?}"),
+        ));
+    }
+    Ok((pwd.pw_uid, pwd.pw_gid))
+}
+
+/// The gid of a group name.
+pub fn lookup_group(name: &str) -> io::Result<u32> {
+    let cname = std::ffi::CString::new(name).map_err(|_| io::ErrorKind::InvalidInput)?;
+    let mut grp: libc::group = unsafe { std::mem::zeroed() };
+    let mut buf = vec![0 as libc::c_char; 16 * 1024];
+    let mut result: *mut libc::group = std::ptr::null_mut();
+    // Safety: as in lookup_user.
+    let rc = unsafe {
+        libc::getgrnam_r(
+            cname.as_ptr(),
+            &mut grp,
+            buf.as_mut_ptr(),
+            buf.len(),
+            &mut result,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::from_raw_os_error(rc));
+    }
+    if result.is_null() {
+        return Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("no group named {name:?}"),
+        ));
+    }
+    Ok(grp.gr_gid)
+}
+
+/// Becomes `uid`/`gid`, keeping only `keep` among the capabilities.
+///
+/// Must run while the process has a single thread: capabilities are per
+/// thread, and threads started later inherit the caller's.
+pub fn drop_privileges(uid: u32, gid: u32, keep: &[caps::Capability]) -> io::Result<()> {
+    use caps::{CapSet, CapsHashSet};
+    let other = |e: caps::errors::CapsError| io::Error::other(e.to_string());
+    let keep: CapsHashSet = keep.iter().copied().collect();
+    // Out of the bounding set first: that needs CAP_SETPCAP, which goes
+    // with the uid change.
+    for cap in caps::all() {
+        if !keep.contains(&cap) {
+            caps::drop(None, CapSet::Bounding, cap).map_err(other)?;
+        }
+    }
+    // Safety: prctl/setgroups/setgid/setuid with plain integer arguments and
+    // a one-element array that outlives the call.
+    unsafe {
+        if libc::prctl(libc::PR_SET_KEEPCAPS, 1, 0, 0, 0) != 0
+            || libc::setgroups(1, &gid) != 0
+            || libc::setgid(gid) != 0
+            || libc::setuid(uid) != 0
+        {
+            return Err(io::Error::last_os_error());
+        }
+        libc::prctl(libc::PR_SET_KEEPCAPS, 0, 0, 0, 0);
+    }
+    caps::set(None, CapSet::Inheritable, &CapsHashSet::new()).map_err(other)?;
+    caps::set(None, CapSet::Permitted, &keep).map_err(other)?;
+    caps::set(None, CapSet::Effective, &keep).map_err(other)?;
+    Ok(())
+}
+
+/// Sends a state to the service manager when run under systemd
+/// (`NOTIFY_SOCKET`); a no-op otherwise.
+pub fn sd_notify(state: &str) {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let socket = match std::os::unix::net::UnixDatagram::unbound() {
+        Ok(s) => s,
+        Err(_) => return,
+    };
+    let bytes = path.as_encoded_bytes();
+    let sent = if let Some(name) = bytes.strip_prefix(b"@") {
+        use std::os::linux::net::SocketAddrExt;
+        std::os::unix::net::SocketAddr::from_abstract_name(name)
+            .and_then(|addr| socket.send_to_addr(state.as_bytes(), &addr))
+    } else {
+        socket.send_to(state.as_bytes(), std::path::Path::new(&path))
+    };
+    if let Err(e) = sent {
+        tracing::warn!("sd_notify {state:?}: {e}");
+    }
+}
