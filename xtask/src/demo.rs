@@ -9,11 +9,12 @@ use std::{
 
 use anyhow::Result;
 
-/// Starts one server thread per address. An address already in use is
-/// reported and skipped (something else may be serving it).
+/// Starts one server thread per address. The sockets use SO_REUSEPORT, so
+/// a second `cargo xtask run` (a new proxy generation) serves the demo too
+/// and keeps it up when the first one exits.
 pub fn start(addrs: &[&str]) -> Result<()> {
     for addr in addrs {
-        match TcpListener::bind(addr) {
+        match bind(addr) {
             Ok(listener) => {
                 let name = addr.to_string();
                 eprintln!("xtask: demo backend listening on {name}");
@@ -28,6 +29,19 @@ pub fn start(addrs: &[&str]) -> Result<()> {
         }
     }
     Ok(())
+}
+
+fn bind(addr: &str) -> std::io::Result<TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let addr: std::net::SocketAddr = addr
+        .parse()
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(128)?;
+    Ok(socket.into())
 }
 
 fn serve(mut stream: TcpStream, name: &str) {
