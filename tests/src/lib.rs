@@ -1312,8 +1312,8 @@ pub mod stages {
     // External commands
     // -----------------------------------------------------------------------
 
-    /// Runs `cmd` to completion with stdin closed, killing it after
-    /// `timeout` (then panics with what it printed so far is lost).
+    /// Runs `cmd` to completion with stdin closed; kills it and panics when
+    /// it runs longer than `timeout`.
     pub fn run_bounded(cmd: &mut Command, timeout: Duration) -> Output {
         let mut child = cmd
             .stdin(Stdio::null())
@@ -1516,12 +1516,21 @@ pub mod stages {
         }
     }
 
-    /// A client config offering `alpn`, sending SNI or not.
+    /// A client config offering `alpn`, sending SNI or not (TLS 1.3 and 1.2).
     pub fn tls_client_config(alpn: &[&str], send_sni: bool) -> Arc<ClientConfig> {
+        tls_client_config_versions(alpn, send_sni, rustls::DEFAULT_VERSIONS)
+    }
+
+    /// Like [`tls_client_config`], offering only `versions`.
+    pub fn tls_client_config_versions(
+        alpn: &[&str],
+        send_sni: bool,
+        versions: &[&'static rustls::SupportedProtocolVersion],
+    ) -> Arc<ClientConfig> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let mut config = ClientConfig::builder_with_provider(provider.clone())
-            .with_safe_default_protocol_versions()
-            .expect("ring supports the default versions")
+            .with_protocol_versions(versions)
+            .expect("ring supports these versions")
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(AnyCert(provider)))
             .with_no_client_auth();
@@ -1538,6 +1547,15 @@ pub mod stages {
     ) -> io::Result<TlsStream<TcpStream>> {
         let tcp = TcpStream::connect(addr).await?;
         tcp.set_nodelay(true)?;
+        tls_handshake(tcp, server_name, config).await
+    }
+
+    /// Runs the client TLS handshake on an already connected `tcp`.
+    pub async fn tls_handshake(
+        tcp: TcpStream,
+        server_name: &str,
+        config: Arc<ClientConfig>,
+    ) -> io::Result<TlsStream<TcpStream>> {
         let name = ServerName::try_from(server_name.to_string())
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
         TlsConnector::from(config).connect(name, tcp).await
@@ -1976,5 +1994,642 @@ pub mod stages {
         pub fn is_closed(self) -> bool {
             !matches!(self, Closed::StillOpen)
         }
+    }
+}
+
+// ===========================================================================
+// Operator surface (helpers of the tests/tests/operator_*.rs)
+// ===========================================================================
+
+/// Helpers of the operator tests: plain HTTP GETs of the stats listener,
+/// configs with extra keys, a proxy started with extra arguments, a load to
+/// another address, `/proc` figures, and the external tools those tests use
+/// as referees (Debian's chromium, Python's `prometheus_client`).
+pub mod operator {
+    use std::{
+        collections::BTreeMap,
+        fs,
+        io::{self, Read as _, Write as _},
+        net::{SocketAddr, TcpStream as StdTcpStream},
+        os::unix::process::CommandExt as _,
+        path::{Path, PathBuf},
+        process::{Command, ExitStatus, Stdio},
+        sync::{
+            Arc,
+            atomic::{AtomicBool, Ordering},
+        },
+        time::{Duration, Instant},
+    };
+
+    use serde::Deserialize;
+    use tokio::{runtime::Runtime, task::JoinSet};
+
+    use super::{
+        Counters, GenStatus, Load, LoadSpec, LoadStats, Proxy, ProxyConfig, Sandbox, exchange,
+        next_id, proxy_bin,
+    };
+
+    /// The default `[stats] bind`.
+    pub const STATS_ADDR: &str = "127.0.0.1:8404";
+
+    // -----------------------------------------------------------------------
+    // Plain HTTP/1.1 GET (blocking, from the calling thread's namespace)
+    // -----------------------------------------------------------------------
+
+    /// A response read to its end.
+    #[derive(Debug, Clone)]
+    pub struct HttpReply {
+        pub status: u16,
+        /// Header names in lower case.
+        pub headers: Vec<(String, String)>,
+        pub body: String,
+    }
+
+    impl HttpReply {
+        pub fn header(&self, name: &str) -> Option<&str> {
+            self.headers
+                .iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case(name))
+                .map(|(_, v)| v.as_str())
+        }
+    }
+
+    /// `GET path` on a new connection to `addr` (`Connection: close`),
+    /// bounded by `timeout` in all.
+    pub fn http_get(addr: &str, path: &str, timeout: Duration) -> Result<HttpReply, String> {
+        let deadline = Instant::now() + timeout;
+        let sa: SocketAddr = addr.parse().map_err(|e| format!("address {addr}: {e}"))?;
+        let mut s = StdTcpStream::connect_timeout(&sa, timeout)
+            .map_err(|e| format!("connect {addr}: {e}"))?;
+        let left = || deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
+        s.set_write_timeout(Some(left())).map_err(|e| e.to_string())?;
+        s.write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nUser-Agent: proxy-it\r\n\r\n")
+                .as_bytes(),
+        )
+        .map_err(|e| format!("GET {path}: write: {e}"))?;
+        let mut raw = Vec::new();
+        let mut buf = [0u8; 16 * 1024];
+        loop {
+            if Instant::now() >= deadline {
+                return Err(format!("GET {path}: no complete response within {timeout:?}"));
+            }
+            s.set_read_timeout(Some(left())).map_err(|e| e.to_string())?;
+            match s.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => raw.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    return Err(format!(
+                        "GET {path}: read: {e} (after {} bytes)",
+                        raw.len()
+                    ));
+                }
+            }
+        }
+        parse_response(&raw).map_err(|e| format!("GET {path}: {e}"))
+    }
+
+    fn parse_response(raw: &[u8]) -> Result<HttpReply, String> {
+        let end = raw
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .ok_or_else(|| format!("no end of headers in {} bytes", raw.len()))?;
+        let head = String::from_utf8_lossy(&raw[..end]).into_owned();
+        let mut lines = head.split("\r\n");
+        let status_line = lines.next().unwrap_or_default();
+        let status: u16 = status_line
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| format!("bad status line {status_line:?}"))?;
+        let headers: Vec<(String, String)> = lines
+            .filter_map(|l| l.split_once(':'))
+            .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+            .collect();
+        let mut body = raw[end + 4..].to_vec();
+        let get = |name: &str| headers.iter().find(|(k, _)| k == name).map(|(_, v)| v);
+        if get("transfer-encoding").is_some_and(|v| v.eq_ignore_ascii_case("chunked")) {
+            body = dechunk(&body)?;
+        } else if let Some(len) = get("content-length") {
+            let len: usize = len.parse().map_err(|_| format!("bad Content-Length {len}"))?;
+            if body.len() != len {
+                return Err(format!(
+                    "body of {} bytes, Content-Length says {len}",
+                    body.len()
+                ));
+            }
+        }
+        Ok(HttpReply {
+            status,
+            headers,
+            body: String::from_utf8(body).map_err(|e| format!("body not UTF-8: {e}"))?,
+        })
+    }
+
+    fn dechunk(mut data: &[u8]) -> Result<Vec<u8>, String> {
+        let mut out = Vec::new();
+        loop {
+            let eol = data
+                .windows(2)
+                .position(|w| w == b"\r\n")
+                .ok_or("truncated chunk size")?;
+            let size_text = String::from_utf8_lossy(&data[..eol]);
+            let size = usize::from_str_radix(size_text.split(';').next().unwrap_or("").trim(), 16)
+                .map_err(|_| format!("bad chunk size {size_text:?}"))?;
+            data = &data[eol + 2..];
+            if size == 0 {
+                return Ok(out);
+            }
+            if data.len() < size + 2 {
+                return Err("truncated chunk".into());
+            }
+            out.extend_from_slice(&data[..size]);
+            data = &data[size + 2..];
+        }
+    }
+
+    /// [`http_get`] retried (every 20 ms) while it fails to connect or read,
+    /// until a 200 or `timeout`; panics with the last error. Returns the
+    /// reply and how many attempts failed first (a stats socket closing
+    /// during a handover may reset a connection still in its queue).
+    pub fn http_get_ok(addr: &str, path: &str, timeout: Duration) -> (HttpReply, u32) {
+        let deadline = Instant::now() + timeout;
+        let mut failed = 0;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let last = match http_get(addr, path, left.clamp(Duration::from_millis(50), Duration::from_secs(5))) {
+                Ok(r) if r.status == 200 => return (r, failed),
+                Ok(r) => format!("status {}: {}", r.status, r.body),
+                Err(e) => e,
+            };
+            failed += 1;
+            assert!(
+                Instant::now() < deadline,
+                "GET http://{addr}{path}: no 200 within {timeout:?} ({failed} attempts); last: {last}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    // -----------------------------------------------------------------------
+    // Configs, processes
+    // -----------------------------------------------------------------------
+
+    /// The standard config of [`ProxyConfig::render`] with `global_extra`
+    /// (TOML lines) added to `[global]` and `tail` (more tables) appended.
+    pub fn config_text(sb: &Sandbox, cfg: &ProxyConfig, global_extra: &str, tail: &str) -> String {
+        let base = cfg.render(sb);
+        let mut extra = global_extra.trim_end().to_string();
+        if !extra.is_empty() {
+            extra.push('\n');
+        }
+        let text = base.replacen("[global]\n", &format!("[global]\n{extra}"), 1);
+        assert!(text.starts_with("[global]\n"), "the rendered config starts with [global]");
+        format!("{text}\n{tail}")
+    }
+
+    impl Proxy {
+        /// Like [`Proxy::start`], with `args` after `run -c config` (e.g.
+        /// `--log-json`).
+        pub fn start_args(
+            sb: &Sandbox,
+            config: &Path,
+            args: &[&str],
+            extra_env: &[(&str, &str)],
+        ) -> Proxy {
+            static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+            let n = SEQ.fetch_add(1, Ordering::Relaxed);
+            let log_path = sb.dir.join(format!("proxy-args-{n}.log"));
+            let log = fs::File::create(&log_path).expect("creating the proxy log");
+            let mut cmd = Command::new(proxy_bin());
+            cmd.arg("run")
+                .arg("-c")
+                .arg(config)
+                .args(args)
+                .env("NO_COLOR", "1")
+                .env("PROXY_LOG", "info")
+                .envs(extra_env.iter().copied())
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(log);
+            let child = cmd
+                .spawn()
+                .unwrap_or_else(|e| panic!("spawning {cmd:?}: {e}"));
+            let pid = child.id();
+            Proxy {
+                child: sb.adopt(child),
+                pid,
+                log_path,
+                id: None,
+                label: format!("proxy args#{n} (pid {pid})"),
+                exit: None,
+            }
+        }
+    }
+
+    impl Load {
+        /// Like [`Load::start`], to `addr` instead of [`super::PROXY_ADDR`].
+        pub fn start_to(rt: &Runtime, spec: LoadSpec, addr: &str) -> Load {
+            let stats = Arc::new(LoadStats::default());
+            let stop = Arc::new(AtomicBool::new(false));
+            let (st, sp) = (stats.clone(), stop.clone());
+            let handle = rt.spawn(generate_to(spec, st, sp, addr.to_string()));
+            Load {
+                stats,
+                stop,
+                handle: Some(handle),
+            }
+        }
+    }
+
+    /// The generator of [`Load::start_to`] (same pacing and checks as the
+    /// one of [`Load::start`]).
+    async fn generate_to(
+        spec: LoadSpec,
+        stats: Arc<LoadStats>,
+        stop: Arc<AtomicBool>,
+        addr: String,
+    ) -> Duration {
+        let start = Instant::now();
+        let mut tasks = JoinSet::new();
+        let mut sent = 0u64;
+        let mut last_start = start;
+        while !stop.load(Ordering::Relaxed) && sent < spec.max_conns {
+            let elapsed = start.elapsed();
+            if elapsed >= spec.max_duration {
+                break;
+            }
+            let due = ((elapsed.as_secs_f64() * spec.rate) as u64 + 1).min(spec.max_conns);
+            while sent < due {
+                sent += 1;
+                stats.started.fetch_add(1, Ordering::Relaxed);
+                last_start = Instant::now();
+                let id = next_id();
+                let len = 16 + (id % 8) as usize * 61;
+                let st = stats.clone();
+                let timeout = spec.conn_timeout;
+                let addr = addr.clone();
+                tasks.spawn(async move {
+                    match exchange(&addr, id, len, timeout).await {
+                        Ok(()) => {
+                            st.ok.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(e) => {
+                            st.failed.fetch_add(1, Ordering::Relaxed);
+                            let mut f = st.failures.lock().unwrap_or_else(|p| p.into_inner());
+                            if f.len() < 10 {
+                                f.push(e);
+                            }
+                        }
+                    }
+                });
+            }
+            while tasks.try_join_next().is_some() {}
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        while tasks.join_next().await.is_some() {}
+        last_start
+            .duration_since(start)
+            .max(Duration::from_millis(1))
+    }
+
+    /// `/proc/<pid>/status` as key -> value (values trimmed).
+    pub fn proc_status(pid: u32) -> BTreeMap<String, String> {
+        proc_status_at(&format!("/proc/{pid}/status"))
+    }
+
+    /// The status of every thread of `pid` (tid -> key -> value).
+    pub fn proc_thread_statuses(pid: u32) -> BTreeMap<u32, BTreeMap<String, String>> {
+        fs::read_dir(format!("/proc/{pid}/task"))
+            .map(|d| {
+                d.flatten()
+                    .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+                    .map(|tid| (tid, proc_status_at(&format!("/proc/{pid}/task/{tid}/status"))))
+                    .filter(|(_, st)| !st.is_empty())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    fn proc_status_at(path: &str) -> BTreeMap<String, String> {
+        fs::read_to_string(path)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.split_once(':'))
+            .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+            .collect()
+    }
+
+    /// The capability mask with the bits `caps` set.
+    pub fn cap_mask(caps: &[u32]) -> u64 {
+        caps.iter().fold(0, |m, c| m | (1u64 << c))
+    }
+
+    // -----------------------------------------------------------------------
+    // /stats.json
+    // -----------------------------------------------------------------------
+
+    /// `/stats.json` of the stats listener.
+    #[derive(Clone, Debug, Deserialize)]
+    pub struct StatsJson {
+        pub instance: String,
+        pub banner: String,
+        pub steering: String,
+        pub active_slot: Option<u32>,
+        pub generations: Vec<GenStatus>,
+        pub listeners: Vec<ListenerStats>,
+        pub servers: Vec<ServerStats>,
+        pub ebpf: Option<Counters>,
+        pub history_interval_ms: u64,
+        pub history: Vec<HistorySeries>,
+    }
+
+    #[derive(Clone, Debug, Deserialize)]
+    pub struct ListenerStats {
+        pub name: String,
+        pub current: u64,
+        pub total: u64,
+        pub bytes_in: u64,
+        pub bytes_out: u64,
+        pub errors: u64,
+        pub tls_handshakes: u64,
+        pub tls_failures: u64,
+        pub proxy_header_errors: u64,
+        pub http_requests: u64,
+        pub compression_ratio: Option<f64>,
+    }
+
+    #[derive(Clone, Debug, Deserialize)]
+    pub struct ServerStats {
+        pub backend: String,
+        pub server: String,
+        pub current: u64,
+        pub total: u64,
+        pub bytes_in: u64,
+        pub bytes_out: u64,
+        pub errors: u64,
+        pub up: bool,
+    }
+
+    #[derive(Clone, Debug, Deserialize)]
+    pub struct HistorySeries {
+        pub generation: u64,
+        pub points: Vec<(u64, u64)>,
+    }
+
+    impl StatsJson {
+        pub fn listener(&self, name: &str) -> &ListenerStats {
+            self.listeners
+                .iter()
+                .find(|l| l.name == name)
+                .unwrap_or_else(|| panic!("no listener {name:?} in /stats.json: {self:#?}"))
+        }
+    }
+
+    // -----------------------------------------------------------------------
+    // Prometheus text format, parsed by Python's prometheus_client
+    // -----------------------------------------------------------------------
+
+    /// A metric family as `prometheus_client` parsed it (counter families
+    /// are named without `_total`; their samples keep it).
+    #[derive(Clone, Debug, Deserialize)]
+    pub struct PromFamily {
+        pub name: String,
+        #[serde(rename = "type")]
+        pub kind: String,
+        pub help: String,
+        pub samples: Vec<PromSample>,
+    }
+
+    #[derive(Clone, Debug, Deserialize)]
+    pub struct PromSample {
+        pub name: String,
+        pub labels: BTreeMap<String, String>,
+        pub value: f64,
+    }
+
+    const PROM_PARSER: &str = r#"
+import json, sys
+try:
+    from prometheus_client.parser import text_string_to_metric_families
+except ImportError as e:
+    print("prometheus_client is missing (%s): pip install prometheus-client" % e, file=sys.stderr)
+    sys.exit(3)
+out = []
+for i, text in enumerate(json.load(sys.stdin)):
+    try:
+        fams = [
+            {"name": f.name, "type": f.type, "help": f.documentation,
+             "samples": [{"name": s.name, "labels": s.labels, "value": float(s.value)} for s in f.samples]}
+            for f in text_string_to_metric_families(text)
+        ]
+    except Exception as e:
+        print("scrape %d does not parse: %r" % (i, e), file=sys.stderr)
+        sys.exit(4)
+    out.append(fams)
+json.dump(out, sys.stdout, allow_nan=False)
+"#;
+
+    /// Parses each exposition in `texts` with `prometheus_client` (one
+    /// `python3` run for all of them). Panics if python3 or the module is
+    /// missing ("pip install prometheus-client"), or if a text does not parse.
+    pub fn parse_prometheus(texts: &[String]) -> Vec<Vec<PromFamily>> {
+        let mut child = match Command::new("python3")
+            .arg("-c")
+            .arg(PROM_PARSER)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+        {
+            Ok(c) => c,
+            Err(e) => panic!(
+                "cannot run python3 ({e}): the metrics test parses /metrics with Python's \
+                 prometheus_client: install python3, then pip install prometheus-client"
+            ),
+        };
+        let input = serde_json::to_vec(texts).expect("texts as JSON");
+        let mut stdin = child.stdin.take().expect("piped stdin");
+        let writer = std::thread::spawn(move || {
+            let _ = stdin.write_all(&input);
+        });
+        let out = wait_output(child, Duration::from_secs(60), "python3 prometheus_client parser");
+        let _ = writer.join();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        match out.status.code() {
+            Some(0) => {}
+            Some(3) => panic!("{} (install it: pip install prometheus-client)", stderr.trim()),
+            _ => panic!(
+                "prometheus_client could not parse /metrics ({}): {}",
+                out.status,
+                stderr.trim()
+            ),
+        }
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "the parser printed JSON we cannot read ({e}): {}",
+                String::from_utf8_lossy(&out.stdout)
+            )
+        })
+    }
+
+    /// What a finished external command printed.
+    pub struct Output {
+        pub status: ExitStatus,
+        pub stdout: Vec<u8>,
+        pub stderr: Vec<u8>,
+    }
+
+    fn drain<R: io::Read + Send + 'static>(r: Option<R>) -> std::thread::JoinHandle<Vec<u8>> {
+        std::thread::spawn(move || {
+            let mut v = Vec::new();
+            if let Some(mut r) = r {
+                let _ = r.read_to_end(&mut v);
+            }
+            v
+        })
+    }
+
+    /// Waits for `child` (stdout/stderr piped), at most `timeout`; kills it
+    /// by PID and panics on a timeout.
+    fn wait_output(mut child: std::process::Child, timeout: Duration, what: &str) -> Output {
+        let (out_t, err_t) = (drain(child.stdout.take()), drain(child.stderr.take()));
+        let deadline = Instant::now() + timeout;
+        let status = loop {
+            if let Some(s) = child.try_wait().expect("waiting for a command") {
+                break s;
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("{what} did not finish within {timeout:?}");
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        Output {
+            status,
+            stdout: out_t.join().unwrap_or_default(),
+            stderr: err_t.join().unwrap_or_default(),
+        }
+    }
+
+    // -----------------------------------------------------------------------
+    // Headless chromium
+    // -----------------------------------------------------------------------
+
+    /// Debian's chromium.
+    pub const CHROMIUM: &str = "/usr/bin/chromium";
+
+    /// The chromium binary, or a panic saying how to install it.
+    pub fn require_chromium() -> PathBuf {
+        let path = PathBuf::from(CHROMIUM);
+        assert!(
+            path.is_file(),
+            "{CHROMIUM} not found: install chromium (apt-get install chromium)"
+        );
+        path
+    }
+
+    /// How a chromium run ended.
+    pub struct BrowserRun {
+        pub stdout: String,
+        pub stderr: String,
+        pub status: ExitStatus,
+        pub took: Duration,
+    }
+
+    /// Runs headless chromium with `args` (after the common headless flags)
+    /// in its own process group, from the calling thread (so in its network
+    /// namespace), with a private profile under `dir`. On a timeout the whole
+    /// group (chromium and its helper processes) is killed by its id, still
+    /// held by the unreaped leader, and Err says what it printed.
+    pub fn run_chromium(dir: &Path, args: &[String], timeout: Duration) -> Result<BrowserRun, String> {
+        let bin = require_chromium();
+        static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = SEQ.fetch_add(1, Ordering::Relaxed);
+        let profile = dir.join(format!("chromium-profile-{n}"));
+        fs::create_dir_all(&profile).expect("creating the chromium profile folder");
+        let mut cmd = Command::new(&bin);
+        cmd.args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--disable-dev-shm-usage",
+        ])
+        .arg(format!("--user-data-dir={}", profile.display()))
+        .args(args)
+        .env("HOME", &profile)
+        .env("XDG_CONFIG_HOME", profile.join("config"))
+        .env("XDG_CACHE_HOME", profile.join("cache"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0);
+        let started = Instant::now();
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawning {}: {e}", bin.display()));
+        let pid = child.id();
+        let (out_t, err_t) = (drain(child.stdout.take()), drain(child.stderr.take()));
+        let kill_group = || {
+            // The leader is not reaped yet, so its PID (the group id) is ours.
+            // Safety: kill has no memory effects.
+            unsafe { libc::kill(-(pid as libc::pid_t), libc::SIGKILL) };
+        };
+        let timed_out = loop {
+            if exited_unreaped(pid) {
+                break false;
+            }
+            if started.elapsed() >= timeout {
+                break true;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        // Helpers still running (normally none) go with the group.
+        kill_group();
+        let status = child.wait().expect("reaping chromium");
+        let took = started.elapsed();
+        let (stdout, stderr) = (out_t.join().unwrap_or_default(), err_t.join().unwrap_or_default());
+        let run = BrowserRun {
+            stdout: String::from_utf8_lossy(&stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&stderr).into_owned(),
+            status,
+            took,
+        };
+        if timed_out {
+            return Err(format!(
+                "chromium did not finish within {timeout:?} (killed process group {pid}); stderr tail:\n{}",
+                tail(&run.stderr, 20)
+            ));
+        }
+        Ok(run)
+    }
+
+    /// Whether child `pid` has exited, without reaping it.
+    fn exited_unreaped(pid: u32) -> bool {
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        // Safety: info is a valid out-pointer.
+        let rc = unsafe {
+            libc::waitid(
+                libc::P_PID,
+                pid,
+                &mut info,
+                libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
+            )
+        };
+        // Safety: filled by waitid (zero when no child changed state).
+        rc != 0 || unsafe { info.si_pid() } != 0
+    }
+
+    /// The last `n` lines of `text`.
+    pub fn tail(text: &str, n: usize) -> String {
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(n)..].join("\n")
     }
 }
