@@ -32,7 +32,7 @@ pub struct Pool {
 /// Why a connection could not be forwarded: which side failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ForwardError {
-    #[error("backend {backend}: all {tried} servers failed, last {server}: {source}")]
+    #[error("upstream: backend {backend}: all {tried} servers failed, last {server}: {source}")]
     NoServer {
         backend: String,
         tried: usize,
@@ -40,13 +40,13 @@ pub enum ForwardError {
         #[source]
         source: io::Error,
     },
-    #[error("server {server}: writing the PROXY header: {source}")]
+    #[error("upstream: server {server}: writing the PROXY header: {source}")]
     Preamble {
         server: String,
         #[source]
         source: io::Error,
     },
-    #[error("while copying: {0}")]
+    #[error("copying between client and server: {0}")]
     Copy(#[source] io::Error),
 }
 
@@ -141,9 +141,14 @@ impl Pool {
                 return Err(e);
             }
         };
-        let (from_client, from_server) = tokio::io::copy_bidirectional(&mut client, &mut server)
-            .await
-            .map_err(ForwardError::Copy)?;
+        let (from_client, from_server) =
+            match tokio::io::copy_bidirectional(&mut client, &mut server).await {
+                Ok(n) => n,
+                // A TLS peer that closes without close_notify: the stream
+                // ended, nothing was lost that the peer did not give up.
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => (0, 0),
+                Err(e) => return Err(ForwardError::Copy(e)),
+            };
         Ok((
             Transfer {
                 from_client,

@@ -41,7 +41,7 @@ use crate::{
     config::{BindAddr, Config, Steering as SteeringMode},
     metrics::Registry,
     net::{Listener, PeerAddr, Stream},
-    stage::{Stage, StageRuntime},
+    stage::{Stage, StageContext, StageRuntime},
     stats::{self, StatsSource},
     steering::{self, Group, Maps, Slot},
     sys,
@@ -254,7 +254,15 @@ async fn serve(
     let mut listeners = Vec::new();
     for l in &cfg.listeners {
         let runtime = StageRuntime::new(&l.name, l.cpus.as_deref())?;
-        let stage = Stage::new(cfg, l, shared.draining.subscribe(), &shared.metrics)?;
+        let stage = Stage::new(
+            cfg,
+            l,
+            StageContext {
+                draining: shared.draining.subscribe(),
+                metrics: &shared.metrics,
+                generation: steer.as_ref().map_or(0, |(_, (_, r))| r.generation),
+            },
+        )?;
         for addr in &l.bind {
             let _entered = runtime.handle().enter();
             let listener = Listener::bind(addr, l.backlog, l.unix_mode)

@@ -104,8 +104,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 proxy::stage::Stage::new(
                     &cfg,
                     l,
-                    tokio::sync::watch::channel(false).1,
-                    &proxy::metrics::Registry::new(&cfg),
+                    proxy::stage::StageContext {
+                        draining: tokio::sync::watch::channel(false).1,
+                        metrics: &proxy::metrics::Registry::new(&cfg),
+                        generation: 0,
+                    },
                 )?;
             }
             println!(

@@ -51,6 +51,11 @@ pub mod tlv {
     pub const SSL_KEY_ALG: u8 = 0x25;
     /// Network namespace name.
     pub const NETNS: u8 = 0x30;
+    /// Custom (0xE0..=0xEF is reserved for applications): the generation
+    /// number of the stage that sent the header, 8 bytes big-endian. A stage
+    /// of a newer generation that receives it knows the connection belongs
+    /// to a draining chain.
+    pub const PROXY_GENERATION: u8 = 0xE0;
 
     /// [`SSL`] client flag: the client connected over TLS.
     pub const CLIENT_SSL: u8 = 0x01;

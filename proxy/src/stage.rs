@@ -59,7 +59,7 @@ pub enum ConnError {
     ProxyHeader(#[from] ProxyError),
     #[error("downstream: TLS: {0}")]
     Tls(#[from] TlsError),
-    #[error("upstream: {0}")]
+    #[error("{0}")]
     Upstream(#[from] ForwardError),
     #[error("http: {0}")]
     Http(#[from] HttpError),
@@ -123,8 +123,19 @@ impl Drop for StageRuntime {
 }
 
 /// What one listener does with its connections.
+/// What a stage gets from its generation.
+pub struct StageContext<'a> {
+    /// Becomes true when the generation drains.
+    pub draining: watch::Receiver<bool>,
+    pub metrics: &'a Registry,
+    /// This generation's number (0 without steering): sent to the next
+    /// stage in the PROXY header, compared with the previous stage's.
+    pub generation: u64,
+}
+
 pub struct Stage {
     pub name: String,
+    generation: u64,
     pool: Arc<Pool>,
     metrics: Arc<ListenerMetrics>,
     /// HTTP mode: compression and timeouts; None in tcp mode.
@@ -137,6 +148,15 @@ pub struct Stage {
     tls: Option<TlsAcceptor>,
     /// Whether the backend wants a PROXY v2 header.
     send_proxy: bool,
+}
+
+/// Removes our generation TLV from `tlvs` and returns its value.
+fn take_generation(tlvs: &mut Vec<(u8, Vec<u8>)>) -> Option<u64> {
+    let i = tlvs
+        .iter()
+        .position(|(t, _)| *t == proxy_proto::tlv::PROXY_GENERATION)?;
+    let (_, value) = tlvs.remove(i);
+    Some(u64::from_be_bytes(value.try_into().ok()?))
 }
 
 /// What a finished connection did, for its access line.
@@ -190,6 +210,10 @@ struct ClientInfo {
     destination: Option<SocketAddr>,
     /// TLVs for the next hop: TLS details, or those a previous stage sent.
     tlvs: Vec<(u8, Vec<u8>)>,
+    /// The previous stage belongs to an older generation, which is draining:
+    /// in http mode, close this connection after its next response so that
+    /// the client reconnects through the new generation's chain.
+    from_older_generation: bool,
 }
 
 impl Stage {
@@ -198,8 +222,7 @@ impl Stage {
     pub fn new(
         cfg: &Config,
         l: &ListenerConfig,
-        draining: watch::Receiver<bool>,
-        metrics: &Registry,
+        ctx: StageContext<'_>,
     ) -> Result<Arc<Self>, StageError> {
         let backend = cfg.listener_backend(l);
         let tls = match &l.tls {
@@ -218,8 +241,9 @@ impl Stage {
         };
         Ok(Arc::new(Self {
             name: l.name.clone(),
-            pool: Arc::new(Pool::new(backend, metrics)),
-            metrics: metrics.listener(&l.name),
+            pool: Arc::new(Pool::new(backend, ctx.metrics)),
+            metrics: ctx.metrics.listener(&l.name),
+            generation: ctx.generation,
             http: (l.mode == Mode::Http).then(|| HttpMode {
                 compression: l.compression.as_ref().map(|c| Compression {
                     level: c.level,
@@ -227,7 +251,7 @@ impl Stage {
                     types: c.types.clone(),
                 }),
             }),
-            draining,
+            draining: ctx.draining,
             accept_proxy: l.accept_proxy.then_some(l.accept_proxy_timeout),
             tls,
             send_proxy: backend.send_proxy_v2,
@@ -245,6 +269,7 @@ impl Stage {
             source: peer.socket_addr(),
             destination: stream.local_addr(),
             tlvs: Vec::new(),
+            from_older_generation: false,
         };
         let result = self.pipeline(Metered::client(stream, m), &mut client).await;
         m.current.fetch_sub(1, Relaxed);
@@ -293,6 +318,9 @@ impl Stage {
                 client.destination = header.destination;
             }
             client.tlvs = header.tlvs;
+            if let Some(theirs) = take_generation(&mut client.tlvs) {
+                client.from_older_generation = self.generation > 0 && theirs < self.generation;
+            }
         }
         match &self.tls {
             Some(acceptor) => {
@@ -327,14 +355,21 @@ impl Stage {
         };
         let settings = Arc::new(HttpSettings {
             compression: mode.compression.clone(),
-            client_addr: client.source,
+            // With PROXY v2 upstream, the next stage adds the header from it
+            // (adding it here too would list the client twice).
+            client_addr: if self.send_proxy { None } else { client.source },
             header_read_timeout: HTTP_HEADER_TIMEOUT,
         });
         let upstream = Arc::new(PoolUpstream {
             pool: self.pool.clone(),
             preamble,
         });
-        let stats = http::serve(io, upstream, settings, self.draining.clone()).await?;
+        let draining = if client.from_older_generation {
+            watch::channel(true).1
+        } else {
+            self.draining.clone()
+        };
+        let stats = http::serve(io, upstream, settings, draining).await?;
         let m = &self.metrics;
         m.http_requests.fetch_add(stats.requests, Relaxed);
         m.body_in.fetch_add(stats.body_bytes_before, Relaxed);
@@ -354,10 +389,17 @@ impl Stage {
         if !self.send_proxy {
             return Ok(Vec::new());
         }
+        let mut tlvs = client.tlvs.clone();
+        if self.generation > 0 {
+            tlvs.push((
+                proxy_proto::tlv::PROXY_GENERATION,
+                self.generation.to_be_bytes().to_vec(),
+            ));
+        }
         Ok(proxy_proto::encode_header(
             client.source,
             client.destination,
-            &client.tlvs,
+            &tlvs,
         )?)
     }
 }

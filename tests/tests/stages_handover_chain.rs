@@ -9,7 +9,8 @@
 //! tests follow one keep-alive TLS connection across a handover: chained to
 //! the old generation's app stage (passes), and chained, through the old
 //! generation's tcp-mode tls stage, to the new generation's app stage, which
-//! never tells it to close (ignored: a proxy bug, see its comment).
+//! is told to close by the new app stage (the PROXY header names the older
+//! generation).
 
 use std::{
     sync::{
@@ -686,13 +687,11 @@ fn tls_keepalive_through_old_app_is_closed_when_draining() {
 
 /// The same connection accepted by generation 1's tls stage (tcp mode), but
 /// whose TLS handshake finishes after generation 2 renamed app1.sock: the
-/// tls stage of generation 1 connects to generation 2's app stage, which is
-/// not draining, and the tcp-mode tls stage cannot ask the client to close.
-/// Observed: no `Connection: close` ever; generation 1 waits until
-/// hard_stop_after (5 s) and cuts the connection mid-keep-alive (the
-/// client's next request fails). See the report that came with this test.
+/// tls stage of generation 1 connects to generation 2's app stage. The
+/// PROXY header carries generation 1's number, so generation 2's app stage
+/// knows the chain is draining and answers with `Connection: close`; the
+/// tcp-mode tls stage of generation 1 then sees the connection end.
 #[test]
-#[ignore = "proxy bug (reported): tcp-mode tls stage of a draining generation spliced to the new app stage is cut at hard_stop_after; run with --ignored"]
 fn tls_keepalive_spliced_to_new_app_is_closed_when_draining() {
     let o = keepalive_across_handover("st-ka-new", false);
     assert_drained_promptly("TLS handshake after generation 2 renamed app1.sock", &o);
