@@ -193,7 +193,12 @@ pub enum Mode {
 pub struct TlsConfig {
     /// PEM files, each with its chain and key (HAProxy style); several for
     /// SNI, the first is the default.
+    #[serde(default)]
     pub certs: Vec<PathBuf>,
+    /// Certificates whose chain and key are in separate files
+    /// (`[[listener.tls.pair]]`), after `certs` in SNI order.
+    #[serde(default, rename = "pair")]
+    pub pairs: Vec<CertPair>,
     /// ALPN protocols offered, in preference order.
     #[serde(default)]
     pub alpn: Vec<String>,
@@ -203,6 +208,14 @@ pub struct TlsConfig {
         deserialize_with = "de_duration"
     )]
     pub handshake_timeout: Duration,
+}
+
+/// `[[listener.tls.pair]]`: a certificate chain and its key in two files.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertPair {
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 /// `[listener.compression]`.
@@ -584,10 +597,13 @@ fn validate_stage(i: usize, l: &Listener) -> Result<(), (String, String)> {
     }
     if let Some(tls) = &l.tls
         && tls.certs.is_empty()
+        && tls.pairs.is_empty()
     {
         return Err((
             format!("listener[{i}].tls.certs"),
-            "empty list: expected at least one PEM file with certificate chain and key".into(),
+            "no certificate: expected at least one PEM file with certificate chain and key, \
+             or a [[listener.tls.pair]] with cert and key files"
+                .into(),
         ));
     }
     if let Some(c) = &l.compression {
@@ -1623,12 +1639,30 @@ connect_timeout = "500ms"
         assert_err(
             &with("[listener.tls]\ncerts = []\n"),
             "listener[0].tls.certs",
-            "empty list",
+            "no certificate",
         );
         assert_err(
             &with("[listener.tls]\ncerts = [\"a.pem\"]\nkey = \"x\"\n"),
             "listener[0].tls.key",
             "unknown field",
         );
+    }
+
+    #[test]
+    fn tls_cert_pairs() {
+        let text = minimal_with(
+            "backend = \"app\"\n",
+            "backend = \"app\"\n[listener.tls]\n[[listener.tls.pair]]\ncert = \"a.crt\"\nkey = \"a.key\"\n",
+        );
+        let cfg = parse(&text).expect("a pair alone is enough");
+        let tls = cfg.listeners[0].tls.as_ref().unwrap();
+        assert!(tls.certs.is_empty());
+        assert_eq!(tls.pairs.len(), 1);
+        assert_eq!(tls.pairs[0].key, PathBuf::from("a.key"));
+        let missing_key = minimal_with(
+            "backend = \"app\"\n",
+            "backend = \"app\"\n[listener.tls]\n[[listener.tls.pair]]\ncert = \"a.crt\"\n",
+        );
+        assert_err(&missing_key, "listener[0].tls.pair[0]", "key");
     }
 }

@@ -228,7 +228,16 @@ impl Stage {
         let tls = match &l.tls {
             Some(t) => Some(
                 TlsAcceptor::new(&TlsSettings {
-                    certs: t.certs.iter().cloned().map(CertSource::Bundle).collect(),
+                    certs: t
+                        .certs
+                        .iter()
+                        .cloned()
+                        .map(CertSource::Bundle)
+                        .chain(t.pairs.iter().map(|p| CertSource::Pair {
+                            cert: p.cert.clone(),
+                            key: p.key.clone(),
+                        }))
+                        .collect(),
                     alpn: t.alpn.clone(),
                     handshake_timeout: t.handshake_timeout,
                 })
