@@ -100,7 +100,7 @@ pub struct Global {
     #[serde(default = "default_handover_grace", deserialize_with = "de_duration")]
     pub handover_grace: Duration,
     /// Run as this user once the pins exist: the process keeps only
-    /// CAP_BPF, CAP_NET_ADMIN and CAP_NET_BIND_SERVICE.
+    /// CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN and CAP_NET_BIND_SERVICE.
     #[serde(default)]
     pub user: Option<String>,
     /// Group for `user` (default: the user's primary group).

@@ -154,7 +154,7 @@ struct Steer {
     groups: Vec<(usize, Group)>,
     /// The loaded programs with their maps; kept so that their log ring
     /// buffers stay open.
-    _programs: Vec<aya::Ebpf>,
+    programs: Vec<aya::Ebpf>,
     /// When counters and history were last published, and in which phase.
     metrics_at: Instant,
     history_at: Instant,
@@ -300,7 +300,7 @@ async fn serve(
                 slot,
                 record,
                 groups,
-                _programs: programs,
+                programs: programs,
                 metrics_at: Instant::now(),
                 history_at: Instant::now() - Duration::from_millis(HISTORY_INTERVAL_MS),
                 last_phase: Phase::Starting,
@@ -339,6 +339,15 @@ async fn serve(
                 .map(|l| (l.name.clone(), l.backend.clone()))
                 .collect(),
         });
+        // Steered like the data listeners, so that the stats port follows
+        // the active generation and its queue migrates at a handover.
+        if let Some(s) = steer.as_mut() {
+            let group = s.maps.lock()?.group(group_key(&sc.bind))?;
+            let ebpf = steering::attach(s.maps.dir(), group, listener.as_ref())
+                .with_context(|| format!("stats listener: attaching steering to {}", sc.bind))?;
+            s.maps.register(group, s.slot, listener.as_ref())?;
+            s.programs.push(ebpf);
+        }
         let task = tokio::spawn(stats::serve(listener.clone(), source));
         stats_listeners.push((listener, task.abort_handle()));
     }
@@ -371,7 +380,7 @@ async fn serve(
         s.maps.lock()?.flip(s.slot, None)?;
         let _ = shared.flipped_at.set(Instant::now());
         info!(
-            previous_slot = ?previous.map(|p| p.0),
+            previous_slot = previous.map_or(-1, |p| i64::from(p.0)),
             "{label}: flipped the active slot to {}", s.slot.0
         );
         if opts.hook == Some(TestHook::StopAfterFlip) {

@@ -104,6 +104,10 @@ impl StatsSource {
                 let _ =
                     maps.publish_metrics(slot, snapshot.iter().map(|(id, v)| (id.as_str(), *v)));
             }
+            // Under the instance lock: a new generation claiming a slot
+            // moves that slot's counters into the retired totals, and a
+            // reader in between would count them twice or not at all.
+            let maps = maps.lock().ok()?;
             let st = status::from_maps(&maps, &self.instance).ok()?;
             let live: Vec<Slot> = st
                 .generations
@@ -491,25 +495,39 @@ pub fn prometheus(v: &View) -> String {
         );
     }
     if let Some(c) = &v.ebpf {
+        // Slot counters restart when a new generation claims the slot: label
+        // them with the generation, so that each series only ever grows.
+        let owner = |slot: usize| {
+            v.generations
+                .iter()
+                .find(|g| g.slot as usize == slot)
+                .map(|g| g.generation)
+        };
+        let per_slot = |values: &[u64]| -> Vec<(String, f64)> {
+            values
+                .iter()
+                .enumerate()
+                .filter_map(|(slot, n)| {
+                    owner(slot).map(|generation| {
+                        (
+                            format!("slot=\"{slot}\",generation=\"{generation}\""),
+                            *n as f64,
+                        )
+                    })
+                })
+                .collect()
+        };
         family(
             "proxy_ebpf_steered_total",
             "counter",
-            "New connections the eBPF program steered to each slot (since the slot's generation claimed it).",
-            c.selected
-                .iter()
-                .enumerate()
-                .map(|(s, n)| (format!("slot=\"{s}\""), *n as f64))
-                .collect(),
+            "New connections the eBPF program steered to each generation.",
+            per_slot(&c.selected),
         );
         family(
             "proxy_ebpf_migrated_total",
             "counter",
-            "Queued requests of closing listeners migrated into each slot.",
-            c.migrated
-                .iter()
-                .enumerate()
-                .map(|(s, n)| (format!("slot=\"{s}\""), *n as f64))
-                .collect(),
+            "Queued requests of closing listeners migrated into each generation.",
+            per_slot(&c.migrated),
         );
         family(
             "proxy_ebpf_fallback_total",
@@ -576,7 +594,11 @@ th{{background:#eef}} td.l{{text-align:left}} tr.active td{{background:#dfd}} .d
             gen = g.generation,
             pid = g.pid,
             state = esc(&g.state),
-            star = if g.active { " (active)" } else { "" },
+            star = if g.active && g.state != "active" {
+                " (active slot)"
+            } else {
+                ""
+            },
             age = humantime::format_duration(std::time::Duration::from_secs(g.age_ms / 1000)),
             acc = g.accepted,
             open = g.active_conns,

@@ -2061,8 +2061,13 @@ pub mod operator {
         let sa: SocketAddr = addr.parse().map_err(|e| format!("address {addr}: {e}"))?;
         let mut s = StdTcpStream::connect_timeout(&sa, timeout)
             .map_err(|e| format!("connect {addr}: {e}"))?;
-        let left = || deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
-        s.set_write_timeout(Some(left())).map_err(|e| e.to_string())?;
+        let left = || {
+            deadline
+                .saturating_duration_since(Instant::now())
+                .max(Duration::from_millis(1))
+        };
+        s.set_write_timeout(Some(left()))
+            .map_err(|e| e.to_string())?;
         s.write_all(
             format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nUser-Agent: proxy-it\r\n\r\n")
                 .as_bytes(),
@@ -2072,18 +2077,18 @@ pub mod operator {
         let mut buf = [0u8; 16 * 1024];
         loop {
             if Instant::now() >= deadline {
-                return Err(format!("GET {path}: no complete response within {timeout:?}"));
+                return Err(format!(
+                    "GET {path}: no complete response within {timeout:?}"
+                ));
             }
-            s.set_read_timeout(Some(left())).map_err(|e| e.to_string())?;
+            s.set_read_timeout(Some(left()))
+                .map_err(|e| e.to_string())?;
             match s.read(&mut buf) {
                 Ok(0) => break,
                 Ok(n) => raw.extend_from_slice(&buf[..n]),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => {
-                    return Err(format!(
-                        "GET {path}: read: {e} (after {} bytes)",
-                        raw.len()
-                    ));
+                    return Err(format!("GET {path}: read: {e} (after {} bytes)", raw.len()));
                 }
             }
         }
@@ -2112,7 +2117,9 @@ pub mod operator {
         if get("transfer-encoding").is_some_and(|v| v.eq_ignore_ascii_case("chunked")) {
             body = dechunk(&body)?;
         } else if let Some(len) = get("content-length") {
-            let len: usize = len.parse().map_err(|_| format!("bad Content-Length {len}"))?;
+            let len: usize = len
+                .parse()
+                .map_err(|_| format!("bad Content-Length {len}"))?;
             if body.len() != len {
                 return Err(format!(
                     "body of {} bytes, Content-Length says {len}",
@@ -2151,22 +2158,28 @@ pub mod operator {
 
     /// [`http_get`] retried (every 20 ms) while it fails to connect or read,
     /// until a 200 or `timeout`; panics with the last error. Returns the
-    /// reply and how many attempts failed first (a stats socket closing
-    /// during a handover may reset a connection still in its queue).
-    pub fn http_get_ok(addr: &str, path: &str, timeout: Duration) -> (HttpReply, u32) {
+    /// reply and the errors of the attempts that failed first (a stats
+    /// socket closing during a handover may reset a connection still in its
+    /// queue).
+    pub fn http_get_ok(addr: &str, path: &str, timeout: Duration) -> (HttpReply, Vec<String>) {
         let deadline = Instant::now() + timeout;
-        let mut failed = 0;
+        let mut failed = Vec::new();
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
-            let last = match http_get(addr, path, left.clamp(Duration::from_millis(50), Duration::from_secs(5))) {
+            let last = match http_get(
+                addr,
+                path,
+                left.clamp(Duration::from_millis(50), Duration::from_secs(5)),
+            ) {
                 Ok(r) if r.status == 200 => return (r, failed),
                 Ok(r) => format!("status {}: {}", r.status, r.body),
                 Err(e) => e,
             };
-            failed += 1;
+            failed.push(last.clone());
             assert!(
                 Instant::now() < deadline,
-                "GET http://{addr}{path}: no 200 within {timeout:?} ({failed} attempts); last: {last}"
+                "GET http://{addr}{path}: no 200 within {timeout:?} ({} attempts); last: {last}",
+                failed.len()
             );
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -2185,7 +2198,10 @@ pub mod operator {
             extra.push('\n');
         }
         let text = base.replacen("[global]\n", &format!("[global]\n{extra}"), 1);
-        assert!(text.starts_with("[global]\n"), "the rendered config starts with [global]");
+        assert!(
+            text.starts_with("[global]\n"),
+            "the rendered config starts with [global]"
+        );
         format!("{text}\n{tail}")
     }
 
@@ -2305,7 +2321,12 @@ pub mod operator {
             .map(|d| {
                 d.flatten()
                     .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-                    .map(|tid| (tid, proc_status_at(&format!("/proc/{pid}/task/{tid}/status"))))
+                    .map(|tid| {
+                        (
+                            tid,
+                            proc_status_at(&format!("/proc/{pid}/task/{tid}/status")),
+                        )
+                    })
                     .filter(|(_, st)| !st.is_empty())
                     .collect()
             })
@@ -2454,12 +2475,19 @@ json.dump(out, sys.stdout, allow_nan=False)
         let writer = std::thread::spawn(move || {
             let _ = stdin.write_all(&input);
         });
-        let out = wait_output(child, Duration::from_secs(60), "python3 prometheus_client parser");
+        let out = wait_output(
+            child,
+            Duration::from_secs(60),
+            "python3 prometheus_client parser",
+        );
         let _ = writer.join();
         let stderr = String::from_utf8_lossy(&out.stderr);
         match out.status.code() {
             Some(0) => {}
-            Some(3) => panic!("{} (install it: pip install prometheus-client)", stderr.trim()),
+            Some(3) => panic!(
+                "{} (or, with Debian's python3: apt-get install python3-prometheus-client)",
+                stderr.trim()
+            ),
             _ => panic!(
                 "prometheus_client could not parse /metrics ({}): {}",
                 out.status,
@@ -2544,7 +2572,11 @@ json.dump(out, sys.stdout, allow_nan=False)
     /// namespace), with a private profile under `dir`. On a timeout the whole
     /// group (chromium and its helper processes) is killed by its id, still
     /// held by the unreaped leader, and Err says what it printed.
-    pub fn run_chromium(dir: &Path, args: &[String], timeout: Duration) -> Result<BrowserRun, String> {
+    pub fn run_chromium(
+        dir: &Path,
+        args: &[String],
+        timeout: Duration,
+    ) -> Result<BrowserRun, String> {
         let bin = require_chromium();
         static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let n = SEQ.fetch_add(1, Ordering::Relaxed);
@@ -2595,7 +2627,10 @@ json.dump(out, sys.stdout, allow_nan=False)
         kill_group();
         let status = child.wait().expect("reaping chromium");
         let took = started.elapsed();
-        let (stdout, stderr) = (out_t.join().unwrap_or_default(), err_t.join().unwrap_or_default());
+        let (stdout, stderr) = (
+            out_t.join().unwrap_or_default(),
+            err_t.join().unwrap_or_default(),
+        );
         let run = BrowserRun {
             stdout: String::from_utf8_lossy(&stdout).into_owned(),
             stderr: String::from_utf8_lossy(&stderr).into_owned(),
