@@ -19,6 +19,9 @@ pub struct GenStatus {
     pub slot: u32,
     pub generation: u64,
     pub pid: u32,
+    /// Inode of the generation's PID namespace: with `pid`, identifies the
+    /// process across containers.
+    pub pidns: u64,
     pub state: String,
     /// Whether its heartbeat is recent (a dead generation keeps its record
     /// until the slot is reused).
@@ -73,6 +76,7 @@ pub fn from_maps(maps: &Maps, name: &str) -> Result<Status, SteeringError> {
                 slot: slot.0,
                 generation: r.generation,
                 pid: r.pid,
+                pidns: r.pidns,
                 state,
                 alive,
                 active: active == Some(slot),
