@@ -686,7 +686,9 @@ fn watch_handover(
                         dead_slot = other.map_or(-1, |(a, _)| i64::from(a.0)),
                         "{label}: the generation holding the active slot is gone or stalled: rolled back, taking traffic again"
                     );
-                    sys::sd_notify(&format!("READY=1\nSTATUS={label}: active again (rolled back)"));
+                    sys::sd_notify(&format!(
+                        "READY=1\nSTATUS={label}: active again (rolled back)"
+                    ));
                     *successor_seen = None;
                 }
                 Ok(false) => {}

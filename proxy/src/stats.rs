@@ -355,83 +355,77 @@ pub fn prometheus(v: &View) -> String {
             })
             .collect(),
     );
-    type LField = fn(&ListenerRow) -> u64;
+    type LField = fn(&ListenerRow) -> f64;
     let lfields: [(&str, &str, &str, LField); 10] = [
         (
             "proxy_listener_current_connections",
             "gauge",
             "Open client connections.",
-            |r| r.current,
+            |r| r.current as f64,
         ),
         (
             "proxy_listener_connections_total",
             "counter",
             "Client connections accepted.",
-            |r| r.total,
+            |r| r.total as f64,
         ),
         (
             "proxy_listener_received_bytes_total",
             "counter",
             "Bytes read from clients.",
-            |r| r.bytes_in,
+            |r| r.bytes_in as f64,
         ),
         (
             "proxy_listener_sent_bytes_total",
             "counter",
             "Bytes written to clients.",
-            |r| r.bytes_out,
+            |r| r.bytes_out as f64,
         ),
         (
             "proxy_listener_errors_total",
             "counter",
             "Client connections that ended in an error.",
-            |r| r.errors,
+            |r| r.errors as f64,
         ),
         (
             "proxy_listener_tls_handshakes_total",
             "counter",
             "Completed TLS handshakes.",
-            |r| r.tls_handshakes,
+            |r| r.tls_handshakes as f64,
         ),
         (
             "proxy_listener_tls_handshake_failures_total",
             "counter",
             "Failed TLS handshakes.",
-            |r| r.tls_failures,
+            |r| r.tls_failures as f64,
         ),
         (
             "proxy_listener_proxy_header_errors_total",
             "counter",
             "Bad or missing PROXY v2 headers.",
-            |r| r.proxy_header_errors,
+            |r| r.proxy_header_errors as f64,
         ),
         (
             "proxy_listener_http_requests_total",
             "counter",
             "HTTP requests served.",
-            |r| r.http_requests,
+            |r| r.http_requests as f64,
         ),
         (
             "proxy_listener_compression_ratio",
             "gauge",
             "Compressed / original response body bytes (0 when nothing was compressed).",
-            |r| r.compression_ratio.map_or(0, |x| (x * 1e6) as u64),
+            |r| r.compression_ratio.unwrap_or(0.0),
         ),
     ];
     for (name, kind, help, f) in lfields {
-        let scale = if name.ends_with("_ratio") { 1e-6 } else { 1.0 };
         family(
             name,
             kind,
             help,
             v.listeners
                 .iter()
-                .map(|r| {
-                    (
-                        format!("listener=\"{}\"", label(&r.name)),
-                        f(r) as f64 * scale,
-                    )
-                })
+                .map(|r| (format!("listener=\"{}\"", label(&r.name)), f(r)))
                 .collect(),
         );
     }
