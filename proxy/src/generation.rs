@@ -300,7 +300,7 @@ async fn serve(
                 slot,
                 record,
                 groups,
-                programs: programs,
+                programs,
                 metrics_at: Instant::now(),
                 history_at: Instant::now() - Duration::from_millis(HISTORY_INTERVAL_MS),
                 last_phase: Phase::Starting,
