@@ -496,6 +496,35 @@ impl Config {
                 ));
             }
         }
+        // Stats listeners share the address space of the data listeners: two
+        // sockets on one address would silently split its connections.
+        let stats_binds = self
+            .stats
+            .iter()
+            .map(|st| ("stats.bind".to_string(), st.bind))
+            .chain(self.listeners.iter().enumerate().filter_map(|(i, l)| {
+                l.stats
+                    .as_ref()
+                    .map(|st| (format!("listener[{i}].stats.bind"), st.bind))
+            }));
+        let mut stats_seen: HashMap<SocketAddr, String> = HashMap::new();
+        for (key, addr) in stats_binds {
+            if bound.contains_key(&BindAddr::Tcp(addr)) {
+                return Err((
+                    key,
+                    format!("address {addr} is already a listener's bind address"),
+                ));
+            }
+            if let Some(first) = stats_seen.insert(addr, key.clone()) {
+                return Err((
+                    key,
+                    format!(
+                        "address {addr} is already used by {first} (stats listeners default \
+                         to 127.0.0.1:8404: give each its own bind)"
+                    ),
+                ));
+            }
+        }
         Ok(())
     }
 }
@@ -1664,5 +1693,20 @@ connect_timeout = "500ms"
             "backend = \"app\"\n[listener.tls]\n[[listener.tls.pair]]\ncert = \"a.crt\"\n",
         );
         assert_err(&missing_key, "listener[0].tls.pair[0]", "key");
+    }
+
+    #[test]
+    fn stats_binds_must_not_collide() {
+        let both = format!("{MINIMAL}\n[stats]\n",).replace(
+            "backend = \"app\"\n",
+            "backend = \"app\"\n[listener.stats]\nbanner = \"x\"\n",
+        );
+        assert_err(
+            &both,
+            "listener[0].stats.bind",
+            "already used by stats.bind",
+        );
+        let on_listener = format!("{MINIMAL}\n[stats]\nbind = \"0.0.0.0:8080\"\n");
+        assert_err(&on_listener, "stats.bind", "already a listener");
     }
 }

@@ -161,8 +161,40 @@ struct Steer {
     last_phase: Phase,
 }
 
+/// The signals a generation obeys, installed first thing: a signal that
+/// arrives during startup must not take its default action (terminate or
+/// stop the process).
+struct Signals {
+    usr1: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    ttou: tokio::signal::unix::Signal,
+    ttin: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> std::io::Result<Self> {
+        Ok(Self {
+            usr1: signal(SignalKind::user_defined1())?,
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+            ttou: signal(SignalKind::from_raw(libc::SIGTTOU))?,
+            ttin: signal(SignalKind::from_raw(libc::SIGTTIN))?,
+        })
+    }
+}
+
+/// The listening sockets the control loop stops and resumes.
+#[derive(Clone, Copy)]
+struct Sockets<'a> {
+    listeners: &'a [Arc<Listener>],
+    /// Stats listeners and their serving tasks.
+    stats: &'a [(Arc<Listener>, tokio::task::AbortHandle)],
+}
+
 /// Runs one generation until it has stopped.
 pub async fn run(opts: Options) -> Result<()> {
+    let mut signals = Signals::install().context("installing signal handlers")?;
     let cfg = &opts.config;
     let name = &cfg.global.name;
     let (phase_tx, _phase_rx) = watch::channel(Phase::Starting);
@@ -214,6 +246,7 @@ pub async fn run(opts: Options) -> Result<()> {
         steer_maps.take().zip(slot_record),
         &gen_label,
         phase_tx,
+        &mut signals,
     )
     .await;
     if let Err(e) = &result {
@@ -234,6 +267,7 @@ async fn serve(
     steer: Option<(Maps, (Slot, GenRecord))>,
     label: &str,
     phase: watch::Sender<Phase>,
+    signals: &mut Signals,
 ) -> Result<()> {
     let cfg = &opts.config;
     let shared = Arc::new(Shared {
@@ -371,6 +405,14 @@ async fn serve(
         std::fs::write(path, format!("{}\n", std::process::id()))
             .with_context(|| format!("writing pidfile {}", path.display()))?;
     }
+    // UNIX listeners take over their paths now, the last step that can fail
+    // before the flip.
+    for (l, listener, _, _) in &listeners {
+        listener
+            .publish()
+            .with_context(|| format!("listener {}: publishing {}", l.name, listener.addr))?;
+    }
+
     phase.send_replace(Phase::Ready);
     publish(&mut steer, &shared, Phase::Ready);
 
@@ -414,10 +456,13 @@ async fn serve(
         cfg,
         &mut steer,
         &shared,
-        &listeners,
-        &stats_listeners,
+        &Sockets {
+            listeners: &listeners,
+            stats: &stats_listeners,
+        },
         &phase,
         label,
+        signals,
     )
     .await;
 
@@ -551,16 +596,22 @@ async fn control(
     cfg: &Config,
     steer: &mut Option<Steer>,
     shared: &Arc<Shared>,
-    listeners: &[Arc<Listener>],
-    stats_listeners: &[(Arc<Listener>, tokio::task::AbortHandle)],
+    sockets: &Sockets<'_>,
     phase: &watch::Sender<Phase>,
     label: &str,
+    signals: &mut Signals,
 ) -> Result<Outcome> {
-    let mut usr1 = signal(SignalKind::user_defined1())?;
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    let mut ttou = signal(SignalKind::from_raw(libc::SIGTTOU))?;
-    let mut ttin = signal(SignalKind::from_raw(libc::SIGTTIN))?;
+    let Sockets {
+        listeners,
+        stats: stats_listeners,
+    } = *sockets;
+    let Signals {
+        usr1,
+        term,
+        int,
+        ttou,
+        ttin,
+    } = signals;
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // When we first saw an active successor.
@@ -579,6 +630,9 @@ async fn control(
         let action = match action {
             Action::None if current == Phase::Active => {
                 watch_handover(steer, label, &mut successor_seen, cfg.global.handover_grace)
+            }
+            Action::None if current == Phase::Standby && replaced_by_newer(steer) => {
+                Action::SoftStop("replaced while standing by")
             }
             other => other,
         };
@@ -599,7 +653,7 @@ async fn control(
                 shared.draining.send_replace(true);
                 phase.send_replace(Phase::Draining);
                 publish(steer, shared, Phase::Draining);
-                return Ok(drain(cfg, steer, shared, label).await);
+                return Ok(drain(cfg, steer, shared, label, term, int).await);
             }
             Action::Pause if current == Phase::Active => {
                 info!("{label}: SIGTTOU: stopped accepting (queued connections migrate)");
@@ -607,9 +661,14 @@ async fn control(
                 phase.send_replace(Phase::Standby);
             }
             Action::Resume if current == Phase::Standby => {
-                resume(steer, shared, listeners, label)?;
-                successor_seen = None;
-                phase.send_replace(Phase::Active);
+                match resume(steer, shared, listeners, label) {
+                    Ok(()) => {
+                        successor_seen = None;
+                        phase.send_replace(Phase::Active);
+                    }
+                    // The open connections must not pay for it.
+                    Err(e) => error!("{label}: SIGTTIN failed, still standing by: {e:#}"),
+                }
             }
             Action::Pause | Action::Resume => {
                 debug!("{label}: signal ignored in phase {current:?}")
@@ -673,8 +732,17 @@ fn watch_handover(
             }
             Action::None
         }
+        Some((_, r)) if alive(&r) && r.state == gen_state::ACTIVE => {
+            // An older generation took the traffic back (SIGTTIN): it is the
+            // operator's choice, step back instead of fighting over the slot.
+            info!(
+                "{label}: generation {} took the traffic back: standing by",
+                r.generation
+            );
+            Action::Pause
+        }
         other => {
-            // No live successor holds the active slot: take traffic back.
+            // No live generation holds the active slot: take traffic back.
             let expected = active;
             match s
                 .maps
@@ -696,6 +764,21 @@ fn watch_handover(
             }
             Action::None
         }
+    }
+}
+
+/// Whether a newer live generation holds the active slot.
+fn replaced_by_newer(steer: &Option<Steer>) -> bool {
+    let Some(s) = steer.as_ref() else {
+        return false;
+    };
+    match s.maps.active_slot() {
+        Ok(Some(a)) if a != s.slot => s.maps.record(a).is_ok_and(|r| {
+            r.generation > s.record.generation
+                && r.state == gen_state::ACTIVE
+                && sys::boottime_ns().saturating_sub(r.heartbeat_ns) <= STALE.as_nanos() as u64
+        }),
+        _ => false,
     }
 }
 
@@ -730,10 +813,16 @@ fn resume(
 }
 
 /// Waits for in-flight connections, at most `hard_stop_after`.
-async fn drain(cfg: &Config, steer: &mut Option<Steer>, shared: &Shared, label: &str) -> Outcome {
+async fn drain(
+    cfg: &Config,
+    steer: &mut Option<Steer>,
+    shared: &Shared,
+    label: &str,
+    term: &mut tokio::signal::unix::Signal,
+    int: &mut tokio::signal::unix::Signal,
+) -> Outcome {
     let deadline = Instant::now() + cfg.global.hard_stop_after;
     let mut tick = tokio::time::interval(TICK);
-    let mut term = signal(SignalKind::terminate()).ok();
     loop {
         let left = shared.stats.active.load(Ordering::Relaxed);
         if left == 0 {
@@ -748,9 +837,8 @@ async fn drain(cfg: &Config, steer: &mut Option<Steer>, shared: &Shared, label: 
         }
         tokio::select! {
             _ = tick.tick() => {}
-            _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {
-                return Outcome::HardStop;
-            }
+            _ = term.recv() => return Outcome::HardStop,
+            _ = int.recv() => return Outcome::HardStop,
         }
         publish(steer, shared, Phase::Draining);
     }
@@ -763,15 +851,13 @@ async fn accept_loop(
     maxconn: Option<Arc<Semaphore>>,
 ) {
     let mut accepting = shared.accepting.subscribe();
+    // A UNIX listener cannot hand its queue to a successor, and the stages
+    // chained to it (ours, while they drain; nobody else once a successor
+    // renamed its path) still need it: it accepts until the generation
+    // exits.
+    let always = !listener.is_tcp();
     loop {
-        if !*accepting.borrow_and_update() {
-            if !listener.is_tcp() {
-                // A UNIX listener keeps its queue: serve what is in it (no
-                // one new can reach it once a successor renamed its path).
-                while let Ok((stream, peer)) = listener.try_accept() {
-                    spawn_conn(stream, peer, &stage, &shared, None);
-                }
-            }
+        if !always && !*accepting.borrow_and_update() {
             if accepting.changed().await.is_err() {
                 return;
             }
@@ -780,13 +866,13 @@ async fn accept_loop(
         let permit = match &maxconn {
             Some(sem) => tokio::select! {
                 p = sem.clone().acquire_owned() => p.ok(),
-                _ = accepting.changed() => continue,
+                _ = accepting.changed(), if !always => continue,
             },
             None => None,
         };
         let accepted = tokio::select! {
             r = listener.accept() => r,
-            _ = accepting.changed() => continue,
+            _ = accepting.changed(), if !always => continue,
             _ = shared.sweep.notified() => continue,
         };
         match accepted {
@@ -803,6 +889,15 @@ async fn accept_loop(
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
         }
+    }
+}
+
+/// One open connection in [`Stats::active`], until dropped.
+struct OpenConn(Arc<Shared>);
+
+impl Drop for OpenConn {
+    fn drop(&mut self) {
+        self.0.stats.active.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -827,13 +922,15 @@ fn spawn_conn(
         );
     }
     let stage = stage.clone();
-    let shared = shared.clone();
+    // Counts the connection as open until the task ends, even by a panic:
+    // the drain waits for this count.
+    let open = OpenConn(shared.clone());
     tokio::spawn(async move {
         if let Err(e) = stage.serve(stream, peer.clone()).await {
-            shared.stats.failed.fetch_add(1, Ordering::Relaxed);
+            open.0.stats.failed.fetch_add(1, Ordering::Relaxed);
             warn!(%peer, listener = %stage.name, "connection failed: {e}");
         }
-        shared.stats.active.fetch_sub(1, Ordering::Relaxed);
+        drop(open);
         drop(permit);
     });
 }

@@ -44,7 +44,12 @@ pub struct Listener {
     backlog: i32,
     /// Inode of our UNIX socket file, to tell whether a successor renamed
     /// its own over the path.
-    path_ino: Option<u64>,
+    path_ino: std::sync::Mutex<Option<u64>>,
+    /// A UNIX listener is bound on a temporary path until `publish()`
+    /// renames it over the real one (just before the flip, so that a
+    /// generation that fails during startup never takes the path away
+    /// from the running one).
+    pending: std::sync::Mutex<Option<PathBuf>>,
 }
 
 /// Who connected: a client address as the kernel saw it.
@@ -92,10 +97,10 @@ impl Listener {
                 socket.listen(backlog)?;
                 socket
             }
-            BindAddr::Unix(path) => bind_unix_atomically(path, backlog, unix_mode)?,
+            BindAddr::Unix(path) => bind_unix_temp(path, backlog, unix_mode)?,
         };
-        let path_ino = match addr {
-            BindAddr::Unix(path) => Some(std::fs::metadata(path)?.ino()),
+        let pending = match addr {
+            BindAddr::Unix(path) => Some(temp_path(path)),
             BindAddr::Tcp(_) => None,
         };
         let dup = socket.try_clone()?;
@@ -105,8 +110,27 @@ impl Listener {
             runtime: Handle::current(),
             addr: addr.clone(),
             backlog,
-            path_ino,
+            path_ino: std::sync::Mutex::new(None),
+            pending: std::sync::Mutex::new(pending),
         })
+    }
+
+    /// Puts a UNIX listener at its real path (rename over whatever is
+    /// there: the old generation keeps serving what it already accepted).
+    /// A no-op for TCP and for a listener already published.
+    pub fn publish(&self) -> io::Result<()> {
+        let BindAddr::Unix(path) = &self.addr else {
+            return Ok(());
+        };
+        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(tmp) = pending.take() {
+            std::fs::rename(&tmp, path).inspect_err(|_| {
+                let _ = std::fs::remove_file(&tmp);
+            })?;
+            *self.path_ino.lock().unwrap_or_else(|e| e.into_inner()) =
+                Some(std::fs::metadata(path)?.ino());
+        }
+        Ok(())
     }
 
     /// Accepts one connection: tries `accept()` first, waits for readiness
@@ -159,7 +183,8 @@ impl Listener {
 
     /// Removes our UNIX socket path, unless a successor has replaced it.
     pub fn remove_path_if_ours(&self) {
-        if let (BindAddr::Unix(path), Some(ours)) = (&self.addr, self.path_ino)
+        let ours = *self.path_ino.lock().unwrap_or_else(|e| e.into_inner());
+        if let (BindAddr::Unix(path), Some(ours)) = (&self.addr, ours)
             && std::fs::metadata(path).is_ok_and(|m| m.ino() == ours)
         {
             let _ = std::fs::remove_file(path);
@@ -168,6 +193,19 @@ impl Listener {
 
     pub fn is_tcp(&self) -> bool {
         matches!(self.addr, BindAddr::Tcp(_))
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        if let Some(tmp) = self
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        {
+            let _ = std::fs::remove_file(tmp);
+        }
     }
 }
 
@@ -185,6 +223,8 @@ fn into_stream((socket, addr): (Socket, SockAddr)) -> io::Result<(Stream, PeerAd
     socket.set_nonblocking(true)?;
     if let Some(sa) = addr.as_socket() {
         socket.set_nodelay(true)?;
+        // A vanished peer must not hold a connection (and a drain) forever.
+        socket.set_keepalive(true)?;
         let stream = TcpStream::from_std(std::net::TcpStream::from(socket))?;
         Ok((Stream::Tcp(stream), PeerAddr::Tcp(sa)))
     } else {
@@ -193,7 +233,7 @@ fn into_stream((socket, addr): (Socket, SockAddr)) -> io::Result<(Stream, PeerAd
     }
 }
 
-fn bind_unix_atomically(path: &Path, backlog: i32, mode: u32) -> io::Result<Socket> {
+fn bind_unix_temp(path: &Path, backlog: i32, mode: u32) -> io::Result<Socket> {
     use std::os::unix::fs::PermissionsExt;
     if let Some(parent) = path.parent() {
         std::fs::create_dir_all(parent)?;
@@ -205,15 +245,16 @@ fn bind_unix_atomically(path: &Path, backlog: i32, mode: u32) -> io::Result<Sock
     socket.bind(&SockAddr::unix(&tmp)?)?;
     std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))?;
     socket.listen(backlog)?;
-    std::fs::rename(&tmp, path).inspect_err(|_| {
-        let _ = std::fs::remove_file(&tmp);
-    })?;
     Ok(socket)
 }
 
+/// A temporary name next to `path`, unique per process start (PIDs repeat
+/// across PID namespaces).
 fn temp_path(path: &Path) -> PathBuf {
+    static UNIQUE: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    let unique = UNIQUE.get_or_init(crate::sys::boottime_ns);
     let mut name = path.file_name().unwrap_or_default().to_os_string();
-    name.push(format!(".{}.tmp", std::process::id()));
+    name.push(format!(".{}-{unique:x}.tmp", std::process::id()));
     path.with_file_name(name)
 }
 
@@ -223,6 +264,7 @@ pub async fn connect(server: &ServerAddr) -> io::Result<Stream> {
         ServerAddr::Tcp(sa) => {
             let stream = TcpStream::connect(sa).await?;
             stream.set_nodelay(true)?;
+            socket2::SockRef::from(&stream).set_keepalive(true)?;
             Ok(Stream::Tcp(stream))
         }
         ServerAddr::Unix(path) => Ok(Stream::Unix(UnixStream::connect(path).await?)),

@@ -97,7 +97,17 @@ pub fn drop_if_configured(cfg: &Config, pidfile: Option<&Path>) -> Result<(), Pr
         }
     }
     if let Some(path) = pidfile.or(cfg.global.pidfile.as_deref()) {
-        prepare(path, fs::write(path, b""))?;
+        // Create it if missing, but never truncate: it may name the running
+        // generation, which the next `-sf $(cat pidfile)` needs.
+        prepare(
+            path,
+            fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(path)
+                .map(|_| ()),
+        )?;
         prepare(path, chown(path, Some(uid), Some(gid)))?;
     }
     sys::drop_privileges(uid, gid, &KEPT).map_err(|source| PrivilegeError::Drop {

@@ -65,7 +65,10 @@ pub enum SteeringError {
         #[source]
         source: aya::programs::ProgramError,
     },
-    #[error("all {MAX_SLOTS} generation slots are in use by live generations")]
+    #[error(
+        "all {MAX_SLOTS} generation slots are in use by live generations: see `proxy status`, \
+         wait for draining ones to exit or stop one"
+    )]
     NoFreeSlot,
     #[error("all {MAX_GROUPS} reuseport groups of this instance are in use")]
     NoFreeGroup,
@@ -254,14 +257,16 @@ impl Maps {
         slot: Slot,
         values: impl IntoIterator<Item = (&'a str, u64)>,
     ) -> Result<()> {
+        let mut first_error = Ok(());
         for (id, value) in values {
-            if let Some(key) = metric_key(slot.0, id) {
-                self.metrics
-                    .insert(key, value, 0)
-                    .map_err(map_err(format!("publishing metric {id}")))?;
+            if let Some(key) = metric_key(slot.0, id)
+                && let Err(e) = self.metrics.insert(key, value, 0)
+                && first_error.is_ok()
+            {
+                first_error = Err(map_err(format!("publishing metric {id}"))(e));
             }
         }
-        Ok(())
+        first_error
     }
 
     /// Per metric id: the sum over the retired totals and every generation
@@ -324,17 +329,22 @@ impl Locked<'_> {
             .filter(|(k, _)| k.slot == slot.0)
             .collect();
         for (key, value) in entries {
+            // Remove first: the retired entry may need the room.
+            let _ = self.maps.metrics.remove(&key);
             let id = metric_id(&key);
             if !is_gauge(&id) {
                 let mut retired = key;
                 retired.slot = RETIRED_SLOT;
                 let sum = self.maps.metrics.get(&retired, 0).unwrap_or(0) + value;
-                self.maps
-                    .metrics
-                    .insert(retired, sum, 0)
-                    .map_err(map_err("retiring metrics"))?;
+                // Best effort: a full map costs totals, never an upgrade.
+                if let Err(e) = self.maps.metrics.insert(retired, sum, 0) {
+                    tracing::warn!(
+                        "{}: keeping the total of {id}: {e} (the map is full; it is safe to \
+                         remove {MAP_METRICS} when no generation runs)",
+                        self.maps.dir.display()
+                    );
+                }
             }
-            let _ = self.maps.metrics.remove(&key);
         }
         Ok(())
     }
@@ -380,7 +390,10 @@ impl Locked<'_> {
         let free = |r: &GenRecord| {
             r.state == gen_state::FREE
                 || r.state == gen_state::STOPPED
-                || now_ns.saturating_sub(r.heartbeat_ns) > stale_ns
+                // Silent for long, and (where we can tell) no process: a
+                // slow or stopped generation in our PID namespace keeps it.
+                || (now_ns.saturating_sub(r.heartbeat_ns) > stale_ns
+                    && (r.pidns != crate::sys::pidns_inode() || !crate::sys::pid_alive(r.pid)))
         };
         // Prefer a slot that is not the active one, then the lowest.
         let slot = records

@@ -108,6 +108,7 @@ pub fn monotonic_us() -> u64 {
 /// The uid and primary gid of a user name.
 pub fn lookup_user(name: &str) -> io::Result<(u32, u32)> {
     let cname = std::ffi::CString::new(name).map_err(|_| io::ErrorKind::InvalidInput)?;
+    // Safety: passwd is plain C data; all-zero is a valid (empty) value.
     let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };
     let mut buf = vec![0 as libc::c_char; 16 * 1024];
     let mut result: *mut libc::passwd = std::ptr::null_mut();
@@ -137,6 +138,7 @@ pub fn lookup_user(name: &str) -> io::Result<(u32, u32)> {
 /// The gid of a group name.
 pub fn lookup_group(name: &str) -> io::Result<u32> {
     let cname = std::ffi::CString::new(name).map_err(|_| io::ErrorKind::InvalidInput)?;
+    // Safety: group is plain C data; all-zero is a valid (empty) value.
     let mut grp: libc::group = unsafe { std::mem::zeroed() };
     let mut buf = vec![0 as libc::c_char; 16 * 1024];
     let mut result: *mut libc::group = std::ptr::null_mut();
