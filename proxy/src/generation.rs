@@ -631,9 +631,6 @@ async fn control(
             Action::None if current == Phase::Active => {
                 watch_handover(steer, label, &mut successor_seen, cfg.global.handover_grace)
             }
-            Action::None if current == Phase::Standby && replaced_by_newer(steer) => {
-                Action::SoftStop("replaced while standing by")
-            }
             other => other,
         };
         match action {
@@ -764,21 +761,6 @@ fn watch_handover(
             }
             Action::None
         }
-    }
-}
-
-/// Whether a newer live generation holds the active slot.
-fn replaced_by_newer(steer: &Option<Steer>) -> bool {
-    let Some(s) = steer.as_ref() else {
-        return false;
-    };
-    match s.maps.active_slot() {
-        Ok(Some(a)) if a != s.slot => s.maps.record(a).is_ok_and(|r| {
-            r.generation > s.record.generation
-                && r.state == gen_state::ACTIVE
-                && sys::boottime_ns().saturating_sub(r.heartbeat_ns) <= STALE.as_nanos() as u64
-        }),
-        _ => false,
     }
 }
 
