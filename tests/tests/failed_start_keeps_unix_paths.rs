@@ -1,0 +1,114 @@
+//! A new generation that fails during startup, after it bound its sockets but
+//! before the flip, must leave the running generation whole, including the
+//! UNIX socket paths its chained stages connect to: UNIX listeners are
+//! renamed over their paths only just before the flip.
+
+use std::{net::TcpListener, time::Duration};
+
+use proxy_integration_tests::{
+    BACKEND_ADDR, Backend, Load, LoadSpec, PROXY_ADDR, Proxy, Sandbox, exchange, next_id, report,
+};
+
+#[test]
+fn failed_start_keeps_unix_paths() {
+    let sb = Sandbox::new("failstart");
+    let rt = sb.runtime();
+    let _backend = Backend::start(&rt, Duration::ZERO);
+    let sock = sb.dir.join("app.sock");
+    // front (tcp) -> unix:app.sock -> app (tcp mode) -> backend
+    let base = format!(
+        r#"[global]
+name = "{name}"
+bpffs = "{bpffs}"
+steering = "ebpf"
+hard_stop_after = "10s"
+
+[[listener]]
+name = "front"
+bind = ["{proxy}"]
+backend = "app"
+
+[[listener]]
+name = "app"
+bind = ["unix:{sock}"]
+backend = "servers"
+
+[[backend]]
+name = "app"
+servers = ["unix:{sock}"]
+
+[[backend]]
+name = "servers"
+servers = ["{backend}"]
+"#,
+        name = sb.name,
+        bpffs = sb.bpffs.display(),
+        proxy = PROXY_ADDR,
+        sock = sock.display(),
+        backend = BACKEND_ADDR,
+    );
+    let good = sb.dir.join("good.toml");
+    std::fs::write(&good, &base).expect("write config");
+    // The same, plus a stats listener whose port something else holds
+    // without SO_REUSEPORT: the new generation fails after binding its UNIX
+    // listener, before the flip.
+    let blocker = TcpListener::bind("127.0.0.1:8404").expect("bind the blocker");
+    let failing = sb.dir.join("failing.toml");
+    std::fs::write(
+        &failing,
+        format!("{base}\n[stats]\nbind = \"127.0.0.1:8404\"\n"),
+    )
+    .expect("write config");
+
+    let t = Duration::from_secs(10);
+    let mut gen1 = Proxy::start(&sb, &good, &[]);
+    let id1 = gen1.wait_active(&sb, t);
+    let ino_before = std::fs::metadata(&sock).map(|m| std::os::unix::fs::MetadataExt::ino(&m));
+    let load = Load::start(&rt, LoadSpec::new(1000.0, Duration::from_secs(20)));
+    load.wait_ok(300, t);
+
+    let mut gen2 = Proxy::start(&sb, &failing, &[]);
+    let exit = gen2.expect_exit(t);
+    assert!(!exit.success(), "the failing generation must exit non-zero");
+    assert!(
+        gen2.log()
+            .contains("stats listener: binding 127.0.0.1:8404"),
+        "gen 2 names what failed:\n{}",
+        gen2.log()
+    );
+    let ino_after = std::fs::metadata(&sock).map(|m| std::os::unix::fs::MetadataExt::ino(&m));
+    assert_eq!(
+        ino_before.as_ref().ok(),
+        ino_after.as_ref().ok(),
+        "the UNIX path must still be gen 1's socket"
+    );
+    let leftovers: Vec<_> = std::fs::read_dir(&sb.dir)
+        .expect("read sandbox")
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
+        .map(|e| e.file_name())
+        .collect();
+    assert!(
+        leftovers.is_empty(),
+        "temporary socket files left: {leftovers:?}"
+    );
+
+    let ok = load.ok();
+    load.wait_ok(ok + 500, t);
+    let rep = load.finish(&rt);
+    let st = sb.status();
+    report(
+        &sb,
+        &format!(
+            "failed_start_keeps_unix_paths: gen 2 exited {exit}; load {} conns ok={} failed={}; active={:?}",
+            rep.started, rep.ok, rep.failed, st.active_slot
+        ),
+    );
+    rep.assert_clean("load through the UNIX chain while a new generation failed");
+    assert!(st.is_serving(id1.generation), "gen 1 still active: {st:?}");
+    rt.block_on(exchange(PROXY_ADDR, next_id(), 100, Duration::from_secs(5)))
+        .expect("gen 1 still serves through its UNIX stage");
+    drop(blocker);
+    gen1.signal(libc::SIGUSR1);
+    assert!(gen1.expect_exit(t).success());
+}
