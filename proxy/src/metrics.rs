@@ -156,24 +156,23 @@ impl Registry {
 /// A stream that counts the bytes it reads and writes.
 pub struct Metered<S> {
     inner: S,
-    read: Arc<dyn Fn(u64) + Send + Sync>,
-    written: Arc<dyn Fn(u64) + Send + Sync>,
-    on_drop: Option<Box<dyn FnOnce() + Send + Sync>>,
+    sink: Sink,
+}
+
+/// Where a metered stream counts.
+enum Sink {
+    /// A client connection of a listener.
+    Client(Arc<ListenerMetrics>),
+    /// A connection to a backend server (open until drop).
+    Server(Arc<ServerMetrics>),
 }
 
 impl<S> Metered<S> {
     /// Counts into a listener's figures (client side).
     pub fn client(inner: S, m: &Arc<ListenerMetrics>) -> Self {
-        let (r, w) = (m.clone(), m.clone());
         Self {
             inner,
-            read: Arc::new(move |n| {
-                r.bytes_in.fetch_add(n, Relaxed);
-            }),
-            written: Arc::new(move |n| {
-                w.bytes_out.fetch_add(n, Relaxed);
-            }),
-            on_drop: None,
+            sink: Sink::Client(m.clone()),
         }
     }
 
@@ -181,26 +180,31 @@ impl<S> Metered<S> {
     pub fn server(inner: S, m: &Arc<ServerMetrics>) -> Self {
         m.current.fetch_add(1, Relaxed);
         m.total.fetch_add(1, Relaxed);
-        let (r, w, d) = (m.clone(), m.clone(), m.clone());
         Self {
             inner,
-            read: Arc::new(move |n| {
-                r.bytes_in.fetch_add(n, Relaxed);
-            }),
-            written: Arc::new(move |n| {
-                w.bytes_out.fetch_add(n, Relaxed);
-            }),
-            on_drop: Some(Box::new(move || {
-                d.current.fetch_sub(1, Relaxed);
-            })),
+            sink: Sink::Server(m.clone()),
         }
+    }
+
+    fn count_read(&self, n: u64) {
+        match &self.sink {
+            Sink::Client(m) => m.bytes_in.fetch_add(n, Relaxed),
+            Sink::Server(m) => m.bytes_in.fetch_add(n, Relaxed),
+        };
+    }
+
+    fn count_written(&self, n: u64) {
+        match &self.sink {
+            Sink::Client(m) => m.bytes_out.fetch_add(n, Relaxed),
+            Sink::Server(m) => m.bytes_out.fetch_add(n, Relaxed),
+        };
     }
 }
 
 impl<S> Drop for Metered<S> {
     fn drop(&mut self) {
-        if let Some(f) = self.on_drop.take() {
-            f();
+        if let Sink::Server(m) = &self.sink {
+            m.current.fetch_sub(1, Relaxed);
         }
     }
 }
@@ -215,7 +219,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for Metered<S> {
         let res = Pin::new(&mut self.inner).poll_read(cx, buf);
         let n = buf.filled().len() - before;
         if n > 0 {
-            (self.read)(n as u64);
+            self.count_read(n as u64);
         }
         res
     }
@@ -229,7 +233,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Metered<S> {
     ) -> Poll<io::Result<usize>> {
         let res = Pin::new(&mut self.inner).poll_write(cx, buf);
         if let Poll::Ready(Ok(n)) = &res {
-            (self.written)(*n as u64);
+            self.count_written(*n as u64);
         }
         res
     }
