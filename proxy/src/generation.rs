@@ -628,9 +628,13 @@ async fn control(
         };
         let current = *phase.borrow();
         let action = match action {
-            Action::None if current == Phase::Active => {
-                watch_handover(steer, label, &mut successor_seen, cfg.global.handover_grace)
-            }
+            Action::None if current == Phase::Active => watch_handover(
+                steer,
+                label,
+                &mut successor_seen,
+                cfg.global.handover_grace,
+                listeners,
+            ),
             other => other,
         };
         match action {
@@ -685,6 +689,7 @@ fn watch_handover(
     label: &str,
     successor_seen: &mut Option<Instant>,
     grace: Duration,
+    listeners: &[Arc<Listener>],
 ) -> Action {
     let Some(s) = steer.as_mut() else {
         return Action::None;
@@ -755,6 +760,13 @@ fn watch_handover(
                         "READY=1\nSTATUS={label}: active again (rolled back)"
                     ));
                     *successor_seen = None;
+                    // The dead generation had renamed its UNIX sockets over
+                    // ours: take the paths back for our chained stages.
+                    for l in listeners {
+                        if let Err(e) = l.republish() {
+                            error!("{label}: taking back {} after the rollback: {e}", l.addr);
+                        }
+                    }
                 }
                 Ok(false) => {}
                 Err(e) => error!("{label}: rollback failed: {e}"),

@@ -42,6 +42,8 @@ pub struct Listener {
     pub addr: BindAddr,
     /// The kernel backlog, reused by `resume()`.
     backlog: i32,
+    /// Permissions of a UNIX socket file, reused by `republish()`.
+    unix_mode: u32,
     /// Inode of our UNIX socket file, to tell whether a successor renamed
     /// its own over the path.
     path_ino: std::sync::Mutex<Option<u64>>,
@@ -110,6 +112,7 @@ impl Listener {
             runtime: Handle::current(),
             addr: addr.clone(),
             backlog,
+            unix_mode,
             path_ino: std::sync::Mutex::new(None),
             pending: std::sync::Mutex::new(pending),
         })
@@ -174,6 +177,33 @@ impl Listener {
         let _entered = self.runtime.enter();
         let fresh = Arc::new(crate::sys::async_fd(self.socket.try_clone()?)?);
         *self.fd.write().unwrap_or_else(|e| e.into_inner()) = fresh;
+        Ok(())
+    }
+
+    /// Takes a UNIX path back after a rollback: the successor that renamed
+    /// its socket over it is gone, so the path leads nowhere. A fresh socket
+    /// is bound, renamed over the path, and put in place of ours with
+    /// `dup2`, so the accept loop picks it up without being restarted.
+    pub fn republish(&self) -> io::Result<()> {
+        let BindAddr::Unix(path) = &self.addr else {
+            return Ok(());
+        };
+        let ours = *self.path_ino.lock().unwrap_or_else(|e| e.into_inner());
+        if ours.is_some() && std::fs::metadata(path).ok().map(|m| m.ino()) == ours {
+            return Ok(());
+        }
+        let fresh = bind_unix_temp(path, self.backlog, self.unix_mode)?;
+        let tmp = temp_path(path);
+        std::fs::rename(&tmp, path).inspect_err(|_| {
+            let _ = std::fs::remove_file(&tmp);
+        })?;
+        crate::sys::replace_fd(&fresh, &self.socket)?;
+        drop(fresh);
+        let _entered = self.runtime.enter();
+        let registered = Arc::new(crate::sys::async_fd(self.socket.try_clone()?)?);
+        *self.fd.write().unwrap_or_else(|e| e.into_inner()) = registered;
+        *self.path_ino.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some(std::fs::metadata(path)?.ino());
         Ok(())
     }
 

@@ -219,3 +219,16 @@ pub fn sd_notify(state: &str) {
         tracing::warn!("sd_notify {state:?}: {e}");
     }
 }
+
+/// Makes `target`'s descriptor refer to `source`'s socket (`dup2`): the
+/// owner of `target` keeps its descriptor number and now holds the new
+/// socket; the old one is closed unless something else still refers to it.
+pub fn replace_fd(source: &impl AsRawFd, target: &impl AsRawFd) -> io::Result<()> {
+    // Safety: both descriptors are open and owned by live objects for the
+    // duration of the call; dup2 only changes what `target`'s number refers
+    // to, which its owner keeps owning.
+    if unsafe { libc::dup2(source.as_raw_fd(), target.as_raw_fd()) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}

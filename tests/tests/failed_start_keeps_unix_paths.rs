@@ -1,22 +1,20 @@
 //! A new generation that fails during startup, after it bound its sockets but
 //! before the flip, must leave the running generation whole, including the
 //! UNIX socket paths its chained stages connect to: UNIX listeners are
-//! renamed over their paths only just before the flip.
+//! renamed over their paths only just before the flip. And a new generation
+//! that dies after the flip (it had taken the paths) is rolled back with the
+//! paths: the old generation binds them again.
 
 use std::{net::TcpListener, time::Duration};
 
 use proxy_integration_tests::{
     BACKEND_ADDR, Backend, Load, LoadSpec, PROXY_ADDR, Proxy, Sandbox, exchange, next_id, report,
+    wait_until,
 };
 
-#[test]
-fn failed_start_keeps_unix_paths() {
-    let sb = Sandbox::new("failstart");
-    let rt = sb.runtime();
-    let _backend = Backend::start(&rt, Duration::ZERO);
-    let sock = sb.dir.join("app.sock");
-    // front (tcp) -> unix:app.sock -> app (tcp mode) -> backend
-    let base = format!(
+/// front (tcp) -> unix:app.sock -> app (tcp mode) -> backend
+fn chain_config(sb: &Sandbox, sock: &std::path::Path) -> String {
+    format!(
         r#"[global]
 name = "{name}"
 bpffs = "{bpffs}"
@@ -46,7 +44,16 @@ servers = ["{backend}"]
         proxy = PROXY_ADDR,
         sock = sock.display(),
         backend = BACKEND_ADDR,
-    );
+    )
+}
+
+#[test]
+fn failed_start_keeps_unix_paths() {
+    let sb = Sandbox::new("failstart");
+    let rt = sb.runtime();
+    let _backend = Backend::start(&rt, Duration::ZERO);
+    let sock = sb.dir.join("app.sock");
+    let base = chain_config(&sb, &sock);
     let good = sb.dir.join("good.toml");
     std::fs::write(&good, &base).expect("write config");
     // The same, plus a stats listener whose port something else holds
@@ -109,6 +116,56 @@ servers = ["{backend}"]
     rt.block_on(exchange(PROXY_ADDR, next_id(), 100, Duration::from_secs(5)))
         .expect("gen 1 still serves through its UNIX stage");
     drop(blocker);
+    gen1.signal(libc::SIGUSR1);
+    assert!(gen1.expect_exit(t).success());
+}
+
+#[test]
+fn rollback_takes_unix_paths_back() {
+    let sb = Sandbox::new("rollback-unix");
+    let rt = sb.runtime();
+    let _backend = Backend::start(&rt, Duration::ZERO);
+    let sock = sb.dir.join("app.sock");
+    let cfg = sb.dir.join("proxy.toml");
+    std::fs::write(&cfg, chain_config(&sb, &sock)).expect("write config");
+    let ino = || {
+        std::fs::metadata(&sock)
+            .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
+            .ok()
+    };
+
+    let t = Duration::from_secs(10);
+    let mut gen1 = Proxy::start(&sb, &cfg, &[]);
+    let id1 = gen1.wait_active(&sb, t);
+    let gen1_ino = ino();
+    // Gen 2 takes the UNIX path, flips, and stops itself before it serves.
+    let mut gen2 = Proxy::start(&sb, &cfg, &[("PROXY_TEST_HOOK", "stop-after-flip")]);
+    wait_until(
+        t,
+        || gen1.log().contains("rolled back"),
+        || format!("gen 1 to roll back; log:\n{}", gen1.log()),
+    );
+    gen2.kill();
+    let back = ino();
+    assert!(
+        back.is_some() && back != gen1_ino,
+        "gen 1 must have bound the path again (inode before {gen1_ino:?}, now {back:?})"
+    );
+    let st = sb.status();
+    assert!(st.is_serving(id1.generation), "gen 1 active again: {st:?}");
+
+    // The chain works again: front -> unix path -> gen 1's app stage.
+    let load = Load::start(&rt, LoadSpec::new(500.0, Duration::from_secs(10)));
+    load.wait_ok(1000, t);
+    let rep = load.finish(&rt);
+    report(
+        &sb,
+        &format!(
+            "rollback_takes_unix_paths_back: path inode {gen1_ino:?} -> {back:?}; load {} conns ok={} failed={}",
+            rep.started, rep.ok, rep.failed
+        ),
+    );
+    rep.assert_clean("load through the UNIX chain after the rollback");
     gen1.signal(libc::SIGUSR1);
     assert!(gen1.expect_exit(t).success());
 }
