@@ -1102,7 +1102,7 @@ impl Load {
         let stats = Arc::new(LoadStats::default());
         let stop = Arc::new(AtomicBool::new(false));
         let (st, sp) = (stats.clone(), stop.clone());
-        let handle = rt.spawn(generate(spec, st, sp));
+        let handle = rt.spawn(generate(spec, st, sp, PROXY_ADDR.to_string()));
         Load {
             stats,
             stop,
@@ -1166,7 +1166,12 @@ impl Drop for Load {
 }
 
 /// The generator: bounded in count (`max_conns`) and time (`max_duration`).
-async fn generate(spec: LoadSpec, stats: Arc<LoadStats>, stop: Arc<AtomicBool>) -> Duration {
+async fn generate(
+    spec: LoadSpec,
+    stats: Arc<LoadStats>,
+    stop: Arc<AtomicBool>,
+    addr: String,
+) -> Duration {
     let start = Instant::now();
     let mut tasks = JoinSet::new();
     let mut sent = 0u64;
@@ -1185,8 +1190,9 @@ async fn generate(spec: LoadSpec, stats: Arc<LoadStats>, stop: Arc<AtomicBool>) 
             let len = 16 + (id % 8) as usize * 61; // 16..=443 bytes
             let st = stats.clone();
             let timeout = spec.conn_timeout;
+            let addr = addr.clone();
             tasks.spawn(async move {
-                match exchange(PROXY_ADDR, id, len, timeout).await {
+                match exchange(&addr, id, len, timeout).await {
                     Ok(()) => {
                         st.ok.fetch_add(1, Ordering::Relaxed);
                     }
@@ -2022,11 +2028,10 @@ pub mod operator {
     };
 
     use serde::Deserialize;
-    use tokio::{runtime::Runtime, task::JoinSet};
+    use tokio::runtime::Runtime;
 
     use super::{
-        Counters, GenStatus, Load, LoadSpec, LoadStats, Proxy, ProxyConfig, Sandbox, exchange,
-        next_id, proxy_bin,
+        Counters, GenStatus, Load, LoadSpec, LoadStats, Proxy, ProxyConfig, Sandbox, proxy_bin,
     };
 
     /// The default `[stats] bind`.
@@ -2250,64 +2255,13 @@ pub mod operator {
             let stats = Arc::new(LoadStats::default());
             let stop = Arc::new(AtomicBool::new(false));
             let (st, sp) = (stats.clone(), stop.clone());
-            let handle = rt.spawn(generate_to(spec, st, sp, addr.to_string()));
+            let handle = rt.spawn(super::generate(spec, st, sp, addr.to_string()));
             Load {
                 stats,
                 stop,
                 handle: Some(handle),
             }
         }
-    }
-
-    /// The generator of [`Load::start_to`] (same pacing and checks as the
-    /// one of [`Load::start`]).
-    async fn generate_to(
-        spec: LoadSpec,
-        stats: Arc<LoadStats>,
-        stop: Arc<AtomicBool>,
-        addr: String,
-    ) -> Duration {
-        let start = Instant::now();
-        let mut tasks = JoinSet::new();
-        let mut sent = 0u64;
-        let mut last_start = start;
-        while !stop.load(Ordering::Relaxed) && sent < spec.max_conns {
-            let elapsed = start.elapsed();
-            if elapsed >= spec.max_duration {
-                break;
-            }
-            let due = ((elapsed.as_secs_f64() * spec.rate) as u64 + 1).min(spec.max_conns);
-            while sent < due {
-                sent += 1;
-                stats.started.fetch_add(1, Ordering::Relaxed);
-                last_start = Instant::now();
-                let id = next_id();
-                let len = 16 + (id % 8) as usize * 61;
-                let st = stats.clone();
-                let timeout = spec.conn_timeout;
-                let addr = addr.clone();
-                tasks.spawn(async move {
-                    match exchange(&addr, id, len, timeout).await {
-                        Ok(()) => {
-                            st.ok.fetch_add(1, Ordering::Relaxed);
-                        }
-                        Err(e) => {
-                            st.failed.fetch_add(1, Ordering::Relaxed);
-                            let mut f = st.failures.lock().unwrap_or_else(|p| p.into_inner());
-                            if f.len() < 10 {
-                                f.push(e);
-                            }
-                        }
-                    }
-                });
-            }
-            while tasks.try_join_next().is_some() {}
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
-        while tasks.join_next().await.is_some() {}
-        last_start
-            .duration_since(start)
-            .max(Duration::from_millis(1))
     }
 
     /// `/proc/<pid>/status` as key -> value (values trimmed).
