@@ -1321,25 +1321,20 @@ pub mod stages {
     /// Runs `cmd` to completion with stdin closed; kills it and panics when
     /// it runs longer than `timeout`.
     pub fn run_bounded(cmd: &mut Command, timeout: Duration) -> Output {
-        let mut child = cmd
+        let child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .unwrap_or_else(|e| panic!("spawning {cmd:?}: {e}"));
-        // Drain the pipes on threads so that a chatty command never blocks.
-        let mut stdout = child.stdout.take().expect("piped stdout");
-        let mut stderr = child.stderr.take().expect("piped stderr");
-        let out_t = std::thread::spawn(move || {
-            let mut v = Vec::new();
-            let _ = stdout.read_to_end(&mut v);
-            v
-        });
-        let err_t = std::thread::spawn(move || {
-            let mut v = Vec::new();
-            let _ = stderr.read_to_end(&mut v);
-            v
-        });
+        wait_bounded(child, timeout, &format!("{cmd:?}"))
+    }
+
+    /// Waits for `child` (stdout/stderr piped), at most `timeout`, draining
+    /// its pipes on threads so that a chatty command never blocks; kills it
+    /// and panics on a timeout.
+    pub fn wait_bounded(mut child: std::process::Child, timeout: Duration, what: &str) -> Output {
+        let (out_t, err_t) = (drain(child.stdout.take()), drain(child.stderr.take()));
         let deadline = Instant::now() + timeout;
         let status = loop {
             if let Some(status) = child.try_wait().expect("waiting for a command") {
@@ -1348,7 +1343,7 @@ pub mod stages {
             if Instant::now() >= deadline {
                 let _ = child.kill();
                 let _ = child.wait();
-                panic!("{cmd:?} did not finish within {timeout:?}");
+                panic!("{what} did not finish within {timeout:?}");
             }
             std::thread::sleep(Duration::from_millis(5));
         };
@@ -1357,6 +1352,19 @@ pub mod stages {
             stdout: out_t.join().unwrap_or_default(),
             stderr: err_t.join().unwrap_or_default(),
         }
+    }
+
+    /// Reads a pipe to its end on a thread.
+    pub fn drain<R: std::io::Read + Send + 'static>(
+        r: Option<R>,
+    ) -> std::thread::JoinHandle<Vec<u8>> {
+        std::thread::spawn(move || {
+            let mut v = Vec::new();
+            if let Some(mut r) = r {
+                let _ = r.read_to_end(&mut v);
+            }
+            v
+        })
     }
 
     /// Like [`run_bounded`], panicking unless the command succeeded.
@@ -2429,7 +2437,7 @@ json.dump(out, sys.stdout, allow_nan=False)
         let writer = std::thread::spawn(move || {
             let _ = stdin.write_all(&input);
         });
-        let out = wait_output(
+        let out = super::stages::wait_bounded(
             child,
             Duration::from_secs(60),
             "python3 prometheus_client parser",
@@ -2454,46 +2462,6 @@ json.dump(out, sys.stdout, allow_nan=False)
                 String::from_utf8_lossy(&out.stdout)
             )
         })
-    }
-
-    /// What a finished external command printed.
-    pub struct Output {
-        pub status: ExitStatus,
-        pub stdout: Vec<u8>,
-        pub stderr: Vec<u8>,
-    }
-
-    fn drain<R: io::Read + Send + 'static>(r: Option<R>) -> std::thread::JoinHandle<Vec<u8>> {
-        std::thread::spawn(move || {
-            let mut v = Vec::new();
-            if let Some(mut r) = r {
-                let _ = r.read_to_end(&mut v);
-            }
-            v
-        })
-    }
-
-    /// Waits for `child` (stdout/stderr piped), at most `timeout`; kills it
-    /// by PID and panics on a timeout.
-    fn wait_output(mut child: std::process::Child, timeout: Duration, what: &str) -> Output {
-        let (out_t, err_t) = (drain(child.stdout.take()), drain(child.stderr.take()));
-        let deadline = Instant::now() + timeout;
-        let status = loop {
-            if let Some(s) = child.try_wait().expect("waiting for a command") {
-                break s;
-            }
-            if Instant::now() >= deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("{what} did not finish within {timeout:?}");
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        };
-        Output {
-            status,
-            stdout: out_t.join().unwrap_or_default(),
-            stderr: err_t.join().unwrap_or_default(),
-        }
     }
 
     // -----------------------------------------------------------------------
@@ -2562,7 +2530,10 @@ json.dump(out, sys.stdout, allow_nan=False)
             .spawn()
             .unwrap_or_else(|e| panic!("spawning {}: {e}", bin.display()));
         let pid = child.id();
-        let (out_t, err_t) = (drain(child.stdout.take()), drain(child.stderr.take()));
+        let (out_t, err_t) = (
+            super::stages::drain(child.stdout.take()),
+            super::stages::drain(child.stderr.take()),
+        );
         let kill_group = || {
             // The leader is not reaped yet, so its PID (the group id) is ours.
             // Safety: kill has no memory effects.
