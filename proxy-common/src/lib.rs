@@ -20,7 +20,7 @@
 //! - [`MAP_GROUPS`]: `HASH<GroupKey, u32>`, the stable index of each
 //!   reuseport group (bind address), so that every generation registers its
 //!   sockets for the same address under the same index.
-#![no_std]
+#![cfg_attr(not(test), no_std)]
 
 /// Generation slots per instance: how many generations can hold listeners
 /// at the same time (one active, the others warm or draining).
@@ -95,15 +95,64 @@ impl Counter {
 /// Number of entries of [`MAP_COUNTERS`].
 pub const COUNTER_ENTRIES: u32 = 2 * MAX_SLOTS + 2;
 
-/// Lifecycle of a generation as stored in [`GenRecord::state`].
-pub mod gen_state {
-    pub const FREE: u32 = 0;
-    pub const STARTING: u32 = 1;
-    pub const READY: u32 = 2;
-    pub const ACTIVE: u32 = 3;
-    pub const STANDBY: u32 = 4;
-    pub const DRAINING: u32 = 5;
-    pub const STOPPED: u32 = 6;
+/// Where a generation is in its life, as stored in [`GenRecord::state`]:
+///
+/// ```text
+/// starting -> ready -> active -> draining -> stopped
+///                        ^  \
+///          SIGTTIN/back  |   v SIGTTOU
+///                       standby
+/// ```
+///
+/// A record whose state is [`STATE_FREE`] (0) belongs to no generation.
+#[repr(u32)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum Phase {
+    Starting = 1,
+    Ready = 2,
+    Active = 3,
+    Standby = 4,
+    Draining = 5,
+    Stopped = 6,
+}
+
+/// [`GenRecord::state`] of a slot no generation ever used.
+pub const STATE_FREE: u32 = 0;
+
+/// A heartbeat older than this marks a generation as not alive (it beats
+/// every 50 ms).
+pub const STALE_NS: u64 = 1_000_000_000;
+
+impl Phase {
+    /// The phase stored as `code`, or None for a free slot or an unknown
+    /// code (written by a newer proxy).
+    pub const fn from_code(code: u32) -> Option<Phase> {
+        Some(match code {
+            1 => Phase::Starting,
+            2 => Phase::Ready,
+            3 => Phase::Active,
+            4 => Phase::Standby,
+            5 => Phase::Draining,
+            6 => Phase::Stopped,
+            _ => return None,
+        })
+    }
+
+    pub const fn code(self) -> u32 {
+        self as u32
+    }
+
+    /// The lowercase name operators read in stats and `proxy status`.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Phase::Starting => "starting",
+            Phase::Ready => "ready",
+            Phase::Active => "active",
+            Phase::Standby => "standby",
+            Phase::Draining => "draining",
+            Phase::Stopped => "stopped",
+        }
+    }
 }
 
 /// What a generation publishes about itself in its slot of [`MAP_GENS`].
@@ -127,11 +176,34 @@ pub struct GenRecord {
     pub active_conns: u64,
     /// PID as seen in the generation's own PID namespace.
     pub pid: u32,
-    /// One of [`gen_state`].
+    /// A [`Phase`] code, or [`STATE_FREE`].
     pub state: u32,
     /// Inode of the generation's PID namespace, to tell whether `pid` can
     /// be signalled from here.
     pub pidns: u64,
+}
+
+impl GenRecord {
+    /// The phase, or None for a free slot (or an unknown code).
+    pub const fn phase(&self) -> Option<Phase> {
+        Phase::from_code(self.state)
+    }
+
+    /// Whether the slot belongs to no generation, now or before.
+    pub const fn is_free(&self) -> bool {
+        self.state == STATE_FREE
+    }
+
+    /// The one liveness rule: a generation that has not stopped and whose
+    /// heartbeat (CLOCK_BOOTTIME, `now_ns`) is at most `stale_ns` old. The
+    /// proxy adds one check it can make only in userspace: a PID in its own
+    /// namespace that no longer exists.
+    pub const fn is_alive(&self, now_ns: u64, stale_ns: u64) -> bool {
+        match self.phase() {
+            None | Some(Phase::Stopped) => false,
+            Some(_) => now_ns.saturating_sub(self.heartbeat_ns) <= stale_ns,
+        }
+    }
 }
 
 /// Key of [`MAP_GROUPS`]: one reuseport group, i.e. one bind address.
@@ -191,3 +263,42 @@ unsafe impl aya::Pod for HistorySample {}
 #[cfg(feature = "user")]
 // Safety: as above.
 unsafe impl aya::Pod for GroupKey {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn phase_codes_round_trip_and_free_is_none() {
+        for p in [
+            Phase::Starting,
+            Phase::Ready,
+            Phase::Active,
+            Phase::Standby,
+            Phase::Draining,
+            Phase::Stopped,
+        ] {
+            assert_eq!(Phase::from_code(p.code()), Some(p));
+        }
+        assert_eq!(Phase::from_code(STATE_FREE), None);
+        assert_eq!(Phase::from_code(99), None);
+        assert!(GenRecord::default().is_free());
+    }
+
+    #[test]
+    fn alive_means_not_stopped_and_a_fresh_heartbeat() {
+        let rec = |phase: Phase, heartbeat_ns| GenRecord {
+            state: phase.code(),
+            heartbeat_ns,
+            ..Default::default()
+        };
+        let now = 10 * STALE_NS;
+        assert!(rec(Phase::Active, now).is_alive(now, STALE_NS));
+        assert!(rec(Phase::Draining, now - STALE_NS).is_alive(now, STALE_NS));
+        assert!(!rec(Phase::Active, now - STALE_NS - 1).is_alive(now, STALE_NS));
+        assert!(!rec(Phase::Stopped, now).is_alive(now, STALE_NS));
+        assert!(!GenRecord::default().is_alive(now, STALE_NS));
+        // A heartbeat from the future (clock read before ours) is fresh.
+        assert!(rec(Phase::Starting, now + 5).is_alive(now, STALE_NS));
+    }
+}

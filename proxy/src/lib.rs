@@ -1,35 +1,33 @@
-//! # proxy: a layer-4 proxy whose upgrades lose nothing
+//! # proxy: a proxy whose upgrades lose nothing
 //!
 //! # Layout
 //!
-//! - [`config`]: the TOML config, env interpolation, validation with key paths.
-//! - [`net`]: listeners (SO_REUSEPORT, accept-first sweeping) and streams.
-//! - [`forward`]: backend pools, round-robin, the byte copy.
+//! The folders are the architecture:
+//!
+//! - [`config`]: the TOML config: loading, `${VAR}` interpolation,
+//!   validation with key paths, and the settings each stage builds once.
+//! - [`generation`]: one running copy as a value: bind, take over, serve,
+//!   hand over. Its control loop turns commands (signals, pinned-map
+//!   changes) into phase transitions; its accept loops feed the stages.
+//! - [`steering`]: the pinned eBPF maps of an instance and the
+//!   `sk_reuseport` program, attached once per reuseport group; or plain
+//!   SO_REUSEPORT when eBPF is not available.
+//! - [`stage`]: the data path of one listener: sockets, PROXY v2, TLS, tcp
+//!   forwarding, HTTP/1.1 with gzip.
+//! - [`stats`]: the figures: the counter table, the snapshot, and its views
+//!   (HTML, JSON, Prometheus, `proxy status`).
 //! - [`privilege`]: the optional drop to `global.user`.
-//! - [`stage`]: what a listener does with a connection, on which runtime.
-//! - [`tls`]: TLS termination (rustls), certificates chosen by SNI.
-//! - [`proxy_proto`]: PROXY v2 headers, read strictly and written (ppp).
-//! - [`http`]: HTTP/1.1 mode through hyper, gzip compression, X-Forwarded-For.
-//! - [`metrics`]: per listener and per server counters, metered streams.
-//! - [`steering`]: the pinned eBPF maps and the `sk_reuseport` program.
-//! - [`generation`]: one running copy: lifecycle, handover, drain.
-//! - [`stats`]: the stats listener: HTML, JSON and Prometheus views.
-//! - [`status`]: what `proxy status` reads and prints.
-//! - [`sys`]: the few raw syscalls (clocks, signals by PID).
+//! - [`sys`]: the few raw syscalls (clocks, signals by PID, fds).
+//!
+//! Dependencies point one way: `generation` uses `steering`, `stage` and
+//! `stats`; `stats` reads `steering`; `stage` counts into `stats::counters`.
 #![deny(unsafe_code)]
 
 pub mod config;
-pub mod forward;
 pub mod generation;
-pub mod http;
-pub mod metrics;
-pub mod net;
 pub mod privilege;
-pub mod proxy_proto;
 pub mod stage;
 pub mod stats;
-pub mod status;
 pub mod steering;
 #[allow(unsafe_code)]
 pub mod sys;
-pub mod tls;

@@ -7,7 +7,7 @@ use clap::{Parser, Subcommand};
 use proxy::{
     config::Config,
     generation::{self, Options, TestHook},
-    status,
+    stats::status,
 };
 
 #[derive(Parser)]
@@ -106,7 +106,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     l,
                     proxy::stage::StageContext {
                         draining: tokio::sync::watch::channel(false).1,
-                        metrics: &proxy::metrics::Registry::new(&cfg),
+                        metrics: &proxy::stats::counters::Registry::new(&cfg),
                         generation: 0,
                     },
                 )?;

@@ -7,7 +7,8 @@
 //! - `build`: the eBPF object and the proxy binary with the object embedded.
 //! - `run`: builds, starts two demo backends and runs the proxy as root on
 //!   `examples/proxy.toml`.
-//! - `test`: the README's test command; `.ci/run` calls it.
+//! - `test`: the README's test command; `.ci/run` calls it. Installs the
+//!   Debian and Python packages the tests drive when they are missing.
 
 use std::{
     env,
@@ -22,6 +23,7 @@ use clap::{Parser, Subcommand};
 
 mod certs;
 mod demo;
+mod deps;
 
 #[derive(Parser)]
 #[command(about = "Build, run and test the proxy")]
@@ -45,7 +47,8 @@ enum Cmd {
         #[arg(last = true)]
         args: Vec<OsString>,
     },
-    /// Build everything and run all tests (root: the tests load eBPF programs
+    /// Install what the tests drive (Debian and Python packages) when missing,
+    /// build everything and run all tests (root: the tests load eBPF programs
     /// and make network namespaces).
     Test {
         /// Extra arguments for the test binaries, e.g. `-- handover --nocapture`.
@@ -104,8 +107,9 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Test { args } => {
-            let proxy = build_all(&ws)?;
             require_root("test")?;
+            deps::ensure_test_tools()?;
+            let proxy = build_all(&ws)?;
             // One test at a time: the load tests measure rates on 2 cores.
             cargo(&ws)
                 .args(["test", "--release"])

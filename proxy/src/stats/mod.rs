@@ -8,6 +8,9 @@
 //! the eBPF counters and a history of new connections per generation. Without
 //! the maps, the page shows this generation's own counters.
 
+pub mod counters;
+pub mod status;
+
 use std::{collections::BTreeMap, convert::Infallible, fmt::Write, sync::Arc};
 
 use bytes::Bytes;
@@ -19,9 +22,9 @@ use serde::Serialize;
 use tracing::debug;
 
 use crate::{
-    metrics::Registry,
-    net::Listener,
-    status::{self, GenStatus},
+    stats::counters::Registry,
+    stage::socket::Listener,
+    stats::status::{GenStatus},
     steering::{Counters, Maps, Slot},
 };
 

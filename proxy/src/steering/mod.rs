@@ -24,7 +24,7 @@ use proxy_common::{
     ALL_MAPS, COUNTER_ENTRIES, Counter, GLOBAL_GROUP, GenRecord, GroupKey, HISTORY_LEN,
     HistorySample, MAP_COUNTERS, MAP_GENS, MAP_GROUPS, MAP_HISTORY, MAP_METRICS, MAP_SOCKS,
     MAP_STATE, MAX_GROUPS, MAX_SLOTS, METRIC_ID_LEN, MetricKey, NO_SLOT, PROGRAM, RETIRED_SLOT,
-    STATE_ACTIVE_SLOT, STATE_GEN_SEQ, STATE_HISTORY_CURSOR, gen_state, sock_index,
+    STATE_ACTIVE_SLOT, STATE_GEN_SEQ, STATE_HISTORY_CURSOR, Phase, sock_index,
 };
 
 /// The eBPF object, embedded at build time by `cargo xtask build` (see
@@ -388,8 +388,8 @@ impl Locked<'_> {
         let active = self.maps.active_slot()?;
         let records = self.maps.records()?;
         let free = |r: &GenRecord| {
-            r.state == gen_state::FREE
-                || r.state == gen_state::STOPPED
+            r.is_free()
+                || r.phase() == Some(Phase::Stopped)
                 // Silent for long, and (where we can tell) no process: a
                 // slow or stopped generation in our PID namespace keeps it.
                 || (now_ns.saturating_sub(r.heartbeat_ns) > stale_ns

@@ -4,11 +4,10 @@
 
 use std::{fmt::Write, path::Path};
 
-use proxy_common::{MAX_SLOTS, gen_state};
+use proxy_common::{MAX_SLOTS, Phase, STALE_NS};
 use serde::Serialize;
 
 use crate::{
-    generation::Phase,
     steering::{self, Counters, Maps, SteeringError},
     sys,
 };
@@ -44,8 +43,6 @@ pub struct Status {
     pub counters: Counters,
 }
 
-/// A heartbeat older than this marks a generation as not alive.
-const STALE_NS: u64 = 1_000_000_000;
 
 pub fn read(bpffs: &Path, name: &str) -> Result<Status, SteeringError> {
     let dir = steering::pin_dir(bpffs, name);
@@ -63,13 +60,12 @@ pub fn from_maps(maps: &Maps, name: &str) -> Result<Status, SteeringError> {
     let generations = maps
         .records()?
         .into_iter()
-        .filter(|(_, r)| r.state != gen_state::FREE)
+        .filter(|(_, r)| !r.is_free())
         .map(|(slot, r)| {
-            let alive =
-                r.state != gen_state::STOPPED && now_ns.saturating_sub(r.heartbeat_ns) <= STALE_NS;
-            let state = match Phase::from_code(r.state) {
-                Some(p) if alive || p == Phase::Stopped => format!("{p:?}").to_lowercase(),
-                Some(p) => format!("dead ({:?})", p).to_lowercase(),
+            let alive = r.is_alive(now_ns, STALE_NS);
+            let state = match r.phase() {
+                Some(p) if alive || p == Phase::Stopped => p.name().to_string(),
+                Some(p) => format!("dead ({})", p.name()),
                 None => format!("unknown ({})", r.state),
             };
             GenStatus {

@@ -6,6 +6,12 @@
 //! with `cpus` runs on its own tokio runtime whose threads are pinned there,
 //! the way HAProxy gives TLS or compression listeners their own cores.
 
+pub mod forward;
+pub mod http;
+pub mod proxy_proto;
+pub mod socket;
+pub mod tls;
+
 use std::{
     future::Future,
     net::SocketAddr,
@@ -25,13 +31,13 @@ use tracing::{info, warn};
 
 use crate::{
     config::{Config, Listener as ListenerConfig, Mode},
-    forward::{ForwardError, Pool, Transfer},
-    http::{self, Compression, HttpError, HttpSettings, Upstream},
-    metrics::{ListenerMetrics, Metered, Registry},
-    net::{PeerAddr, Stream},
-    proxy_proto::{self, ProxyError},
+    stage::forward::{ForwardError, Pool, Transfer},
+    stage::http::{Compression, HttpError, HttpSettings, Upstream},
+    stats::counters::{ListenerMetrics, Metered, Registry},
+    stage::socket::{PeerAddr, Stream},
+    stage::proxy_proto::{ProxyError},
     sys,
-    tls::{CertSource, TlsAcceptor, TlsError, TlsSettings},
+    stage::tls::{CertSource, TlsAcceptor, TlsError, TlsSettings},
 };
 
 /// Why a stage could not be built (bad certificates, no runtime).

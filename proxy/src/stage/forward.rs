@@ -16,8 +16,8 @@ use std::sync::Arc;
 
 use crate::{
     config::{Backend, ServerAddr},
-    metrics::{Metered, Registry, ServerMetrics},
-    net::{self, Stream},
+    stats::counters::{Metered, Registry, ServerMetrics},
+    stage::socket::{self as net, Stream},
 };
 
 /// The servers of one backend and where the round-robin stands.

@@ -30,7 +30,7 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
-use proxy_common::{GenRecord, GroupKey, HISTORY_INTERVAL_MS, HistorySample, gen_state};
+use proxy_common::{GenRecord, GroupKey, HISTORY_INTERVAL_MS, HistorySample, Phase};
 use tokio::{
     signal::unix::{SignalKind, signal},
     sync::{Notify, Semaphore, watch},
@@ -39,8 +39,8 @@ use tracing::{debug, error, info, warn};
 
 use crate::{
     config::{BindAddr, Config, Steering as SteeringMode},
-    metrics::Registry,
-    net::{Listener, PeerAddr, Stream},
+    stats::counters::Registry,
+    stage::socket::{Listener, PeerAddr, Stream},
     stage::{Stage, StageContext, StageRuntime},
     stats::{self, StatsSource},
     steering::{self, Group, Maps, Slot},
@@ -51,43 +51,6 @@ use crate::{
 const TICK: Duration = Duration::from_millis(50);
 /// A generation whose heartbeat is older than this is taken for dead.
 const STALE: Duration = Duration::from_secs(1);
-
-/// Where a generation is in its life.
-#[derive(Copy, Clone, Debug, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Phase {
-    Starting,
-    Ready,
-    Active,
-    Standby,
-    Draining,
-    Stopped,
-}
-
-impl Phase {
-    fn code(self) -> u32 {
-        match self {
-            Phase::Starting => gen_state::STARTING,
-            Phase::Ready => gen_state::READY,
-            Phase::Active => gen_state::ACTIVE,
-            Phase::Standby => gen_state::STANDBY,
-            Phase::Draining => gen_state::DRAINING,
-            Phase::Stopped => gen_state::STOPPED,
-        }
-    }
-
-    pub fn from_code(code: u32) -> Option<Phase> {
-        Some(match code {
-            gen_state::STARTING => Phase::Starting,
-            gen_state::READY => Phase::Ready,
-            gen_state::ACTIVE => Phase::Active,
-            gen_state::STANDBY => Phase::Standby,
-            gen_state::DRAINING => Phase::Draining,
-            gen_state::STOPPED => Phase::Stopped,
-            _ => return None,
-        })
-    }
-}
 
 /// Fault injection for the tests, from `PROXY_TEST_HOOK`.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
@@ -229,7 +192,7 @@ pub async fn run(opts: Options) -> Result<()> {
             accepted: 0,
             active_conns: 0,
             pid: std::process::id(),
-            state: gen_state::STARTING,
+            state: Phase::Starting.code(),
             pidns: sys::pidns_inode(),
         };
         let claimed = maps
@@ -255,7 +218,7 @@ pub async fn run(opts: Options) -> Result<()> {
         if let Some((slot, mut record)) = slot_record
             && let Ok(mut maps) = Maps::open(&dir)
         {
-            record.state = gen_state::STOPPED;
+            record.state = Phase::Stopped.code();
             let _ = maps.write_record(slot, &record);
         }
     }
@@ -557,7 +520,7 @@ fn push_history(maps: &mut Maps) -> Result<(), steering::SteeringError> {
         ..Default::default()
     };
     for (slot, r) in maps.records()? {
-        if r.state != gen_state::FREE {
+        if !r.is_free() {
             sample.accepted[slot.0 as usize] = r.accepted;
             sample.generation[slot.0 as usize] = r.generation;
         }
@@ -708,12 +671,12 @@ fn watch_handover(
     let alive = |r: &GenRecord| {
         let fresh = sys::boottime_ns().saturating_sub(r.heartbeat_ns) <= STALE.as_nanos() as u64;
         let pid_ok = r.pidns != sys::pidns_inode() || sys::pid_alive(r.pid);
-        fresh && pid_ok && r.state != gen_state::STOPPED && r.state != gen_state::FREE
+        fresh && pid_ok && r.state != Phase::Stopped.code() && !r.is_free()
     };
     let successor = active.and_then(|a| s.maps.record(a).ok().map(|r| (a, r)));
     match successor {
         Some((_, r)) if alive(&r) && r.generation > s.record.generation => {
-            if r.state != gen_state::ACTIVE {
+            if r.state != Phase::Active.code() {
                 return Action::None; // flipped, not yet serving: wait
             }
             let seen = *successor_seen.get_or_insert_with(|| {
@@ -734,7 +697,7 @@ fn watch_handover(
             }
             Action::None
         }
-        Some((_, r)) if alive(&r) && r.state == gen_state::ACTIVE => {
+        Some((_, r)) if alive(&r) && r.state == Phase::Active.code() => {
             // An older generation took the traffic back (SIGTTIN): it is the
             // operator's choice, step back instead of fighting over the slot.
             info!(

