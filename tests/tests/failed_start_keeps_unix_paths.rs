@@ -7,9 +7,9 @@
 
 use std::{net::TcpListener, time::Duration};
 
-use proxy_integration_tests::{
-    BACKEND_ADDR, Backend, Load, LoadSpec, PROXY_ADDR, Proxy, Sandbox, exchange, next_id, report,
-    wait_until,
+use proxy_harness::{
+    BACKEND_ADDR, Backend, Load, LoadSpec, PROXY_ADDR, Proxy, Sandbox, Signal, exchange, next_id,
+    report, wait_until,
 };
 
 /// front (tcp) -> unix:app.sock -> app (tcp mode) -> backend
@@ -116,7 +116,7 @@ fn failed_start_keeps_unix_paths() {
     rt.block_on(exchange(PROXY_ADDR, next_id(), 100, Duration::from_secs(5)))
         .expect("gen 1 still serves through its UNIX stage");
     drop(blocker);
-    gen1.signal(libc::SIGUSR1);
+    gen1.signal(Signal::Usr1);
     assert!(gen1.expect_exit(t).success());
 }
 
@@ -166,6 +166,6 @@ fn rollback_takes_unix_paths_back() {
         ),
     );
     rep.assert_clean("load through the UNIX chain after the rollback");
-    gen1.signal(libc::SIGUSR1);
+    gen1.signal(Signal::Usr1);
     assert!(gen1.expect_exit(t).success());
 }

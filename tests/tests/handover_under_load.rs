@@ -5,9 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use proxy_integration_tests::{
-    Backend, Load, LoadSpec, Proxy, ProxyConfig, Sandbox, Status, report,
-};
+use proxy_harness::{Backend, Load, LoadSpec, Proxy, ProxyConfig, Sandbox, Signal, Status, report};
 
 /// Generations started in total (the first one plus 19 handovers).
 const GENERATIONS: usize = 20;
@@ -132,7 +130,7 @@ fn handover_under_load() {
 
     // The last generation: soft-stop it once the load is over (nothing is
     // queued any more, so nothing migrates out of it).
-    current.signal(libc::SIGUSR1);
+    current.signal(Signal::Usr1);
     let exit = current.expect_exit(Duration::from_secs(15));
     assert!(exit.success(), "last generation exited with {exit}");
     let st = sb.status();
@@ -234,11 +232,7 @@ fn handover_under_load() {
     assert_eq!(figures.len(), GENERATIONS, "one record per generation");
 }
 
-fn record<'a>(
-    st: &'a Status,
-    generation: u64,
-    what: &str,
-) -> &'a proxy_integration_tests::GenStatus {
+fn record<'a>(st: &'a Status, generation: u64, what: &str) -> &'a proxy_harness::GenStatus {
     st.generation(generation).unwrap_or_else(|| {
         panic!("no status record for generation {generation} ({what}); status: {st:#?}")
     })

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use proxy_integration_tests::{Backend, Load, LoadSpec, Proxy, ProxyConfig, Sandbox, report};
+use proxy_harness::{Backend, Load, LoadSpec, Proxy, ProxyConfig, Sandbox, Signal, report};
 
 #[test]
 fn invalid_config_keeps_running_generation() {
@@ -122,7 +122,7 @@ fn invalid_config_keeps_running_generation() {
     );
     rep.assert_clean("load while bad configs were refused");
     assert!(gen1.try_exit().is_none(), "gen 1 must still run");
-    gen1.signal(libc::SIGTERM);
+    gen1.signal(Signal::Term);
     let exit = gen1.expect_exit(Duration::from_secs(10));
     assert!(exit.success(), "SIGTERM is a clean hard stop: {exit}");
     assert_eq!(

@@ -6,8 +6,9 @@
 
 use std::time::Duration;
 
-use proxy_integration_tests::{
-    Backend, Load, LoadSpec, PROXY_ADDR, Proxy, ProxyConfig, Sandbox, exchange, next_id, report,
+use proxy_harness::{
+    Backend, Load, LoadSpec, PROXY_ADDR, Proxy, ProxyConfig, Sandbox, Signal, exchange, next_id,
+    report,
 };
 
 #[test]
@@ -33,7 +34,7 @@ fn manual_rollback_with_sigttin() {
     let mut gen2 = Proxy::start(&sb, &cfg, &[]);
     let id2 = gen2.wait_active(&sb, t);
     // Park gen 1: it stops listening (its queue migrates to gen 2) but stays.
-    gen1.signal(libc::SIGTTOU);
+    gen1.signal(Signal::Ttou);
     sb.wait_status("gen 1 in standby, gen 2 serving", t, |st| {
         st.is_serving(id2.generation)
             && st
@@ -46,7 +47,7 @@ fn manual_rollback_with_sigttin() {
     std::thread::sleep(Duration::from_secs(1));
 
     // Roll back.
-    gen1.signal(libc::SIGTTIN);
+    gen1.signal(Signal::Ttin);
     let st = sb.wait_status("gen 1 active again, gen 2 standing by", t, |st| {
         st.is_serving(id1.generation)
             && st
@@ -77,10 +78,10 @@ fn manual_rollback_with_sigttin() {
     rep.assert_clean("load across a handover and a manual rollback");
 
     // The rolled-back-from generation leaves on request; gen 1 serves on.
-    gen2.signal(libc::SIGUSR1);
+    gen2.signal(Signal::Usr1);
     assert!(gen2.expect_exit(t).success(), "gen 2 exits cleanly");
     rt.block_on(exchange(PROXY_ADDR, next_id(), 100, Duration::from_secs(5)))
         .expect("gen 1 serves after gen 2 left");
-    gen1.signal(libc::SIGUSR1);
+    gen1.signal(Signal::Usr1);
     assert!(gen1.expect_exit(t).success(), "gen 1 exits cleanly");
 }

@@ -5,9 +5,12 @@
 
 use std::{collections::BTreeMap, net::SocketAddr, time::Duration};
 
-use proxy_integration_tests::{
-    BACKEND_ADDR, Backend, PROXY_ADDR, Proxy, ProxyConfig, Rng, Sandbox, expected_response,
-    read_and_check, report, request,
+use proxy_harness::{
+    BACKEND_ADDR, Backend, PROXY_ADDR, Proxy, ProxyConfig, Sandbox, Signal,
+    backend::{expected_response, request},
+    bodies::Rng,
+    load::read_and_check,
+    report,
 };
 use serde_json::Value;
 use tokio::{io::AsyncWriteExt, net::TcpStream, task::JoinSet};
@@ -37,7 +40,7 @@ fn operator_logs() {
         let mut tasks = JoinSet::new();
         for i in 0..N {
             tasks.spawn(async move {
-                let id = proxy_integration_tests::next_id();
+                let id = proxy_harness::next_id();
                 let payload = Rng::new(id).bytes(10 + i * 37);
                 let req = request(id, &payload);
                 let mut s = TcpStream::connect(PROXY_ADDR).await.expect("connect");
@@ -69,7 +72,7 @@ fn operator_logs() {
     assert_eq!(made.len(), N);
 
     // Soft-stop, so that everything is logged and flushed.
-    gen1.signal(libc::SIGUSR1);
+    gen1.signal(Signal::Usr1);
     let exit = gen1.expect_exit(Duration::from_secs(10));
     assert!(exit.success(), "generation exited with {exit}");
     let log = gen1.log();

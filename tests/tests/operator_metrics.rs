@@ -11,12 +11,13 @@ use std::{
     time::{Duration, Instant},
 };
 
-use proxy_integration_tests::{
-    BACKEND_ADDR, Backend, Load, LoadSpec, Proxy, ProxyConfig, Sandbox,
-    operator::{
-        PromFamily, PromSample, STATS_ADDR, StatsJson, config_text, http_get_ok, parse_prometheus,
-    },
+use proxy_harness::{
+    BACKEND_ADDR, Backend, Load, LoadSpec, Proxy, ProxyConfig, Sandbox, Signal,
+    config::{STATS_ADDR, config_text},
+    http_get::http_get_ok,
+    prometheus::{PromFamily, PromSample, parse_prometheus},
     report,
+    status::StatsJson,
 };
 
 /// Handovers under load.
@@ -487,7 +488,7 @@ fn operator_metrics() {
     );
 
     // Stop the last generation.
-    current.signal(libc::SIGUSR1);
+    current.signal(Signal::Usr1);
     let exit = current.expect_exit(Duration::from_secs(10));
     assert!(exit.success(), "last generation exited with {exit}");
 }

@@ -6,10 +6,13 @@
 
 use std::{os::unix::fs::MetadataExt as _, os::unix::fs::PermissionsExt as _, time::Duration};
 
-use proxy_integration_tests::{
-    Backend, Load, LoadSpec, PROXY_ADDR, Proxy, ProxyConfig, Sandbox, exchange, next_id,
-    operator::{cap_mask, config_text, proc_status, proc_thread_statuses},
-    read_sysctl_in_child, report,
+use proxy_harness::{
+    Backend, Load, LoadSpec, PROXY_ADDR, Proxy, ProxyConfig, Sandbox, Signal,
+    config::config_text,
+    exchange, next_id,
+    procfs::{cap_mask, proc_status, proc_thread_statuses},
+    report,
+    sandbox::read_sysctl_in_child,
 };
 
 /// The privileged port the listener uses (inside the test's namespace).
@@ -91,7 +94,7 @@ fn operator_privilege_drop() {
     let lr = load.finish(&rt);
     let accepted1 = gen1.final_accepted();
 
-    gen2.signal(libc::SIGUSR1);
+    gen2.signal(Signal::Usr1);
     let exit = gen2.expect_exit(Duration::from_secs(10));
     assert!(exit.success(), "generation 2 exited with {exit}");
     let accepted2 = gen2.final_accepted();

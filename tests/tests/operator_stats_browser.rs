@@ -11,12 +11,15 @@ use std::{
     time::{Duration, Instant},
 };
 
-use proxy_integration_tests::{
-    Backend, Held, Load, LoadSpec, PROXY_ADDR, Proxy, ProxyConfig, Sandbox, next_id,
-    operator::{
-        STATS_ADDR, StatsJson, config_text, http_get_ok, require_chromium, run_chromium, tail,
-    },
+use proxy_harness::{
+    Backend, Held, Load, LoadSpec, PROXY_ADDR, Proxy, ProxyConfig, Sandbox, Signal,
+    chromium::{require_chromium, run_chromium},
+    config::{STATS_ADDR, config_text},
+    http_get::http_get_ok,
+    next_id,
+    process::tail,
     report,
+    status::StatsJson,
 };
 
 /// The banner, set in the proxy's environment only.
@@ -154,7 +157,7 @@ fn operator_stats_browser() {
         .expect("the held connection completes on the draining generation");
     let exit = gen1.expect_exit(Duration::from_secs(10));
     assert!(exit.success(), "generation {g1} exited with {exit}");
-    gen2.signal(libc::SIGUSR1);
+    gen2.signal(Signal::Usr1);
     let exit = gen2.expect_exit(Duration::from_secs(10));
     assert!(exit.success(), "generation {g2} exited with {exit}");
 }

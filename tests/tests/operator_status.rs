@@ -5,9 +5,9 @@
 
 use std::time::Duration;
 
-use proxy_integration_tests::{
-    Backend, GenStatus, Held, PROXY_ADDR, Proxy, ProxyConfig, Sandbox, Status, exchange, next_id,
-    report,
+use proxy_harness::{
+    Backend, GenStatus, Held, PROXY_ADDR, Proxy, ProxyConfig, Sandbox, Signal, Status, exchange,
+    next_id, report,
 };
 
 #[test]
@@ -137,7 +137,7 @@ fn operator_status() {
     );
 
     // The last generation leaves: nothing is active any more.
-    gen2.signal(libc::SIGUSR1);
+    gen2.signal(Signal::Usr1);
     let exit = gen2.expect_exit(Duration::from_secs(10));
     assert!(exit.success(), "generation {g2} exited with {exit}");
     let st = sb.status();

@@ -4,9 +4,9 @@
 
 use std::{sync::atomic::Ordering, time::Duration};
 
-use proxy_integration_tests::{
-    Backend, Held, PROXY_ADDR, Proxy, ProxyConfig, Sandbox, accept_queues, exchange, next_id,
-    report, wait_until,
+use proxy_harness::{
+    Backend, Held, PROXY_ADDR, Proxy, ProxyConfig, Sandbox, Signal, exchange, next_id,
+    procfs::accept_queues, report, wait_until,
 };
 use tokio::task::JoinSet;
 
@@ -152,7 +152,7 @@ fn queued_connections_migrate() {
         "gen 1 had failed connections"
     );
 
-    gen2.signal(libc::SIGUSR1);
+    gen2.signal(Signal::Usr1);
     assert!(gen2.expect_exit(Duration::from_secs(5)).success());
     assert_eq!(
         gen2.final_accepted(),

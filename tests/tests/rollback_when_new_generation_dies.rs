@@ -6,8 +6,8 @@
 
 use std::time::{Duration, Instant};
 
-use proxy_integration_tests::{
-    Backend, Load, LoadSpec, Proxy, ProxyConfig, Sandbox, report, wait_until,
+use proxy_harness::{
+    Backend, Load, LoadSpec, Proxy, ProxyConfig, Sandbox, procfs::proc_state, report, wait_until,
 };
 
 #[test]
@@ -32,7 +32,7 @@ fn rollback_when_new_generation_dies() {
     let mut gen2 = Proxy::start(&sb, &cfg, &[("PROXY_TEST_HOOK", "stop-after-flip")]);
     wait_until(
         Duration::from_secs(10),
-        || Proxy::proc_state(gen2.pid) == Some('T'),
+        || proc_state(gen2.pid) == Some('T'),
         || format!("gen 2 to stop itself after the flip; log:\n{}", gen2.log()),
     );
     let stopped_after = started.elapsed();

@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use proxy_integration_tests::{Backend, Load, LoadSpec, Proxy, ProxyConfig, Sandbox, report};
+use proxy_harness::{Backend, Load, LoadSpec, Proxy, ProxyConfig, Sandbox, Signal, report};
 
 /// `unshare(1)` with a new PID namespace; `--kill-child` so that killing the
 /// wrapper (the process the guard knows) kills the proxy too.
@@ -93,7 +93,7 @@ fn separate_pid_namespaces() {
     );
     assert_eq!(st.counters.fallback_new, 0, "{:?}", st.counters);
     assert!(gen1.final_accepted() > 0 && gen2.final_accepted() > 0);
-    gen3.signal(libc::SIGUSR1);
+    gen3.signal(Signal::Usr1);
     assert!(gen3.expect_exit(Duration::from_secs(10)).success());
     assert_eq!(
         gen1.final_accepted() + gen2.final_accepted() + gen3.final_accepted(),

@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use proxy_integration_tests::{
+use proxy_harness::{
     Backend, Held, Load, LoadSpec, PROXY_ADDR, Proxy, ProxyConfig, Sandbox, next_id, report,
     wait_until,
 };

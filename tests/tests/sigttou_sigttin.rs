@@ -2,10 +2,12 @@
 //! listening (standby), SIGTTIN makes it listen again and take the traffic
 //! back through the steering program.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use proxy_integration_tests::{
-    Backend, PROXY_ADDR, Proxy, ProxyConfig, Sandbox, accept_queues, exchange, next_id, report,
+use proxy_harness::{
+    Backend, PROXY_ADDR, Proxy, ProxyConfig, Sandbox, Signal, exchange, next_id,
+    procfs::{accept_queues, cpu_usage},
+    report,
 };
 
 #[test]
@@ -20,7 +22,7 @@ fn sigttou_sigttin() {
     rt.block_on(exchange(PROXY_ADDR, next_id(), 100, t))
         .expect("an exchange through the active generation");
 
-    gen1.signal(libc::SIGTTOU);
+    gen1.signal(Signal::Ttou);
     let st = sb.wait_status("gen 1 in standby", t, |st| {
         st.generation(id1.generation)
             .is_some_and(|g| g.state == "standby" && g.alive)
@@ -39,7 +41,7 @@ fn sigttou_sigttin() {
         "a connection to a standby-only instance must be refused, got {refused:?}"
     );
 
-    gen1.signal(libc::SIGTTIN);
+    gen1.signal(Signal::Ttin);
     let back = sb.wait_status("gen 1 active again", t, |st| st.is_serving(id1.generation));
     assert_eq!(accept_queues(8080).len(), 1, "gen 1 listens again");
 
@@ -47,7 +49,7 @@ fn sigttou_sigttin() {
     // with EAGAIN in a loop, e.g. on a readiness that never clears after
     // the listener was shut down and re-listened) would burn a core and
     // starve the connections spawned on its worker thread.
-    let cpu = cpu_share(gen1.pid, Duration::from_millis(500));
+    let cpu = cpu_usage(gen1.pid, Duration::from_millis(500));
     let after = rt.block_on(exchange(PROXY_ADDR, next_id(), 100, t));
     report(
         &sb,
@@ -69,26 +71,7 @@ fn sigttou_sigttin() {
         rt.block_on(exchange(PROXY_ADDR, next_id(), 100, t))
             .unwrap_or_else(|e| panic!("exchanges after SIGTTIN: {e}"));
     }
-    gen1.signal(libc::SIGUSR1);
+    gen1.signal(Signal::Usr1);
     assert!(gen1.expect_exit(t).success());
     assert_eq!(gen1.final_accepted(), 22, "1 exchange before, 21 after");
-}
-
-/// The share of one core that process `pid` used over `window`.
-fn cpu_share(pid: u32, window: Duration) -> f64 {
-    // utime + stime, fields 14 and 15 of /proc/PID/stat, in clock ticks.
-    let ticks = || -> u64 {
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-        let after_comm = stat.rsplit_once(") ").map(|(_, r)| r).unwrap_or("");
-        let f: Vec<&str> = after_comm.split_whitespace().collect();
-        // after_comm starts at field 3 (state): utime is field 14 -> index 11.
-        f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
-            + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
-    };
-    // Safety: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    let (t0, c0) = (Instant::now(), ticks());
-    std::thread::sleep(window);
-    let (t1, c1) = (Instant::now(), ticks());
-    (c1.saturating_sub(c0)) as f64 / hz / (t1 - t0).as_secs_f64()
 }

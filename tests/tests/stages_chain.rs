@@ -13,13 +13,16 @@ use std::{
 };
 
 use ppp::v2;
-use proxy_integration_tests::{
-    BACKEND_ADDR, Proxy, Sandbox, report,
-    stages::{
-        HttpBackend, TestCert, binary_body, describe_cert, echo_request, fetch, first_difference,
-        global_toml, header_str, http_connect, http_handshake, make_cert, peer_leaf, request,
-        run_bounded, run_bounded_ok, tls_client_config, tls_client_config_versions, tls_connect,
-    },
+use proxy_harness::{
+    BACKEND_ADDR, Proxy, Sandbox,
+    bodies::{binary_body, first_difference},
+    certs::{TestCert, describe_cert, make_cert},
+    config::global_toml,
+    http::{echo_request, fetch, header_str, http_connect, http_handshake, request},
+    http_backend::HttpBackend,
+    process::{run_bounded, run_bounded_ok},
+    report,
+    tls::{peer_leaf, tls_client_config, tls_client_config_versions, tls_connect},
 };
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},

@@ -4,9 +4,13 @@
 
 use std::{collections::BTreeMap, fs, time::Duration};
 
-use proxy_integration_tests::{
-    BACKEND_ADDR, Proxy, Sandbox, report,
-    stages::{HttpBackend, fetch, global_toml, header_str, http_connect, request, text_body},
+use proxy_harness::{
+    BACKEND_ADDR, Proxy, Sandbox,
+    bodies::text_body,
+    config::global_toml,
+    http::{fetch, header_str, http_connect, request},
+    http_backend::HttpBackend,
+    report,
 };
 
 const COMP_ADDR: &str = "127.0.0.1:8080";

@@ -4,12 +4,14 @@
 
 use std::{process::Command, time::Duration};
 
-use proxy_integration_tests::{
-    BACKEND_ADDR, Proxy, Sandbox, report,
-    stages::{
-        HttpBackend, binary_body, fetch, first_difference, global_toml, gunzip, header_str,
-        http_connect, request, run_bounded_ok, text_body,
-    },
+use proxy_harness::{
+    BACKEND_ADDR, Proxy, Sandbox,
+    bodies::{binary_body, first_difference, gunzip, text_body},
+    config::global_toml,
+    http::{fetch, header_str, http_connect, request},
+    http_backend::HttpBackend,
+    process::run_bounded_ok,
+    report,
 };
 
 const COMP_ADDR: &str = "127.0.0.1:8080";

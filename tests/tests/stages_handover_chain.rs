@@ -20,13 +20,15 @@ use std::{
     time::{Duration, Instant},
 };
 
-use proxy_integration_tests::{
-    BACKEND_ADDR, Proxy, Rng, Sandbox, report,
-    stages::{
-        HttpBackend, TestBody, binary_body, echo_request, fetch, first_difference, global_toml,
-        gunzip, header_str, http_connect, http_handshake, make_cert, request, text_body,
-        tls_client_config, tls_connect, tls_handshake,
-    },
+use proxy_harness::{
+    BACKEND_ADDR, Proxy, Sandbox, Signal,
+    bodies::{Rng, binary_body, first_difference, gunzip, text_body},
+    certs::make_cert,
+    config::global_toml,
+    http::{TestBody, echo_request, fetch, header_str, http_connect, http_handshake, request},
+    http_backend::HttpBackend,
+    report,
+    tls::{tls_client_config, tls_connect, tls_handshake},
     wait_until,
 };
 use rustls::ClientConfig;
@@ -435,7 +437,7 @@ fn chain_survives_handovers_under_load() {
         }
     });
     let load_time = load_start.elapsed();
-    current.signal(libc::SIGUSR1);
+    current.signal(Signal::Usr1);
     let exit = current.expect_exit(Duration::from_secs(15));
     old_finals.push((
         current.generation(),
@@ -511,7 +513,7 @@ fn chain_survives_handovers_under_load() {
             "generation {generation} must drain its connections, not be cut: {line:?}"
         );
         assert_eq!(
-            proxy_integration_tests::field(line, "cut"),
+            proxy_harness::proxy::field(line, "cut"),
             Some(0),
             "generation {generation}: connections cut: {line}"
         );
@@ -665,7 +667,7 @@ fn assert_drained_promptly(what: &str, o: &KeepAliveOutcome) {
     );
     assert!(
         o.old_final.contains("all connections drained")
-            && proxy_integration_tests::field(&o.old_final, "cut") == Some(0),
+            && proxy_harness::proxy::field(&o.old_final, "cut") == Some(0),
         "{what}: the old generation must drain, not cut at hard_stop_after: {}",
         o.old_final
     );

@@ -11,10 +11,12 @@ use std::{
 };
 
 use ppp::v2;
-use proxy_integration_tests::{
-    BACKEND_ADDR, Proxy, Rng, Sandbox, report,
-    stages::{Closed, first_difference, global_toml, read_until_closed},
-    wait_until,
+use proxy_harness::{
+    BACKEND_ADDR, Proxy, Sandbox,
+    bodies::{Rng, first_difference},
+    config::global_toml,
+    http::{Closed, read_until_closed},
+    report, wait_until,
 };
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},

@@ -9,12 +9,14 @@ use std::{
     time::{Duration, Instant},
 };
 
-use proxy_integration_tests::{
-    BACKEND_ADDR, Proxy, Rng, Sandbox, report,
-    stages::{
-        Closed, TestCert, describe_cert, first_difference, global_toml, make_cert, peer_leaf,
-        read_until_closed, tls_client_config, tls_connect,
-    },
+use proxy_harness::{
+    BACKEND_ADDR, Proxy, Sandbox,
+    bodies::{Rng, first_difference},
+    certs::{TestCert, describe_cert, make_cert},
+    config::global_toml,
+    http::{Closed, read_until_closed},
+    report,
+    tls::{peer_leaf, tls_client_config, tls_connect},
 };
 use rustls::pki_types::ServerName;
 use tokio::{
