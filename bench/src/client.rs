@@ -5,9 +5,7 @@
 //! only by what sits between the client and the backend.
 
 use std::{
-    io::Read,
     net::SocketAddr,
-    path::Path,
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
@@ -17,15 +15,10 @@ use std::{
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use bytes::Bytes;
-use flate2::read::GzDecoder;
 use http_body_util::{BodyExt, Empty};
 use hyper::{Request, StatusCode, client::conn::http1::SendRequest, header};
-use hyper_util::rt::TokioIo;
-use rustls::{
-    ClientConfig, RootCertStore,
-    client::Resumption,
-    pki_types::{CertificateDer, ServerName, pem::PemObject},
-};
+use proxy_harness::{bodies::try_gunzip, http::http_handshake};
+use rustls::pki_types::ServerName;
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
     net::TcpStream,
@@ -89,30 +82,6 @@ impl Dialer {
     }
 }
 
-/// A rustls client trusting only `ca_pem`, offering ALPN `http/1.1`.
-///
-/// Without `resumption`, every connection makes a full handshake: the
-/// handshake rate then measures the expensive case.
-pub fn tls_connector(ca_pem: &Path, resumption: bool) -> Result<TlsConnector> {
-    let cert = CertificateDer::from_pem_file(ca_pem)
-        .with_context(|| format!("reading {}", ca_pem.display()))?;
-    let mut roots = RootCertStore::empty();
-    roots
-        .add(cert)
-        .context("trusting the generated certificate")?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .context("rustls protocol versions")?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    if !resumption {
-        config.resumption = Resumption::disabled();
-    }
-    Ok(TlsConnector::from(Arc::new(config)))
-}
-
 /// What the body of a response must be.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum Encoding {
@@ -148,13 +117,9 @@ type Sender = SendRequest<Empty<Bytes>>;
 /// ends when the sender is dropped or the server closes.
 async fn open(dialer: &Dialer) -> Result<Sender> {
     let io = dialer.connect().await?;
-    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+    http_handshake(io)
         .await
-        .context("HTTP/1.1 client handshake")?;
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    Ok(sender)
+        .context("HTTP/1.1 client handshake")
 }
 
 fn request(target: &HttpTarget, close: bool) -> Request<Empty<Bytes>> {
@@ -252,12 +217,7 @@ pub fn check(target: &HttpTarget, reply: &Reply, deep: bool) -> Result<()> {
 /// Decompresses a whole gzip stream (bounded: a body that inflates past
 /// 16 MiB is wrong here anyway).
 pub fn gunzip(data: &[u8]) -> Result<Vec<u8>> {
-    let mut out = Vec::new();
-    GzDecoder::new(data)
-        .take(16 << 20)
-        .read_to_end(&mut out)
-        .context("invalid gzip data")?;
-    Ok(out)
+    try_gunzip(data, 16 << 20).context("invalid gzip data")
 }
 
 /// `connections` keep-alive clients sending requests back to back for

@@ -15,30 +15,28 @@
 
 mod backend;
 mod client;
-mod sandbox;
 mod stats;
 
-use std::{
-    net::SocketAddr,
-    path::{Path, PathBuf},
-    process::ExitCode,
-    sync::Arc,
-    time::Duration,
-};
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use clap::Parser;
+use proxy_harness::{
+    Proxy, Sandbox,
+    certs::{TestCert, make_cert},
+    config::toml_str,
+    process::tail,
+    tls::trusting,
+};
 use tokio::net::TcpListener;
+use tokio_rustls::TlsConnector;
 
 use crate::{
     backend::Bodies,
     client::{Dialer, Encoding, HttpTarget},
-    sandbox::Sandbox,
     stats::Row,
 };
 
-/// The proxy instance name (`global.name`).
-const INSTANCE: &str = "bench";
 /// The proxy's listeners: fixed ports are safe inside the private namespace.
 const L4_PORT: u16 = 7000;
 const COMP_PORT: u16 = 7080;
@@ -82,22 +80,36 @@ fn run(args: &Args) -> Result<()> {
         "{} is not a file (build it with `cargo xtask build`)",
         args.proxy.display()
     );
-    // Still single-threaded here: the namespace must be entered before the
-    // runtime creates its threads, so that they all live in it.
-    sandbox::enter_private_netns()?;
-    let mut sb = Sandbox::new()?;
+    // Still single-threaded here: the sandbox enters its namespace before
+    // the runtime creates its threads, so that they all live in it.
+    let sb = Sandbox::with_proxy("bench", args.proxy.clone());
     let result = (|| {
-        let (cert, bundle) = sb.make_certificate()?;
+        let cert = make_cert(&sb.dir, "localhost", &["localhost"]);
         let rt = tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()
             .context("starting the tokio runtime")?;
-        let result = rt.block_on(async {
-            tokio::select! {
-                r = bench(args, &mut sb, &cert, &bundle) => r,
-                _ = tokio::signal::ctrl_c() => Err(anyhow!("interrupted")),
-            }
-        });
+        let result = (|| {
+            let bodies = Bodies::new();
+            let (http_addr, echo_addr) = rt.block_on(start_servers(&bodies))?;
+            let config = sb.write_file(
+                "proxy.toml",
+                &proxy_config(&sb, http_addr, echo_addr, &cert),
+            );
+            let mut proxy = Proxy::start(&sb, &config, &[]);
+            proxy.wait_active(&sb, Duration::from_secs(15));
+            let servers = Servers {
+                bodies,
+                http: http_addr,
+                echo: echo_addr,
+            };
+            rt.block_on(async {
+                tokio::select! {
+                    r = bench(args, &mut proxy, &servers, &cert) => r,
+                    _ = tokio::signal::ctrl_c() => Err(anyhow!("interrupted")),
+                }
+            })
+        })();
         rt.shutdown_timeout(Duration::from_secs(2));
         result
     })();
@@ -106,29 +118,46 @@ fn run(args: &Args) -> Result<()> {
     result
 }
 
-/// Everything that runs on the runtime: servers, proxy, measurements.
-async fn bench(args: &Args, sb: &mut Sandbox, cert: &Path, bundle: &Path) -> Result<()> {
-    let seconds = Duration::from_secs(args.seconds);
-    let conns = usize::try_from(args.connections)?;
-    let bodies = Bodies::new();
+/// The in-process servers: the HTTP backend and the layer-4 responder.
+struct Servers {
+    bodies: Bodies,
+    http: SocketAddr,
+    echo: SocketAddr,
+}
 
+/// Binds and starts the HTTP backend and the layer-4 responder on
+/// ephemeral ports; returns their addresses.
+async fn start_servers(bodies: &Bodies) -> Result<(SocketAddr, SocketAddr)> {
     let http = TcpListener::bind("127.0.0.1:0").await?;
     let echo = TcpListener::bind("127.0.0.1:0").await?;
-    let http_addr = http.local_addr()?;
-    let echo_addr = echo.local_addr()?;
+    let addrs = (http.local_addr()?, echo.local_addr()?);
     tokio::spawn(backend::serve_http(http, bodies.clone()));
     tokio::spawn(backend::serve_echo(echo));
+    Ok(addrs)
+}
 
-    let config = sb.path("proxy.toml");
-    std::fs::write(&config, proxy_config(sb, http_addr, echo_addr, bundle))
-        .context("writing the proxy config")?;
-    sb.start_proxy(&args.proxy, &config)?;
-    sb.wait_proxy_active(&args.proxy, INSTANCE, Duration::from_secs(15))
-        .await?;
+/// An error (with the end of its log) if the proxy has exited.
+fn check_alive(proxy: &mut Proxy) -> Result<()> {
+    if let Some(status) = proxy.try_exit() {
+        bail!(
+            "the proxy exited ({status})\n--- proxy log ---\n{}",
+            tail(&proxy.log(), 30)
+        );
+    }
+    Ok(())
+}
+
+/// Everything that runs on the runtime once the proxy serves: the
+/// measurements.
+async fn bench(args: &Args, proxy: &mut Proxy, servers: &Servers, cert: &TestCert) -> Result<()> {
+    let seconds = Duration::from_secs(args.seconds);
+    let conns = usize::try_from(args.connections)?;
+    let bodies = &servers.bodies;
+    let (http_addr, echo_addr) = (servers.http, servers.echo);
 
     let local = |port| SocketAddr::from(([127, 0, 0, 1], port));
-    let tls = client::tls_connector(cert, true)?;
-    let tls_full = client::tls_connector(cert, false)?;
+    let tls = TlsConnector::from(trusting(&cert.der, &["http/1.1"], true));
+    let tls_full = TlsConnector::from(trusting(&cert.der, &["http/1.1"], false));
     let target = |dialer: Dialer, path, accept_gzip, expect| {
         let original = match path {
             "/text" => bodies.text.clone(),
@@ -227,7 +256,7 @@ async fn bench(args: &Args, sb: &mut Sandbox, cert: &Path, bundle: &Path) -> Res
             let mut s = client::keepalive(t.clone(), conns, seconds)
                 .await
                 .with_context(|| format!("measuring {}", label.trim()))?;
-            sb.check_proxy_alive()?;
+            check_alive(proxy)?;
             // The direct peer is the first of its group: its ratio is 1.
             let peer = *peer.get_or_insert(s.rate());
             rows.push(Row::from_sample(label, "req/s", &mut s, Some(peer)));
@@ -246,7 +275,7 @@ async fn bench(args: &Args, sb: &mut Sandbox, cert: &Path, bundle: &Path) -> Res
         let mut s = client::l4_connections(addr, conns, seconds)
             .await
             .with_context(|| format!("measuring {}", label.trim()))?;
-        sb.check_proxy_alive()?;
+        check_alive(proxy)?;
         let peer = *peer.get_or_insert(s.rate());
         rows.push(Row::from_sample(label, "conn/s", &mut s, Some(peer)));
     }
@@ -256,14 +285,14 @@ async fn bench(args: &Args, sb: &mut Sandbox, cert: &Path, bundle: &Path) -> Res
     let mut s = client::tls_connections(handshake_target, conns, seconds)
         .await
         .with_context(|| format!("measuring {}", label.trim()))?;
-    sb.check_proxy_alive()?;
+    check_alive(proxy)?;
     rows.push(Row::from_sample(label, "conn/s", &mut s, None));
 
     println!();
     print!("{}", stats::render(&rows));
     // A proxy that answered everything may still have complained: say so,
     // since a warning per connection would also explain a low figure.
-    let log = std::fs::read_to_string(sb.log_path()).unwrap_or_default();
+    let log = proxy.log();
     let complaints: Vec<&str> = log
         .lines()
         .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
@@ -288,12 +317,12 @@ async fn bench(args: &Args, sb: &mut Sandbox, cert: &Path, bundle: &Path) -> Res
 
 /// The proxy config: the topology the product ships, with the run's paths
 /// and backend ports.
-fn proxy_config(sb: &Sandbox, http: SocketAddr, echo: SocketAddr, bundle: &Path) -> String {
-    let path = |p: &Path| toml_str(&p.display().to_string());
-    let unix = |file: &str| toml_str(&format!("unix:{}", sb.path(file).display()));
+fn proxy_config(sb: &Sandbox, http: SocketAddr, echo: SocketAddr, cert: &TestCert) -> String {
+    let path = |p: &std::path::Path| toml_str(&p.display().to_string());
+    let unix = |file: &str| toml_str(&format!("unix:{}", sb.dir.join(file).display()));
     format!(
         r#"[global]
-name = "{INSTANCE}"
+name = {name}
 bpffs = {bpffs}
 steering = "ebpf"
 hard_stop_after = "5s"
@@ -360,15 +389,10 @@ send_proxy_v2 = true
 name = "web"
 servers = ["{http}"]
 "#,
+        name = toml_str(&sb.name),
         bpffs = path(&sb.bpffs),
-        bundle = path(bundle),
+        bundle = path(&cert.bundle),
         app0 = unix("app0.sock"),
         app1 = unix("app1.sock"),
     )
-}
-
-/// A TOML basic string. JSON's escapes are a subset of TOML's, so a JSON
-/// string literal is a valid TOML one.
-fn toml_str(s: &str) -> String {
-    serde_json::to_string(s).expect("a string always serializes")
 }
