@@ -36,16 +36,18 @@ pub const MAP_STATE: &str = "PROXY_STATE";
 pub const MAP_COUNTERS: &str = "PROXY_COUNTERS";
 pub const MAP_GENS: &str = "PROXY_GENS";
 pub const MAP_GROUPS: &str = "PROXY_GROUPS";
-pub const MAP_METRICS: &str = "PROXY_METRICS";
+pub const MAP_METRICS: &str = "PROXY_FIGURES";
+pub const MAP_OBJECTS: &str = "PROXY_OBJECTS";
 pub const MAP_HISTORY: &str = "PROXY_HISTORY";
 /// Every map an instance pins; a generation creates the missing ones.
-pub const ALL_MAPS: [&str; 7] = [
+pub const ALL_MAPS: [&str; 8] = [
     MAP_SOCKS,
     MAP_STATE,
     MAP_COUNTERS,
     MAP_GENS,
     MAP_GROUPS,
     MAP_METRICS,
+    MAP_OBJECTS,
     MAP_HISTORY,
 ];
 /// Name of the `sk_reuseport/migrate` program in the object.
@@ -220,20 +222,42 @@ pub struct GroupKey {
 
 /// Entries of [`MAP_METRICS`]: counters of every generation, so that totals
 /// stay monotonic across handovers.
-pub const METRIC_ENTRIES: u32 = 8192;
+pub const METRIC_ENTRIES: u32 = 16384;
 /// The [`MetricKey::slot`] of counters folded in from generations whose slot
 /// was reused.
 pub const RETIRED_SLOT: u32 = u32::MAX;
-/// Bytes of a metric id (`listener/<name>/<counter>`), zero padded.
-pub const METRIC_ID_LEN: usize = 200;
 
-/// Key of [`MAP_METRICS`].
+/// Key of [`MAP_METRICS`]: one counter of one object (a listener or a
+/// server), published by one generation slot. Which counter `counter` is,
+/// and whether it is a gauge, is the proxy's counter table's business.
 #[repr(C)]
-#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct MetricKey {
     /// Generation slot that publishes the value, or [`RETIRED_SLOT`].
     pub slot: u32,
-    pub id: [u8; METRIC_ID_LEN],
+    /// From [`MAP_OBJECTS`], the same for every generation.
+    pub object: u32,
+    /// Index in the counter table of the object's kind.
+    pub counter: u32,
+    /// 1 when the value is a level (open connections, up), which counts
+    /// for live generations only and is never folded into the retired
+    /// totals; 0 for a running total.
+    pub gauge: u32,
+}
+
+/// Entries of [`MAP_OBJECTS`].
+pub const MAX_OBJECTS: u32 = 2048;
+/// Bytes of an object name (`listener/<name>`, `server/<backend>/<addr>`).
+pub const OBJECT_NAME_LEN: usize = 192;
+
+/// Key of [`MAP_OBJECTS`] (`HASH<ObjectName, u32>`): the stable number of a
+/// listener or server, allocated by the first generation that counts it,
+/// so that generations with different configs add up the same object.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
+pub struct ObjectName {
+    /// The name, zero padded.
+    pub name: [u8; OBJECT_NAME_LEN],
 }
 
 /// Samples kept in [`MAP_HISTORY`] (one every [`HISTORY_INTERVAL_MS`]).
@@ -257,6 +281,9 @@ unsafe impl aya::Pod for GenRecord {}
 #[cfg(feature = "user")]
 // Safety: as above.
 unsafe impl aya::Pod for MetricKey {}
+#[cfg(feature = "user")]
+// Safety: as above.
+unsafe impl aya::Pod for ObjectName {}
 #[cfg(feature = "user")]
 // Safety: as above.
 unsafe impl aya::Pod for HistorySample {}

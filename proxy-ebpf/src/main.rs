@@ -18,7 +18,8 @@ use aya_ebpf::{
 use aya_log_ebpf::debug;
 use proxy_common::{
     COUNTER_ENTRIES, Counter, GenRecord, GroupKey, HISTORY_LEN, HistorySample, MAX_GROUPS,
-    MAX_SLOTS, METRIC_ENTRIES, MetricKey, STATE_ACTIVE_SLOT, STATE_ENTRIES, sock_index,
+    MAX_OBJECTS, MAX_SLOTS, METRIC_ENTRIES, MetricKey, ObjectName, STATE_ACTIVE_SLOT,
+    STATE_ENTRIES, sock_index,
 };
 
 #[map(name = "PROXY_SOCKS")]
@@ -40,8 +41,12 @@ static PROXY_GENS: Array<GenRecord> = Array::pinned(MAX_SLOTS, 0);
 static PROXY_GROUPS: HashMap<GroupKey, u32> = HashMap::pinned(MAX_GROUPS, 0);
 
 /// Userspace-only: counters of every generation (monotonic totals).
-#[map(name = "PROXY_METRICS")]
-static PROXY_METRICS: HashMap<MetricKey, u64> = HashMap::pinned(METRIC_ENTRIES, 0);
+#[map(name = "PROXY_FIGURES")]
+static PROXY_FIGURES: HashMap<MetricKey, u64> = HashMap::pinned(METRIC_ENTRIES, 0);
+
+/// Stable numbers of listeners and servers (userspace only).
+#[map(name = "PROXY_OBJECTS")]
+static PROXY_OBJECTS: HashMap<ObjectName, u32> = HashMap::pinned(MAX_OBJECTS, 0);
 
 /// Userspace-only: new connections per generation over the last minutes.
 #[map(name = "PROXY_HISTORY")]
@@ -54,7 +59,13 @@ static PROXY_GROUP: u32 = 0;
 #[sk_reuseport(migrate)]
 pub fn proxy_steer(ctx: SkReuseportContext) -> u32 {
     // Keep the userspace-only maps in the object.
-    let _ = (&PROXY_GENS, &PROXY_GROUPS, &PROXY_METRICS, &PROXY_HISTORY);
+    let _ = (
+        &PROXY_GENS,
+        &PROXY_GROUPS,
+        &PROXY_FIGURES,
+        &PROXY_OBJECTS,
+        &PROXY_HISTORY,
+    );
 
     // Safety: a plain read of a read-only global that the loader patched.
     let group = unsafe { core::ptr::read_volatile(&PROXY_GROUP) };

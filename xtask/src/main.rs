@@ -84,9 +84,9 @@ fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Setup => setup(&ws),
         Cmd::BuildEbpf => build_ebpf(&ws).map(|_| ()),
-        Cmd::Build => build_all(&ws).map(|_| ()),
+        Cmd::Build => build_all(&ws, &[]).map(|_| ()),
         Cmd::Run { args } => {
-            let proxy = build_all(&ws)?;
+            let proxy = build_all(&ws, &[])?;
             require_root("run")?;
             certs::run(&ws.join("certs"))?;
             let args = if args.is_empty() {
@@ -109,7 +109,8 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Test { args } => {
             require_root("test")?;
             deps::ensure_test_tools()?;
-            let proxy = build_all(&ws)?;
+            // With the fault injection the tests drive (PROXY_TEST_HOOK).
+            let proxy = build_all(&ws, &["test-hooks"])?;
             // One test at a time: the load tests measure rates on 2 cores.
             cargo(&ws)
                 .args(["test", "--release"])
@@ -123,7 +124,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Lint => lint(&ws),
         Cmd::Certs => certs::run(&ws.join("certs")),
         Cmd::Bench { args } => {
-            let proxy = build_all(&ws)?;
+            let proxy = build_all(&ws, &[])?;
             require_root("bench")?;
             cargo(&ws)
                 .args([
@@ -147,7 +148,7 @@ fn lint(ws: &Path) -> Result<()> {
         .args(["fmt", "--all", "--", "--check"])
         .run("cargo fmt --check")?;
     cargo(ws)
-        .args(["clippy", "--all-targets"])
+        .args(["clippy", "--all-targets", "--all-features"])
         .env("PROXY_EBPF_OBJECT", &object)
         .args(["--", "-D", "warnings"])
         .run("cargo clippy (host crates)")?;
@@ -380,10 +381,13 @@ fn ebpf_cargo(ws: &Path) -> Command {
     cmd
 }
 
-fn build_all(ws: &Path) -> Result<PathBuf> {
+/// The eBPF object and the release proxy with it embedded, with the proxy's
+/// cargo `features` (none for the product).
+fn build_all(ws: &Path, features: &[&str]) -> Result<PathBuf> {
     let object = build_ebpf(ws)?;
     cargo(ws)
         .args(["build", "--release", "--package", "proxy"])
+        .args(["--features", &features.join(",")])
         .env("PROXY_EBPF_OBJECT", &object)
         .run("building the proxy")?;
     Ok(ws.join("target/release/proxy"))

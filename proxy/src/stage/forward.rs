@@ -16,8 +16,8 @@ use std::sync::Arc;
 
 use crate::{
     config::{Backend, ServerAddr},
-    stats::counters::{Metered, Registry, ServerMetrics},
     stage::socket::{self as net, Stream},
+    stats::counters::{Metered, Registry, ServerCounter, ServerMetrics},
 };
 
 /// The servers of one backend and where the round-robin stands.
@@ -79,7 +79,7 @@ impl Pool {
             let (server, metrics) = &self.servers[(start + i) % self.servers.len()];
             let err = match timeout(self.connect_timeout, net::connect(server)).await {
                 Ok(Ok(stream)) => {
-                    metrics.up.store(1, Ordering::Relaxed);
+                    metrics[ServerCounter::Up].store(1, Ordering::Relaxed);
                     return Ok((Metered::server(stream, metrics), server));
                 }
                 Ok(Err(e)) => e,
@@ -88,8 +88,8 @@ impl Pool {
                     format!("connect timed out after {:?}", self.connect_timeout),
                 ),
             };
-            metrics.errors.fetch_add(1, Ordering::Relaxed);
-            if metrics.up.swap(0, Ordering::Relaxed) == 1 {
+            metrics[ServerCounter::Errors].fetch_add(1, Ordering::Relaxed);
+            if metrics[ServerCounter::Up].swap(0, Ordering::Relaxed) == 1 {
                 tracing::warn!(backend = %self.name, %server, error = %err, "server DOWN");
             }
             tracing::debug!(backend = %self.name, %server, error = %err, "server refused, trying the next");

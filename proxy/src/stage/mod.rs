@@ -33,11 +33,11 @@ use crate::{
     config::{Config, Listener as ListenerConfig, Mode},
     stage::forward::{ForwardError, Pool, Transfer},
     stage::http::{Compression, HttpError, HttpSettings, Upstream},
-    stats::counters::{ListenerMetrics, Metered, Registry},
+    stage::proxy_proto::ProxyError,
     stage::socket::{PeerAddr, Stream},
-    stage::proxy_proto::{ProxyError},
-    sys,
     stage::tls::{CertSource, TlsAcceptor, TlsError, TlsSettings},
+    stats::counters::{ListenerCounter, ListenerMetrics, Metered, Registry},
+    sys,
 };
 
 /// Why a stage could not be built (bad certificates, no runtime).
@@ -278,8 +278,8 @@ impl Stage {
     pub async fn serve(&self, stream: Stream, peer: PeerAddr) -> Result<(), ConnError> {
         let start = Instant::now();
         let m = &self.metrics;
-        m.current.fetch_add(1, Relaxed);
-        m.total.fetch_add(1, Relaxed);
+        m[ListenerCounter::Current].fetch_add(1, Relaxed);
+        m[ListenerCounter::Total].fetch_add(1, Relaxed);
         let mut client = ClientInfo {
             source: peer.socket_addr(),
             destination: stream.local_addr(),
@@ -287,7 +287,7 @@ impl Stage {
             from_older_generation: false,
         };
         let result = self.pipeline(Metered::client(stream, m), &mut client).await;
-        m.current.fetch_sub(1, Relaxed);
+        m[ListenerCounter::Current].fetch_sub(1, Relaxed);
         let duration_ms = start.elapsed().as_millis() as u64;
         let client_addr = client
             .source
@@ -301,10 +301,12 @@ impl Stage {
                 requests = done.requests, duration_ms, outcome = "ok",
             ),
             Err(e) => {
-                m.errors.fetch_add(1, Relaxed);
+                m[ListenerCounter::Errors].fetch_add(1, Relaxed);
                 match e {
-                    ConnError::ProxyHeader(_) => m.proxy_header_errors.fetch_add(1, Relaxed),
-                    ConnError::Tls(_) => m.tls_failures.fetch_add(1, Relaxed),
+                    ConnError::ProxyHeader(_) => {
+                        m[ListenerCounter::ProxyHeaderErrors].fetch_add(1, Relaxed)
+                    }
+                    ConnError::Tls(_) => m[ListenerCounter::TlsFailures].fetch_add(1, Relaxed),
                     _ => 0,
                 };
                 info!(
@@ -340,7 +342,7 @@ impl Stage {
         match &self.tls {
             Some(acceptor) => {
                 let (tls, info) = acceptor.accept(stream).await?;
-                self.metrics.tls_handshakes.fetch_add(1, Relaxed);
+                self.metrics[ListenerCounter::TlsHandshakes].fetch_add(1, Relaxed);
                 client.tlvs = proxy_proto::tls_tlvs(
                     info.sni.as_deref(),
                     info.alpn.as_deref(),
@@ -386,9 +388,9 @@ impl Stage {
         };
         let stats = http::serve(io, upstream, settings, draining).await?;
         let m = &self.metrics;
-        m.http_requests.fetch_add(stats.requests, Relaxed);
-        m.body_in.fetch_add(stats.body_bytes_before, Relaxed);
-        m.body_out.fetch_add(stats.body_bytes_after, Relaxed);
+        m[ListenerCounter::HttpRequests].fetch_add(stats.requests, Relaxed);
+        m[ListenerCounter::BodyIn].fetch_add(stats.body_bytes_before, Relaxed);
+        m[ListenerCounter::BodyOut].fetch_add(stats.body_bytes_after, Relaxed);
         Ok(Done {
             transfer: Transfer {
                 from_client: 0,

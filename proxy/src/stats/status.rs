@@ -4,11 +4,11 @@
 
 use std::{fmt::Write, path::Path};
 
-use proxy_common::{MAX_SLOTS, Phase, STALE_NS};
+use proxy_common::{MAX_SLOTS, Phase};
 use serde::Serialize;
 
 use crate::{
-    steering::{self, Counters, Maps, SteeringError},
+    steering::{self, Maps, ProgramCounters, SteeringError},
     sys,
 };
 
@@ -40,9 +40,8 @@ pub struct Status {
     pub pins: String,
     pub active_slot: Option<u32>,
     pub generations: Vec<GenStatus>,
-    pub counters: Counters,
+    pub counters: ProgramCounters,
 }
-
 
 pub fn read(bpffs: &Path, name: &str) -> Result<Status, SteeringError> {
     let dir = steering::pin_dir(bpffs, name);
@@ -55,14 +54,13 @@ pub fn from_maps(maps: &Maps, name: &str) -> Result<Status, SteeringError> {
     let dir = maps.dir();
     let active = maps.active_slot()?;
     let counters = maps.counters()?;
-    let now_ns = sys::boottime_ns();
     let now_ms = sys::unix_ms();
     let generations = maps
         .records()?
         .into_iter()
         .filter(|(_, r)| !r.is_free())
         .map(|(slot, r)| {
-            let alive = r.is_alive(now_ns, STALE_NS);
+            let alive = steering::is_alive(&r);
             let state = match r.phase() {
                 Some(p) if alive || p == Phase::Stopped => p.name().to_string(),
                 Some(p) => format!("dead ({})", p.name()),

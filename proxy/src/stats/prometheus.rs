@@ -1,0 +1,175 @@
+//! The Prometheus text exposition (format 0.0.4), generated from the
+//! counter tables.
+
+use std::fmt::Write;
+
+use super::{
+    Row, View,
+    counters::{Kind, Show, Table},
+};
+
+fn label(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+fn kind(k: Kind) -> &'static str {
+    match k {
+        Kind::Counter => "counter",
+        Kind::Gauge => "gauge",
+    }
+}
+
+/// Writes families under one `instance` label.
+struct Exposition {
+    out: String,
+    instance: String,
+}
+
+impl Exposition {
+    fn family(&mut self, name: &str, kind: &str, help: &str, samples: Vec<(String, f64)>) {
+        let out = &mut self.out;
+        let inst = &self.instance;
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} {kind}");
+        for (labels, value) in samples {
+            let sep = if labels.is_empty() { "" } else { "," };
+            let _ = writeln!(out, "{name}{{instance=\"{inst}\"{sep}{labels}}} {value}");
+        }
+    }
+
+    /// One family per shown counter of the table, one sample per row.
+    fn rows<T: Table>(&mut self, rows: &[Row<T>]) {
+        let labels = |r: &Row<T>| {
+            r.labels
+                .iter()
+                .map(|(_, k, v)| format!("{k}=\"{}\"", label(v)))
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        for (i, def) in T::DEFS.iter().enumerate() {
+            if def.show == Show::Hidden {
+                continue;
+            }
+            let samples = rows
+                .iter()
+                .map(|r| {
+                    let v = r.values[i];
+                    let v = if def.show == Show::Flag {
+                        u64::from(v > 0)
+                    } else {
+                        v
+                    };
+                    (labels(r), v as f64)
+                })
+                .collect();
+            self.family(def.prometheus, kind(def.kind), def.help, samples);
+        }
+        let derived = rows.first().map(|r| r.derived.len()).unwrap_or(0);
+        for i in 0..derived {
+            let def = rows[0].derived[i].0;
+            let samples = rows
+                .iter()
+                .map(|r| (labels(r), r.derived[i].1.unwrap_or(0.0)))
+                .collect();
+            self.family(def.prometheus, kind(def.kind), def.help, samples);
+        }
+    }
+}
+
+/// Prometheus text exposition format 0.0.4.
+pub fn prometheus(v: &View) -> String {
+    let mut e = Exposition {
+        out: String::new(),
+        instance: label(&v.instance),
+    };
+    e.family(
+        "proxy_steering_ebpf",
+        "gauge",
+        "1 when eBPF steering is in use, 0 for plain SO_REUSEPORT.",
+        vec![(String::new(), if v.ebpf.is_some() { 1.0 } else { 0.0 })],
+    );
+    e.family(
+        "proxy_generation_info",
+        "gauge",
+        "Generations of the instance (1 per generation; state and slot as labels).",
+        v.generations
+            .iter()
+            .map(|g| {
+                (
+                    format!(
+                        "slot=\"{}\",generation=\"{}\",state=\"{}\",active=\"{}\"",
+                        g.slot,
+                        g.generation,
+                        label(&g.state),
+                        g.active
+                    ),
+                    1.0,
+                )
+            })
+            .collect(),
+    );
+    e.family(
+        "proxy_generation_accepted_connections_total",
+        "counter",
+        "Connections accepted by each generation.",
+        v.generations
+            .iter()
+            .map(|g| {
+                (
+                    format!("generation=\"{}\"", g.generation),
+                    g.accepted as f64,
+                )
+            })
+            .collect(),
+    );
+    e.rows(&v.listeners);
+    e.rows(&v.servers);
+    if let Some(c) = &v.ebpf {
+        // Slot counters restart when a new generation claims the slot: label
+        // them with the generation, so that each series only ever grows.
+        let owner = |slot: usize| {
+            v.generations
+                .iter()
+                .find(|g| g.slot as usize == slot)
+                .map(|g| g.generation)
+        };
+        let per_slot = |values: &[u64]| -> Vec<(String, f64)> {
+            values
+                .iter()
+                .enumerate()
+                .filter_map(|(slot, n)| {
+                    owner(slot).map(|generation| {
+                        (
+                            format!("slot=\"{slot}\",generation=\"{generation}\""),
+                            *n as f64,
+                        )
+                    })
+                })
+                .collect()
+        };
+        e.family(
+            "proxy_ebpf_steered_total",
+            "counter",
+            "New connections the eBPF program steered to each generation.",
+            per_slot(&c.selected),
+        );
+        e.family(
+            "proxy_ebpf_migrated_total",
+            "counter",
+            "Queued requests of closing listeners migrated into each generation.",
+            per_slot(&c.migrated),
+        );
+        e.family(
+            "proxy_ebpf_fallback_total",
+            "counter",
+            "Connections the program left to the kernel's hash (active slot empty).",
+            vec![
+                ("kind=\"new\"".into(), c.fallback_new as f64),
+                ("kind=\"migrate\"".into(), c.fallback_migrate as f64),
+            ],
+        );
+    }
+    e.out
+}
