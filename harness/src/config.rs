@@ -36,6 +36,14 @@ impl Default for ProxyConfig {
 }
 
 impl ProxyConfig {
+    /// The default config with `hard_stop_after` as the drain bound.
+    pub fn draining(hard_stop_after: &'static str) -> ProxyConfig {
+        ProxyConfig {
+            hard_stop_after,
+            ..ProxyConfig::default()
+        }
+    }
+
     pub fn render(&self, sb: &Sandbox) -> String {
         let maxconn = self
             .maxconn

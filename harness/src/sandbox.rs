@@ -105,6 +105,14 @@ impl Sandbox {
         }
     }
 
+    /// A sandbox for `test` and its [`Sandbox::runtime`]. Bind them in this
+    /// order, `let (sb, rt) = ...`, so that the runtime is dropped first.
+    pub fn with_runtime(test: &str) -> (Sandbox, Runtime) {
+        let sb = Sandbox::new(test);
+        let rt = sb.runtime();
+        (sb, rt)
+    }
+
     /// A multi-thread tokio runtime whose threads live in this sandbox's
     /// network namespace (they are created now, from the test thread).
     pub fn runtime(&self) -> Runtime {

@@ -49,8 +49,7 @@ servers = ["{backend}"]
 
 #[test]
 fn failed_start_keeps_unix_paths() {
-    let sb = Sandbox::new("failstart");
-    let rt = sb.runtime();
+    let (sb, rt) = Sandbox::with_runtime("failstart");
     let _backend = Backend::start(&rt, Duration::ZERO);
     let sock = sb.dir.join("app.sock");
     let base = chain_config(&sb, &sock);
@@ -122,8 +121,7 @@ fn failed_start_keeps_unix_paths() {
 
 #[test]
 fn rollback_takes_unix_paths_back() {
-    let sb = Sandbox::new("rollback-unix");
-    let rt = sb.runtime();
+    let (sb, rt) = Sandbox::with_runtime("rollback-unix");
     let _backend = Backend::start(&rt, Duration::ZERO);
     let sock = sb.dir.join("app.sock");
     let cfg = sb.dir.join("proxy.toml");

@@ -41,16 +41,9 @@ struct Timings {
 
 #[test]
 fn handover_under_load() {
-    let sb = Sandbox::new("handover");
-    let rt = sb.runtime();
+    let (sb, rt) = Sandbox::with_runtime("handover");
     let backend = Backend::start(&rt, Duration::ZERO);
-    let cfg = sb.write_config(
-        "proxy.toml",
-        &ProxyConfig {
-            hard_stop_after: "10s",
-            ..ProxyConfig::default()
-        },
-    );
+    let cfg = sb.write_config("proxy.toml", &ProxyConfig::draining("10s"));
 
     let mut current = Proxy::start(&sb, &cfg, &[]);
     current.wait_active(&sb, Duration::from_secs(10));

@@ -8,8 +8,7 @@ use proxy_harness::{Backend, Load, LoadSpec, Proxy, ProxyConfig, Sandbox, Signal
 
 #[test]
 fn invalid_config_keeps_running_generation() {
-    let sb = Sandbox::new("badconf");
-    let rt = sb.runtime();
+    let (sb, rt) = Sandbox::with_runtime("badconf");
     let _backend = Backend::start(&rt, Duration::ZERO);
     let good = ProxyConfig::default().render(&sb);
     let good_path = sb.write_file("good.toml", &good);

@@ -13,8 +13,7 @@ use proxy_harness::{
 
 #[test]
 fn manual_rollback_with_sigttin() {
-    let sb = Sandbox::new("rollback-ttin");
-    let rt = sb.runtime();
+    let (sb, rt) = Sandbox::with_runtime("rollback-ttin");
     let _backend = Backend::start(&rt, Duration::ZERO);
     let cfg = sb.write_config(
         "proxy.toml",

@@ -27,8 +27,7 @@ struct Made {
 
 #[test]
 fn operator_logs() {
-    let sb = Sandbox::new("op-logs");
-    let rt = sb.runtime();
+    let (sb, rt) = Sandbox::with_runtime("op-logs");
     let _backend = Backend::start(&rt, Duration::ZERO);
     let cfg = sb.write_config("proxy.toml", &ProxyConfig::default());
 

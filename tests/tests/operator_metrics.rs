@@ -114,15 +114,11 @@ impl Scraper<'_> {
 
 #[test]
 fn operator_metrics() {
-    let sb = Sandbox::new("op-metrics");
-    let rt = sb.runtime();
+    let (sb, rt) = Sandbox::with_runtime("op-metrics");
     let backend = Backend::start(&rt, Duration::ZERO);
     let text = config_text(
         &sb,
-        &ProxyConfig {
-            hard_stop_after: "10s",
-            ..ProxyConfig::default()
-        },
+        &ProxyConfig::draining("10s"),
         "",
         &format!(
             "[stats]\nbanner = \"metrics under handovers\"\n\n\

@@ -37,16 +37,8 @@ fn operator_privilege_drop() {
     );
     let rt = sb.runtime();
     let backend = Backend::start(&rt, Duration::ZERO);
-    let text = config_text(
-        &sb,
-        &ProxyConfig {
-            hard_stop_after: "10s",
-            ..ProxyConfig::default()
-        },
-        "user = \"nobody\"",
-        "",
-    )
-    .replace(PROXY_ADDR, PORT80);
+    let text = config_text(&sb, &ProxyConfig::draining("10s"), "user = \"nobody\"", "")
+        .replace(PROXY_ADDR, PORT80);
     assert!(text.contains(PORT80) && !text.contains(PROXY_ADDR));
     let cfg = sb.write_file("proxy.toml", &text);
 

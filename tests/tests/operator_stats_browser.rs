@@ -31,15 +31,11 @@ const BROWSER_TIMEOUT: Duration = Duration::from_secs(45);
 fn operator_stats_browser() {
     // Fail before setting anything up when the browser is missing.
     require_chromium();
-    let sb = Sandbox::new("op-browser");
-    let rt = sb.runtime();
+    let (sb, rt) = Sandbox::with_runtime("op-browser");
     let _backend = Backend::start(&rt, Duration::ZERO);
     let text = config_text(
         &sb,
-        &ProxyConfig {
-            hard_stop_after: "20s",
-            ..ProxyConfig::default()
-        },
+        &ProxyConfig::draining("20s"),
         "",
         "[stats]\nbanner = \"${STATS_BANNER:-no banner set}\"\n",
     );

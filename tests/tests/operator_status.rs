@@ -12,16 +12,9 @@ use proxy_harness::{
 
 #[test]
 fn operator_status() {
-    let sb = Sandbox::new("op-status");
-    let rt = sb.runtime();
+    let (sb, rt) = Sandbox::with_runtime("op-status");
     let _backend = Backend::start(&rt, Duration::ZERO);
-    let cfg = sb.write_config(
-        "proxy.toml",
-        &ProxyConfig {
-            hard_stop_after: "20s",
-            ..ProxyConfig::default()
-        },
-    );
+    let cfg = sb.write_config("proxy.toml", &ProxyConfig::draining("20s"));
 
     // One generation.
     let mut gen1 = Proxy::start(&sb, &cfg, &[]);

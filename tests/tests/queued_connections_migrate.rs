@@ -15,8 +15,7 @@ const QUEUED: u64 = 100;
 
 #[test]
 fn queued_connections_migrate() {
-    let sb = Sandbox::new("queued");
-    let rt = sb.runtime();
+    let (sb, rt) = Sandbox::with_runtime("queued");
     let backend = Backend::start(&rt, Duration::ZERO);
     // maxconn = 1: one open connection takes the generation's only permit,
     // and its accept loop stops calling accept() until it is released.

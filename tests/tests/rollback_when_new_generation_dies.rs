@@ -12,16 +12,9 @@ use proxy_harness::{
 
 #[test]
 fn rollback_when_new_generation_dies() {
-    let sb = Sandbox::new("rollback");
-    let rt = sb.runtime();
+    let (sb, rt) = Sandbox::with_runtime("rollback");
     let _backend = Backend::start(&rt, Duration::ZERO);
-    let cfg = sb.write_config(
-        "proxy.toml",
-        &ProxyConfig {
-            hard_stop_after: "10s",
-            ..ProxyConfig::default()
-        },
-    );
+    let cfg = sb.write_config("proxy.toml", &ProxyConfig::draining("10s"));
     let mut gen1 = Proxy::start(&sb, &cfg, &[]);
     let id1 = gen1.wait_active(&sb, Duration::from_secs(10));
 

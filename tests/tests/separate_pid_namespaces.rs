@@ -13,16 +13,9 @@ const NEW_PIDNS: &[&str] = &["unshare", "--pid", "--fork", "--kill-child"];
 
 #[test]
 fn separate_pid_namespaces() {
-    let sb = Sandbox::new("pidns");
-    let rt = sb.runtime();
+    let (sb, rt) = Sandbox::with_runtime("pidns");
     let _backend = Backend::start(&rt, Duration::ZERO);
-    let cfg = sb.write_config(
-        "proxy.toml",
-        &ProxyConfig {
-            hard_stop_after: "10s",
-            ..ProxyConfig::default()
-        },
-    );
+    let cfg = sb.write_config("proxy.toml", &ProxyConfig::draining("10s"));
 
     let mut gen1 = Proxy::start(&sb, &cfg, &[]);
     let id1 = gen1.wait_active(&sb, Duration::from_secs(10));

@@ -12,8 +12,7 @@ use proxy_harness::{
 
 #[test]
 fn sigkill_old_generation_while_draining() {
-    let sb = Sandbox::new("killdrain");
-    let rt = sb.runtime();
+    let (sb, rt) = Sandbox::with_runtime("killdrain");
     let backend = Backend::start(&rt, Duration::ZERO);
     let cfg = sb.write_config(
         "proxy.toml",

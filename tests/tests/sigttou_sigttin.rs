@@ -12,8 +12,7 @@ use proxy_harness::{
 
 #[test]
 fn sigttou_sigttin() {
-    let sb = Sandbox::new("ttou");
-    let rt = sb.runtime();
+    let (sb, rt) = Sandbox::with_runtime("ttou");
     let _backend = Backend::start(&rt, Duration::ZERO);
     let cfg = sb.write_config("proxy.toml", &ProxyConfig::default());
     let mut gen1 = Proxy::start(&sb, &cfg, &[]);

@@ -104,8 +104,7 @@ send_proxy_v2 = {servers_proxy}
 /// HTTP through comp -> app0 likewise; curl and openssl s_client agree.
 #[test]
 fn tls_to_unix_app_to_http_backend() {
-    let sb = Sandbox::new("st-chain");
-    let rt = sb.runtime();
+    let (sb, rt) = Sandbox::with_runtime("st-chain");
     let backend = HttpBackend::start(&rt);
     let (a, b) = certs(&sb);
     let cfg = sb.write_file("chain.toml", &chain_config(&sb, &a, &b, "http"));
@@ -434,8 +433,7 @@ fn tlv(tlvs: &[(u8, Vec<u8>)], kind: u8) -> Option<&[u8]> {
 /// with VERSION and CIPHER); the payload arrives byte-exact.
 #[test]
 fn tcp_app_passes_client_and_tls_tlvs_to_backend() {
-    let sb = Sandbox::new("st-chain-pp");
-    let rt = sb.runtime();
+    let (sb, rt) = Sandbox::with_runtime("st-chain-pp");
     let seen = start_proxy_decoding_backend(&rt);
     let (a, b) = certs(&sb);
     let cfg = sb.write_file("chain-tcp.toml", &chain_config(&sb, &a, &b, "tcp"));

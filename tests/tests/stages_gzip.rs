@@ -279,8 +279,7 @@ fn cases() -> Vec<Case> {
 
 #[test]
 fn gzip_negotiation_rules() {
-    let sb = Sandbox::new("st-gzip");
-    let rt = sb.runtime();
+    let (sb, rt) = Sandbox::with_runtime("st-gzip");
     let backend = HttpBackend::start(&rt);
     let config = format!(
         r#"{global}

@@ -311,8 +311,7 @@ servers = ["{BACKEND_ADDR}"]
 
 #[test]
 fn chain_survives_handovers_under_load() {
-    let sb = Sandbox::new("st-hand");
-    let rt = sb.runtime();
+    let (sb, rt) = Sandbox::with_runtime("st-hand");
     let backend = HttpBackend::start(&rt);
     let cfg = chain_config(&sb, "10s");
 

@@ -238,8 +238,7 @@ async fn run_bad(bad: &Bad, valid_rest: &[u8]) -> (Closed, Duration) {
 
 #[test]
 fn broken_proxy_headers_close_one_connection_only() {
-    let sb = Sandbox::new("st-pp");
-    let rt = sb.runtime();
+    let (sb, rt) = Sandbox::with_runtime("st-pp");
     let echo = start_echo(&rt);
     let config = format!(
         r#"{global}

@@ -119,8 +119,7 @@ struct Broken {
 
 #[test]
 fn tls_sni_defaults_and_broken_handshakes() {
-    let sb = Sandbox::new("st-tls");
-    let rt = sb.runtime();
+    let (sb, rt) = Sandbox::with_runtime("st-tls");
     let accepted = start_echo(&rt);
     let a = make_cert(&sb.dir, "a.test", &["a.test", "www.a.test"]);
     let b = make_cert(&sb.dir, "b.test", &["b.test"]);
