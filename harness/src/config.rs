@@ -106,6 +106,36 @@ pub fn global_toml(sb: &Sandbox, hard_stop_after: &str) -> String {
     )
 }
 
+/// The application frontend of the stage chains: listener `app` (in
+/// `app_mode`, decoding PROXY v2) on `<sandbox>/app0.sock` and `app1.sock`,
+/// forwarding to backend `servers`, and the backends `app0` and `app1`
+/// that reach it with a PROXY v2 header. Add the `servers` backend.
+pub fn unix_app_toml(sb: &Sandbox, app_mode: &str) -> String {
+    let app0 = sb.dir.join("app0.sock");
+    let app1 = sb.dir.join("app1.sock");
+    format!(
+        r#"[[listener]]
+name = "app"
+bind = ["unix:{app0}", "unix:{app1}"]
+mode = "{app_mode}"
+accept_proxy = true
+backend = "servers"
+
+[[backend]]
+name = "app0"
+servers = ["unix:{app0}"]
+send_proxy_v2 = true
+
+[[backend]]
+name = "app1"
+servers = ["unix:{app1}"]
+send_proxy_v2 = true
+"#,
+        app0 = app0.display(),
+        app1 = app1.display(),
+    )
+}
+
 /// A TOML basic string. JSON's escapes are a subset of TOML's, so a JSON
 /// string literal is a valid TOML one.
 pub fn toml_str(s: &str) -> String {

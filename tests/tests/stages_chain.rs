@@ -18,6 +18,7 @@ use proxy_harness::{
     bodies::{binary_body, first_difference},
     certs::{TestCert, describe_cert, make_cert},
     config::global_toml,
+    config::unix_app_toml,
     http::{echo_request, fetch, header_str, http_connect, http_handshake, request},
     http_backend::HttpBackend,
     process::{run_bounded, run_bounded_ok},
@@ -46,8 +47,6 @@ fn certs(sb: &Sandbox) -> (TestCert, TestCert) {
 /// tls (tcp, :8443) -> app1.sock; comp (http, :8080) -> app0.sock; app
 /// (`app_mode`, accept_proxy) on both sockets -> 127.0.0.1:9000.
 fn chain_config(sb: &Sandbox, a: &TestCert, b: &TestCert, app_mode: &str) -> String {
-    let app0 = sb.dir.join("app0.sock");
-    let app1 = sb.dir.join("app1.sock");
     // The app stage sends a PROXY header on only when its backend decodes it.
     let servers_proxy = app_mode == "tcp";
     format!(
@@ -68,22 +67,7 @@ certs = ["{a}", "{b}"]
 alpn = ["http/1.1"]
 handshake_timeout = "10s"
 
-[[listener]]
-name = "app"
-bind = ["unix:{app0}", "unix:{app1}"]
-mode = "{app_mode}"
-accept_proxy = true
-backend = "servers"
-
-[[backend]]
-name = "app0"
-servers = ["unix:{app0}"]
-send_proxy_v2 = true
-
-[[backend]]
-name = "app1"
-servers = ["unix:{app1}"]
-send_proxy_v2 = true
+{app}
 
 [[backend]]
 name = "servers"
@@ -93,8 +77,7 @@ send_proxy_v2 = {servers_proxy}
         global = global_toml(sb, "10s"),
         a = a.bundle.display(),
         b = b.bundle.display(),
-        app0 = app0.display(),
-        app1 = app1.display(),
+        app = unix_app_toml(sb, app_mode),
     )
 }
 

@@ -25,6 +25,7 @@ use proxy_harness::{
     bodies::{Rng, binary_body, first_difference, gunzip, text_body},
     certs::make_cert,
     config::global_toml,
+    config::unix_app_toml,
     http::{TestBody, echo_request, fetch, header_str, http_connect, http_handshake, request},
     http_backend::HttpBackend,
     report,
@@ -256,8 +257,6 @@ struct Timing {
 /// accept_proxy) on both -> the HTTP backend; certificate for a.test.
 fn chain_config(sb: &Sandbox, hard_stop_after: &str) -> std::path::PathBuf {
     let a = make_cert(&sb.dir, "a.test", &["a.test"]);
-    let app0 = sb.dir.join("app0.sock");
-    let app1 = sb.dir.join("app1.sock");
     let config = format!(
         r#"{global}
 [[listener]]
@@ -280,22 +279,7 @@ backend = "app1"
 certs = ["{cert}"]
 alpn = ["http/1.1"]
 
-[[listener]]
-name = "app"
-bind = ["unix:{app0}", "unix:{app1}"]
-mode = "http"
-accept_proxy = true
-backend = "servers"
-
-[[backend]]
-name = "app0"
-servers = ["unix:{app0}"]
-send_proxy_v2 = true
-
-[[backend]]
-name = "app1"
-servers = ["unix:{app1}"]
-send_proxy_v2 = true
+{app}
 
 [[backend]]
 name = "servers"
@@ -303,8 +287,7 @@ servers = ["{BACKEND_ADDR}"]
 "#,
         global = global_toml(sb, hard_stop_after),
         cert = a.bundle.display(),
-        app0 = app0.display(),
-        app1 = app1.display(),
+        app = unix_app_toml(sb, "http"),
     );
     sb.write_file("chain.toml", &config)
 }
