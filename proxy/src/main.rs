@@ -101,15 +101,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             // Load what the stages load at startup (certificates), so that
             // check catches everything run would.
             for l in &cfg.listeners {
-                proxy::stage::Stage::new(
-                    &cfg,
-                    l,
-                    proxy::stage::StageContext {
-                        draining: tokio::sync::watch::channel(false).1,
-                        metrics: &proxy::stats::counters::Registry::new(&cfg),
-                        generation: 0,
-                    },
-                )?;
+                proxy::stage::StageSettings::try_from((&cfg, l))?;
             }
             println!(
                 "{}: ok (instance {}, {} listeners, {} backends)",

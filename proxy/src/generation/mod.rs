@@ -41,7 +41,7 @@ use self::{
 };
 use crate::{
     config::{BindAddr, Config, Steering as SteeringMode},
-    stage::{Stage, StageContext, StageRuntime, socket::Listener},
+    stage::{Stage, StageContext, StageRuntime, StageSettings, socket::Listener},
     stats::{self, StatsSource, counters::Registry},
     steering::{self, Steering},
     sys,
@@ -209,14 +209,13 @@ impl Generation {
         for l in &cfg.listeners {
             let runtime = StageRuntime::new(&l.name, l.cpus.as_deref())?;
             let stage = Stage::new(
-                cfg,
-                l,
+                StageSettings::try_from((cfg, l))?,
                 StageContext {
                     draining: self.life.draining(),
                     metrics: &self.registry,
                     generation: self.steering.generation(),
                 },
-            )?;
+            );
             let maxconn = l.maxconn.map(|n| Arc::new(Semaphore::new(n)));
             for addr in &l.bind {
                 let listener = {

@@ -41,6 +41,8 @@ use tokio::{
 };
 use tokio_util::io::{ReaderStream, StreamReader};
 
+use crate::config::CompressionConfig;
+
 /// gzip settings of a listener.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Compression {
@@ -52,14 +54,22 @@ pub struct Compression {
     pub types: Vec<String>,
 }
 
-/// Per-connection settings of the HTTP mode.
+impl From<&CompressionConfig> for Compression {
+    fn from(c: &CompressionConfig) -> Self {
+        Self {
+            level: c.level,
+            min_size: c.min_size,
+            types: c.types.clone(),
+        }
+    }
+}
+
+/// Settings of the HTTP mode of a listener, built once per stage and shared
+/// by its connections.
 #[derive(Debug, Clone)]
 pub struct HttpSettings {
     /// `None` turns compression off.
     pub compression: Option<Compression>,
-    /// The real client (from the socket or a PROXY v2 header), sent upstream
-    /// in `X-Forwarded-For`; `None` leaves that header as the client sent it.
-    pub client_addr: Option<SocketAddr>,
     /// How long the downstream client may take to send a request head
     /// (hyper also applies it while a keep-alive connection waits for the next one).
     pub header_read_timeout: Duration,
@@ -148,6 +158,7 @@ pub async fn serve<IO, U>(
     io: IO,
     upstream: Arc<U>,
     settings: Arc<HttpSettings>,
+    client_addr: Option<SocketAddr>,
     draining: watch::Receiver<bool>,
 ) -> Result<ConnStats, HttpError>
 where
@@ -157,6 +168,7 @@ where
     let shared = Arc::new(Shared {
         upstream,
         settings: settings.clone(),
+        client_addr,
         draining,
         conn: Mutex::new(None),
         counters: Arc::new(Counters::default()),
@@ -253,6 +265,9 @@ impl Drop for UpstreamConn {
 struct Shared<U> {
     upstream: Arc<U>,
     settings: Arc<HttpSettings>,
+    /// The real client (from the socket or a PROXY v2 header), sent upstream
+    /// in `X-Forwarded-For`; `None` leaves that header as the client sent it.
+    client_addr: Option<SocketAddr>,
     draining: watch::Receiver<bool>,
     /// Held across one request/response head exchange: hyper serves the
     /// requests of an HTTP/1 connection one after the other anyway.
@@ -309,7 +324,7 @@ impl<U: Upstream> Shared<U> {
         *req.uri_mut() = Uri::from_parts(parts).unwrap_or_else(|_| Uri::from_static("/"));
         *req.version_mut() = Version::HTTP_11;
         strip_hop_by_hop(req.headers_mut());
-        if let Some(addr) = self.settings.client_addr {
+        if let Some(addr) = self.client_addr {
             set_forwarded_for(req.headers_mut(), addr);
         }
         req
@@ -656,6 +671,25 @@ mod tests {
 
     use super::*;
 
+    /// The stage's settings and one connection's client address, as the
+    /// tests vary them together.
+    #[derive(Clone)]
+    struct HttpSettings {
+        compression: Option<Compression>,
+        client_addr: Option<SocketAddr>,
+        header_read_timeout: Duration,
+    }
+
+    impl HttpSettings {
+        fn split(self) -> (Arc<super::HttpSettings>, Option<SocketAddr>) {
+            let settings = super::HttpSettings {
+                compression: self.compression,
+                header_read_timeout: self.header_read_timeout,
+            };
+            (Arc::new(settings), self.client_addr)
+        }
+    }
+
     type TestBody = UnsyncBoxBody<Bytes, io::Error>;
 
     const LONG: Duration = Duration::from_secs(10);
@@ -870,7 +904,8 @@ mod tests {
         async fn start_with<U: Upstream>(upstream: Arc<U>, settings: HttpSettings) -> Proxy {
             let (client_io, server_io) = tokio::io::duplex(64 * 1024);
             let (drain, draining) = watch::channel(false);
-            let serve = tokio::spawn(serve(server_io, upstream, Arc::new(settings), draining));
+            let (settings, client_addr) = settings.split();
+            let serve = tokio::spawn(serve(server_io, upstream, settings, client_addr, draining));
             let (client, conn) = hyper::client::conn::http1::handshake(TokioIo::new(client_io))
                 .await
                 .unwrap();
@@ -1492,7 +1527,8 @@ mod tests {
         let (mut client, server) = tokio::io::duplex(4096);
         let (_drain, draining) = watch::channel(false);
         let upstream = Arc::new(move || TcpStream::connect(origin.addr));
-        let serving = tokio::spawn(serve(server, upstream, Arc::new(short), draining));
+        let (short, client_addr) = short.split();
+        let serving = tokio::spawn(serve(server, upstream, short, client_addr, draining));
         client
             .write_all(b"GET / HTTP/1.1\r\nHost: a\r\n")
             .await

@@ -9,8 +9,11 @@
 pub mod forward;
 pub mod http;
 pub mod proxy_proto;
+mod runtime;
 pub mod socket;
 pub mod tls;
+
+pub use runtime::StageRuntime;
 
 use std::{
     future::Future,
@@ -23,21 +26,20 @@ use std::{
 use std::sync::atomic::Ordering::Relaxed;
 use tokio::{
     io::{AsyncRead, AsyncWrite},
-    runtime::{Handle, Runtime},
     sync::watch,
 };
+use tracing::info;
 
-use tracing::{info, warn};
-
+use self::{
+    forward::{ForwardError, Pool, Transfer},
+    http::{Compression, HttpError, HttpSettings, Upstream},
+    proxy_proto::ProxyError,
+    socket::{PeerAddr, Stream},
+    tls::{TlsAcceptor, TlsError},
+};
 use crate::{
-    config::{Config, Listener as ListenerConfig, Mode},
-    stage::forward::{ForwardError, Pool, Transfer},
-    stage::http::{Compression, HttpError, HttpSettings, Upstream},
-    stage::proxy_proto::ProxyError,
-    stage::socket::{PeerAddr, Stream},
-    stage::tls::{CertSource, TlsAcceptor, TlsError, TlsSettings},
+    config::{Backend, Config, Listener as ListenerConfig, Mode},
     stats::counters::{ListenerCounter, ListenerMetrics, Metered, Registry},
-    sys,
 };
 
 /// Why a stage could not be built (bad certificates, no runtime).
@@ -71,64 +73,6 @@ pub enum ConnError {
     Http(#[from] HttpError),
 }
 
-/// The runtime a stage runs on: its own (pinned) or the default one.
-pub struct StageRuntime {
-    own: Option<Runtime>,
-    handle: Handle,
-}
-
-impl StageRuntime {
-    /// A runtime pinned to `cpus`, or the current one.
-    pub fn new(listener: &str, cpus: Option<&[usize]>) -> Result<Self, StageError> {
-        let Some(cpus) = cpus else {
-            return Ok(Self {
-                own: None,
-                handle: Handle::current(),
-            });
-        };
-        let pinned = cpus.to_vec();
-        let name = listener.to_string();
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(cpus.len())
-            .thread_name(format!("stage-{listener}"))
-            .on_thread_start(move || {
-                if let Err(e) = sys::pin_current_thread(&pinned) {
-                    warn!("listener {name}: pinning a thread to CPUs {pinned:?}: {e}");
-                }
-            })
-            .enable_all()
-            .build()
-            .map_err(|source| StageError::Runtime {
-                listener: listener.to_string(),
-                cpus: cpus.to_vec(),
-                source,
-            })?;
-        info!(
-            "listener {listener}: own runtime, {} threads pinned to CPUs {cpus:?}",
-            cpus.len()
-        );
-        Ok(Self {
-            handle: rt.handle().clone(),
-            own: Some(rt),
-        })
-    }
-
-    pub fn handle(&self) -> &Handle {
-        &self.handle
-    }
-}
-
-impl Drop for StageRuntime {
-    /// Stops the stage's own runtime without blocking the caller (dropping a
-    /// runtime inside another one would panic).
-    fn drop(&mut self) {
-        if let Some(rt) = self.own.take() {
-            rt.shutdown_background();
-        }
-    }
-}
-
-/// What one listener does with its connections.
 /// What a stage gets from its generation.
 pub struct StageContext<'a> {
     /// Becomes true when the generation drains.
@@ -139,17 +83,57 @@ pub struct StageContext<'a> {
     pub generation: u64,
 }
 
+/// What a listener's stage is made of, loaded once from the config
+/// (certificates read, HTTP settings built): `proxy check` and `proxy run`
+/// load the same.
+pub struct StageSettings {
+    pub name: String,
+    backend: Backend,
+    /// HTTP mode: compression and timeouts; None in tcp mode.
+    http: Option<Arc<HttpSettings>>,
+    /// Deadline of the PROXY v2 header, when the listener requires one.
+    accept_proxy: Option<Duration>,
+    tls: Option<TlsAcceptor>,
+}
+
+impl TryFrom<(&Config, &ListenerConfig)> for StageSettings {
+    type Error = StageError;
+
+    fn try_from((cfg, l): (&Config, &ListenerConfig)) -> Result<Self, StageError> {
+        let tls = match &l.tls {
+            Some(t) => Some(
+                TlsAcceptor::new(&t.into()).map_err(|source| StageError::Tls {
+                    listener: l.name.clone(),
+                    source,
+                })?,
+            ),
+            None => None,
+        };
+        Ok(Self {
+            name: l.name.clone(),
+            backend: cfg.listener_backend(l).clone(),
+            http: (l.mode == Mode::Http).then(|| {
+                Arc::new(HttpSettings {
+                    compression: l.compression.as_ref().map(Compression::from),
+                    header_read_timeout: HTTP_HEADER_TIMEOUT,
+                })
+            }),
+            accept_proxy: l.accept_proxy.then_some(l.accept_proxy_timeout),
+            tls,
+        })
+    }
+}
+
+/// What one listener does with its connections.
 pub struct Stage {
     pub name: String,
     generation: u64,
     pool: Arc<Pool>,
     metrics: Arc<ListenerMetrics>,
-    /// HTTP mode: compression and timeouts; None in tcp mode.
-    http: Option<HttpMode>,
+    http: Option<Arc<HttpSettings>>,
     /// Becomes true when the generation drains: HTTP keep-alive connections
     /// then answer their next request with `Connection: close`.
     draining: watch::Receiver<bool>,
-    /// Deadline of the PROXY v2 header, when the listener requires one.
     accept_proxy: Option<Duration>,
     tls: Option<TlsAcceptor>,
     /// Whether the backend wants a PROXY v2 header.
@@ -171,11 +155,6 @@ struct Done {
     /// The server (tcp mode) or backend (http mode) it went to.
     server: String,
     requests: u64,
-}
-
-/// HTTP settings of a listener in http mode.
-struct HttpMode {
-    compression: Option<Compression>,
 }
 
 /// How long a client may take to send a request head (also the idle
@@ -223,54 +202,27 @@ struct ClientInfo {
 }
 
 impl Stage {
-    /// Builds the stage of listener `l`: loads its certificates now, so that
-    /// a bad certificate stops the generation before the flip.
-    pub fn new(
-        cfg: &Config,
-        l: &ListenerConfig,
-        ctx: StageContext<'_>,
-    ) -> Result<Arc<Self>, StageError> {
-        let backend = cfg.listener_backend(l);
-        let tls = match &l.tls {
-            Some(t) => Some(
-                TlsAcceptor::new(&TlsSettings {
-                    certs: t
-                        .certs
-                        .iter()
-                        .cloned()
-                        .map(CertSource::Bundle)
-                        .chain(t.pairs.iter().map(|p| CertSource::Pair {
-                            cert: p.cert.clone(),
-                            key: p.key.clone(),
-                        }))
-                        .collect(),
-                    alpn: t.alpn.clone(),
-                    handshake_timeout: t.handshake_timeout,
-                })
-                .map_err(|source| StageError::Tls {
-                    listener: l.name.clone(),
-                    source,
-                })?,
-            ),
-            None => None,
-        };
-        Ok(Arc::new(Self {
-            name: l.name.clone(),
-            pool: Arc::new(Pool::new(backend, ctx.metrics)),
-            metrics: ctx.metrics.listener(&l.name),
+    /// The stage of one listener, from its settings (loaded before, so that
+    /// a bad certificate stops the generation before the flip).
+    pub fn new(settings: StageSettings, ctx: StageContext<'_>) -> Arc<Self> {
+        let StageSettings {
+            name,
+            backend,
+            http,
+            accept_proxy,
+            tls,
+        } = settings;
+        Arc::new(Self {
+            pool: Arc::new(Pool::new(&backend, ctx.metrics)),
+            metrics: ctx.metrics.listener(&name),
+            name,
             generation: ctx.generation,
-            http: (l.mode == Mode::Http).then(|| HttpMode {
-                compression: l.compression.as_ref().map(|c| Compression {
-                    level: c.level,
-                    min_size: c.min_size,
-                    types: c.types.clone(),
-                }),
-            }),
+            http,
             draining: ctx.draining,
-            accept_proxy: l.accept_proxy.then_some(l.accept_proxy_timeout),
+            accept_proxy,
             tls,
             send_proxy: backend.send_proxy_v2,
-        }))
+        })
     }
 
     /// Serves one accepted connection to its end, counts it, and writes its
@@ -362,7 +314,7 @@ impl Stage {
         IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let preamble = self.preamble(client)?;
-        let Some(mode) = &self.http else {
+        let Some(settings) = &self.http else {
             let (transfer, server) = self.pool.forward(io, &preamble).await?;
             return Ok(Done {
                 transfer,
@@ -370,13 +322,9 @@ impl Stage {
                 requests: 0,
             });
         };
-        let settings = Arc::new(HttpSettings {
-            compression: mode.compression.clone(),
-            // With PROXY v2 upstream, the next stage adds the header from it
-            // (adding it here too would list the client twice).
-            client_addr: if self.send_proxy { None } else { client.source },
-            header_read_timeout: HTTP_HEADER_TIMEOUT,
-        });
+        // With PROXY v2 upstream, the next stage adds X-Forwarded-For from
+        // it (adding it here too would list the client twice).
+        let client_addr = if self.send_proxy { None } else { client.source };
         let upstream = Arc::new(PoolUpstream {
             pool: self.pool.clone(),
             preamble,
@@ -386,7 +334,7 @@ impl Stage {
         } else {
             self.draining.clone()
         };
-        let stats = http::serve(io, upstream, settings, draining).await?;
+        let stats = http::serve(io, upstream, settings.clone(), client_addr, draining).await?;
         let m = &self.metrics;
         m[ListenerCounter::HttpRequests].fetch_add(stats.requests, Relaxed);
         m[ListenerCounter::BodyIn].fetch_add(stats.body_bytes_before, Relaxed);

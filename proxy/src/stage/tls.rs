@@ -28,6 +28,8 @@ use rustls_pki_types::{
 };
 use tokio::io::{AsyncRead, AsyncWrite};
 
+use crate::config::TlsConfig;
+
 /// What a TLS listener needs: certificates, ALPN protocols, handshake limit.
 #[derive(Debug, Clone)]
 pub struct TlsSettings {
@@ -38,6 +40,25 @@ pub struct TlsSettings {
     pub alpn: Vec<String>,
     /// Longest a client may take from connecting to a finished handshake.
     pub handshake_timeout: Duration,
+}
+
+impl From<&TlsConfig> for TlsSettings {
+    fn from(t: &TlsConfig) -> Self {
+        Self {
+            certs: t
+                .certs
+                .iter()
+                .cloned()
+                .map(CertSource::Bundle)
+                .chain(t.pairs.iter().map(|p| CertSource::Pair {
+                    cert: p.cert.clone(),
+                    key: p.key.clone(),
+                }))
+                .collect(),
+            alpn: t.alpn.clone(),
+            handshake_timeout: t.handshake_timeout,
+        }
+    }
 }
 
 /// Where one certificate chain and its private key are read from.
