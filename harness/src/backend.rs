@@ -60,25 +60,17 @@ impl Backend {
             .block_on(TcpListener::bind(BACKEND_ADDR))
             .expect("binding the backend");
         let stats = Arc::new(BackendStats::default());
-        let stop = Arc::new(AtomicBool::new(false));
-        let (st, sp) = (stats.clone(), stop.clone());
-        rt.spawn(async move {
-            while !sp.load(Ordering::Relaxed) {
-                let Ok((stream, _)) = listener.accept().await else {
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                    continue;
+        let st = stats.clone();
+        let stop = accept_until_dropped(rt, listener, move |stream| {
+            st.accepted.fetch_add(1, Ordering::Relaxed);
+            let st = st.clone();
+            tokio::spawn(async move {
+                match tokio::time::timeout(Duration::from_secs(60), serve_one(stream, delay)).await
+                {
+                    Ok(Ok(())) => st.served.fetch_add(1, Ordering::Relaxed),
+                    _ => st.bad_requests.fetch_add(1, Ordering::Relaxed),
                 };
-                st.accepted.fetch_add(1, Ordering::Relaxed);
-                let st = st.clone();
-                tokio::spawn(async move {
-                    match tokio::time::timeout(Duration::from_secs(60), serve_one(stream, delay))
-                        .await
-                    {
-                        Ok(Ok(())) => st.served.fetch_add(1, Ordering::Relaxed),
-                        _ => st.bad_requests.fetch_add(1, Ordering::Relaxed),
-                    };
-                });
-            }
+            });
         });
         Backend { stats, stop }
     }
@@ -88,6 +80,27 @@ impl Drop for Backend {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
     }
+}
+
+/// Accepts on `listener` (on `rt`) and hands every connection to `serve`,
+/// until the returned flag is set (the servers set it on drop).
+pub(crate) fn accept_until_dropped(
+    rt: &Runtime,
+    listener: TcpListener,
+    mut serve: impl FnMut(TcpStream) + Send + 'static,
+) -> Arc<AtomicBool> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let sp = stop.clone();
+    rt.spawn(async move {
+        while !sp.load(Ordering::Relaxed) {
+            let Ok((stream, _)) = listener.accept().await else {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                continue;
+            };
+            serve(stream);
+        }
+    });
+    stop
 }
 
 async fn serve_one(mut stream: TcpStream, delay: Duration) -> io::Result<()> {

@@ -9,7 +9,6 @@ use std::{
         Arc, Mutex,
         atomic::{AtomicBool, AtomicU64, Ordering},
     },
-    time::Duration,
 };
 
 use bytes::Bytes;
@@ -24,6 +23,7 @@ use hyper_util::rt::TokioIo;
 use tokio::{net::TcpListener, runtime::Runtime};
 
 use crate::{
+    backend::accept_until_dropped,
     bodies::{binary_body, text_body},
     config::BACKEND_ADDR,
     http::{TestBody, chunked, full},
@@ -67,28 +67,21 @@ impl HttpBackend {
             .expect("binding the HTTP backend");
         let addr = listener.local_addr().expect("backend address");
         let stats = Arc::new(HttpBackendStats::default());
-        let stop = Arc::new(AtomicBool::new(false));
-        let (st, sp) = (stats.clone(), stop.clone());
-        rt.spawn(async move {
-            while !sp.load(Ordering::Relaxed) {
-                let Ok((stream, _)) = listener.accept().await else {
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                    continue;
-                };
-                let _ = stream.set_nodelay(true);
-                let conn_no = st.connections.fetch_add(1, Ordering::Relaxed) + 1;
-                let st = st.clone();
-                tokio::spawn(async move {
-                    let service = service_fn(move |req| {
-                        let st = st.clone();
-                        async move { Ok::<_, Infallible>(answer(req, &st, conn_no).await) }
-                    });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .keep_alive(true)
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
+        let st = stats.clone();
+        let stop = accept_until_dropped(rt, listener, move |stream| {
+            let _ = stream.set_nodelay(true);
+            let conn_no = st.connections.fetch_add(1, Ordering::Relaxed) + 1;
+            let st = st.clone();
+            tokio::spawn(async move {
+                let service = service_fn(move |req| {
+                    let st = st.clone();
+                    async move { Ok::<_, Infallible>(answer(req, &st, conn_no).await) }
                 });
-            }
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .keep_alive(true)
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
         });
         HttpBackend { stats, addr, stop }
     }
