@@ -33,22 +33,22 @@ pub struct PromSample {
 const PROM_PARSER: &str = r#"
 import json, sys
 try:
-from prometheus_client.parser import text_string_to_metric_families
+    from prometheus_client.parser import text_string_to_metric_families
 except ImportError as e:
-print("prometheus_client is missing (%s): pip install prometheus-client" % e, file=sys.stderr)
-sys.exit(3)
+    print("prometheus_client is missing (%s): pip install prometheus-client" % e, file=sys.stderr)
+    sys.exit(3)
 out = []
 for i, text in enumerate(json.load(sys.stdin)):
-try:
-    fams = [
-        {"name": f.name, "type": f.type, "help": f.documentation,
-         "samples": [{"name": s.name, "labels": s.labels, "value": float(s.value)} for s in f.samples]}
-        for f in text_string_to_metric_families(text)
-    ]
-except Exception as e:
-    print("scrape %d does not parse: %r" % (i, e), file=sys.stderr)
-    sys.exit(4)
-out.append(fams)
+    try:
+        fams = [
+            {"name": f.name, "type": f.type, "help": f.documentation,
+             "samples": [{"name": s.name, "labels": s.labels, "value": float(s.value)} for s in f.samples]}
+            for f in text_string_to_metric_families(text)
+        ]
+    except Exception as e:
+        print("scrape %d does not parse: %r" % (i, e), file=sys.stderr)
+        sys.exit(4)
+    out.append(fams)
 json.dump(out, sys.stdout, allow_nan=False)
 "#;
 

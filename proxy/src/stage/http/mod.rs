@@ -27,10 +27,10 @@ use futures_util::StreamExt;
 use http_body::Frame;
 use http_body_util::{BodyDataStream, BodyExt, Full, StreamBody, combinators::UnsyncBoxBody};
 use hyper::{
-    HeaderMap, Method, Request, Response, StatusCode, Uri, Version,
+    Method, Request, Response, StatusCode, Uri, Version,
     body::Incoming,
     client::conn::http1::SendRequest,
-    header::{self, HeaderName, HeaderValue},
+    header::{self, HeaderValue},
     service::service_fn,
 };
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -41,7 +41,13 @@ use tokio::{
 };
 use tokio_util::io::{ReaderStream, StreamReader};
 
+use self::headers::{
+    accepts_gzip, add_vary_accept_encoding, compressible, mark_gzipped, set_forwarded_for,
+    strip_hop_by_hop,
+};
 use crate::config::CompressionConfig;
+
+mod headers;
 
 /// gzip settings of a listener.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -474,185 +480,6 @@ fn text_response(status: StatusCode, text: &'static str) -> Response<ProxyBody> 
     resp
 }
 
-/// Comma-separated tokens of every value of a header (values that are not
-/// visible ASCII are skipped).
-fn tokens<'a>(headers: &'a HeaderMap, name: &HeaderName) -> impl Iterator<Item = &'a str> {
-    headers
-        .get_all(name)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(str::trim)
-        .filter(|t| !t.is_empty())
-}
-
-/// Drops the headers that concern one connection only, including the ones
-/// the Connection header names.
-fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let listed: Vec<HeaderName> = tokens(headers, &header::CONNECTION)
-        .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
-        .collect();
-    for name in listed {
-        headers.remove(name);
-    }
-    for name in [
-        header::CONNECTION,
-        HeaderName::from_static("keep-alive"),
-        HeaderName::from_static("proxy-connection"),
-        header::TE,
-        header::TRAILER,
-        header::TRANSFER_ENCODING,
-        header::UPGRADE,
-    ] {
-        headers.remove(name);
-    }
-}
-
-/// Appends the client to X-Forwarded-For, folding earlier lines into one.
-fn set_forwarded_for(headers: &mut HeaderMap, addr: SocketAddr) {
-    let ip = addr.ip().to_canonical().to_string();
-    let mut value = Vec::new();
-    for existing in headers.get_all(header::HeaderName::from_static("x-forwarded-for")) {
-        let existing = existing.as_bytes().trim_ascii();
-        if !existing.is_empty() {
-            value.extend_from_slice(existing);
-            value.extend_from_slice(b", ");
-        }
-    }
-    value.extend_from_slice(ip.as_bytes());
-    if let Ok(value) = HeaderValue::from_bytes(&value) {
-        headers.insert(HeaderName::from_static("x-forwarded-for"), value);
-    }
-}
-
-/// Whether the client's Accept-Encoding lets us send gzip: an explicit
-/// `gzip`/`x-gzip` decides by its q-value, else a `*` with q > 0 does; no
-/// header means identity only.
-fn accepts_gzip(headers: &HeaderMap) -> bool {
-    let mut gzip_q: Option<f32> = None;
-    let mut star_q: Option<f32> = None;
-    for item in tokens(headers, &header::ACCEPT_ENCODING) {
-        let mut params = item.split(';');
-        let coding = params.next().unwrap_or_default().trim();
-        // A malformed q-value voids its element, as RFC 9110 asks.
-        let Some(q) = q_value(params) else { continue };
-        let slot = if coding.eq_ignore_ascii_case("gzip") || coding.eq_ignore_ascii_case("x-gzip") {
-            &mut gzip_q
-        } else if coding == "*" {
-            &mut star_q
-        } else {
-            continue;
-        };
-        *slot = Some(slot.map_or(q, |old| old.max(q)));
-    }
-    match gzip_q {
-        Some(q) => q > 0.0,
-        None => star_q.is_some_and(|q| q > 0.0),
-    }
-}
-
-fn q_value<'a>(params: impl Iterator<Item = &'a str>) -> Option<f32> {
-    let mut q = 1.0;
-    for param in params {
-        if let Some((name, value)) = param.split_once('=')
-            && name.trim().eq_ignore_ascii_case("q")
-        {
-            q = value
-                .trim()
-                .parse::<f32>()
-                .ok()
-                .filter(|q| (0.0..=1.0).contains(q))?;
-        }
-    }
-    Some(q)
-}
-
-/// Whether the response may be gzipped, leaving the client's choice aside:
-/// when this holds the response varies by Accept-Encoding.
-fn compressible(c: &Compression, status: StatusCode, headers: &HeaderMap, is_head: bool) -> bool {
-    if is_head || status.is_informational() || status == StatusCode::NO_CONTENT {
-        return false;
-    }
-    if status == StatusCode::NOT_MODIFIED {
-        return false;
-    }
-    // Byte ranges count in the identity encoding: a gzipped part would be wrong.
-    if status == StatusCode::PARTIAL_CONTENT || headers.contains_key(header::CONTENT_RANGE) {
-        return false;
-    }
-    if tokens(headers, &header::CONTENT_ENCODING).any(|t| !t.eq_ignore_ascii_case("identity")) {
-        return false;
-    }
-    let media_type = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split(';').next())
-        .map(str::trim);
-    let Some(media_type) = media_type else {
-        return false;
-    };
-    if !c
-        .types
-        .iter()
-        .any(|t| t.trim().eq_ignore_ascii_case(media_type))
-    {
-        return false;
-    }
-    let length = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<u64>().ok());
-    if length.is_some_and(|len| len < c.min_size) {
-        return false;
-    }
-    !tokens(headers, &header::CACHE_CONTROL).any(|t| {
-        let name = t.split('=').next().unwrap_or_default().trim();
-        name.eq_ignore_ascii_case("no-transform")
-    })
-}
-
-/// Adds `Accept-Encoding` to Vary unless it is already there or Vary is `*`.
-fn add_vary_accept_encoding(headers: &mut HeaderMap) {
-    let mut listed = Vec::new();
-    for value in headers.get_all(header::VARY) {
-        let Ok(value) = value.to_str() else {
-            // Unreadable value: keep it as it is and add ours beside it.
-            headers.append(header::VARY, HeaderValue::from_static("Accept-Encoding"));
-            return;
-        };
-        for t in value.split(',').map(str::trim).filter(|t| !t.is_empty()) {
-            if t == "*" || t.eq_ignore_ascii_case("accept-encoding") {
-                return;
-            }
-            listed.push(t);
-        }
-    }
-    listed.push("Accept-Encoding");
-    if let Ok(value) = HeaderValue::from_str(&listed.join(", ")) {
-        headers.insert(header::VARY, value);
-    }
-}
-
-/// Headers of a response about to be gzipped.
-fn mark_gzipped(headers: &mut HeaderMap) {
-    headers.insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
-    // The length is unknown until the end: hyper sends it chunked.
-    headers.remove(header::CONTENT_LENGTH);
-    // Ranges of the gzipped bytes are not what the upstream would serve.
-    headers.remove(header::ACCEPT_RANGES);
-    // The gzipped bytes differ from the upstream's: a strong validator no
-    // longer holds for them.
-    if let Some(etag) = headers.get(header::ETAG)
-        && etag.as_bytes().starts_with(b"\"")
-    {
-        let mut weak = b"W/".to_vec();
-        weak.extend_from_slice(etag.as_bytes());
-        if let Ok(weak) = HeaderValue::from_bytes(&weak) {
-            headers.insert(header::ETAG, weak);
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use std::{
@@ -660,7 +487,7 @@ mod tests {
         sync::atomic::{AtomicUsize, Ordering::SeqCst},
     };
 
-    use hyper::{body::Body, http::response::Parts};
+    use hyper::{HeaderMap, body::Body, http::response::Parts};
     use tokio::{
         io::{AsyncReadExt, AsyncWriteExt},
         net::{TcpListener, TcpStream},
