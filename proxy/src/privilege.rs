@@ -16,7 +16,7 @@ use caps::Capability;
 use tracing::warn;
 
 use crate::{
-    config::{BindAddr, Config, Steering},
+    config::{Addr, Config, Steering},
     steering, sys,
 };
 
@@ -88,7 +88,7 @@ pub fn drop_if_configured(cfg: &Config, pidfile: Option<&Path>) -> Result<(), Pr
     }
     for l in &cfg.listeners {
         for addr in &l.bind {
-            if let BindAddr::Unix(path) = addr
+            if let Addr::Unix(path) = addr
                 && let Some(parent) = path.parent()
             {
                 prepare(parent, fs::create_dir_all(parent))?;

@@ -36,16 +36,24 @@
 //! all checks, so the rest of the proxy can rely on them (for example
 //! [`Config::listener_backend`] cannot fail).
 
-use std::collections::HashMap;
 use std::fmt;
-use std::marker::PhantomData;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 use std::time::Duration;
 
 use serde::Deserialize;
-use serde::de::{self, Deserializer, Visitor};
+use serde::de::Deserializer;
+
+mod de;
+mod error;
+mod interpolate;
+mod validate;
+
+use self::{
+    de::*,
+    error::{key_path, syntax_error},
+    interpolate::interpolate_tree,
+};
 
 /// The whole configuration file.
 #[derive(Debug, Clone, Deserialize)]
@@ -136,7 +144,7 @@ impl fmt::Display for Steering {
 #[serde(deny_unknown_fields)]
 pub struct Listener {
     pub name: String,
-    pub bind: Vec<BindAddr>,
+    pub bind: Vec<Addr>,
     /// Name of a `[[backend]]`.
     pub backend: String,
     /// At most this many open connections; further ones wait in the kernel
@@ -235,9 +243,9 @@ pub struct CompressionConfig {
     pub types: Vec<String>,
 }
 
-/// An address a listener binds to.
+/// An address: where a listener binds, or where a server is reached.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub enum BindAddr {
+pub enum Addr {
     Tcp(SocketAddr),
     Unix(PathBuf),
 }
@@ -247,20 +255,13 @@ pub enum BindAddr {
 #[serde(deny_unknown_fields)]
 pub struct Backend {
     pub name: String,
-    pub servers: Vec<ServerAddr>,
+    pub servers: Vec<Addr>,
     #[serde(default = "default_connect_timeout", deserialize_with = "de_duration")]
     pub connect_timeout: Duration,
     /// Send a PROXY v2 header with the client address (and TLS details) on
     /// every connection to a server.
     #[serde(default)]
     pub send_proxy_v2: bool,
-}
-
-/// An address of a backend server.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub enum ServerAddr {
-    Tcp(SocketAddr),
-    Unix(PathBuf),
 }
 
 /// Why a configuration could not be loaded.
@@ -379,154 +380,6 @@ impl Config {
                 )
             })
     }
-
-    /// Cross-field checks that deserialization cannot express. Returns the
-    /// first problem found as (key path, message).
-    fn validate(&self) -> Result<(), (String, String)> {
-        let g = &self.global;
-        check_name("global.name", &g.name)?;
-        if g.hard_stop_after.is_zero() {
-            return Err((
-                "global.hard_stop_after".into(),
-                "must be greater than zero, e.g. \"30s\": old generations need time to finish \
-                 their connections"
-                    .into(),
-            ));
-        }
-        if g.pidfile.as_ref().is_some_and(|p| p.as_os_str().is_empty()) {
-            return Err((
-                "global.pidfile".into(),
-                "empty path: expected a file path such as \"/run/proxy.pid\", or leave the key out"
-                    .into(),
-            ));
-        }
-        if !g.bpffs.is_absolute() {
-            return Err((
-                "global.bpffs".into(),
-                format!(
-                    "invalid path {:?}: expected an absolute path such as \"/sys/fs/bpf\"",
-                    g.bpffs.display().to_string()
-                ),
-            ));
-        }
-
-        let mut backend_index: HashMap<&str, usize> = HashMap::new();
-        for (i, b) in self.backends.iter().enumerate() {
-            check_name(&format!("backend[{i}].name"), &b.name)?;
-            if let Some(first) = backend_index.insert(&b.name, i) {
-                return Err((
-                    format!("backend[{i}].name"),
-                    format!(
-                        "duplicate backend name {:?}: already used by backend[{first}]",
-                        b.name
-                    ),
-                ));
-            }
-            if b.servers.is_empty() {
-                return Err((
-                    format!("backend[{i}].servers"),
-                    "empty list: expected at least one server such as \"127.0.0.1:9000\"".into(),
-                ));
-            }
-            if b.connect_timeout.is_zero() {
-                return Err((
-                    format!("backend[{i}].connect_timeout"),
-                    "must be greater than zero, e.g. \"2s\"".into(),
-                ));
-            }
-        }
-
-        if self.listeners.is_empty() {
-            return Err((
-                "listener".into(),
-                "no listeners defined: expected at least one [[listener]] table".into(),
-            ));
-        }
-        let mut listener_index: HashMap<&str, usize> = HashMap::new();
-        // Two sockets bound to the same address would both be accepted by the
-        // kernel under SO_REUSEPORT and silently split traffic between
-        // listeners, so exact duplicates must be caught here.
-        let mut bound: HashMap<&BindAddr, (usize, usize)> = HashMap::new();
-        for (i, l) in self.listeners.iter().enumerate() {
-            check_name(&format!("listener[{i}].name"), &l.name)?;
-            if let Some(first) = listener_index.insert(&l.name, i) {
-                return Err((
-                    format!("listener[{i}].name"),
-                    format!(
-                        "duplicate listener name {:?}: already used by listener[{first}]",
-                        l.name
-                    ),
-                ));
-            }
-            if l.bind.is_empty() {
-                return Err((
-                    format!("listener[{i}].bind"),
-                    "empty list: expected at least one address such as \"0.0.0.0:8080\" or \
-                     \"unix:/run/proxy.sock\""
-                        .into(),
-                ));
-            }
-            for (j, addr) in l.bind.iter().enumerate() {
-                if let Some((fi, fj)) = bound.insert(addr, (i, j)) {
-                    return Err((
-                        format!("listener[{i}].bind[{j}]"),
-                        format!(
-                            "address {addr} is already bound by listener {:?} \
-                             (listener[{fi}].bind[{fj}]): each address may appear only once",
-                            self.listeners[fi].name
-                        ),
-                    ));
-                }
-            }
-            validate_stage(i, l)?;
-            if !backend_index.contains_key(l.backend.as_str()) {
-                let defined = if self.backends.is_empty() {
-                    "no [[backend]] tables are defined".to_owned()
-                } else {
-                    let names: Vec<String> = self
-                        .backends
-                        .iter()
-                        .map(|b| format!("{:?}", b.name))
-                        .collect();
-                    format!("defined backends: {}", names.join(", "))
-                };
-                return Err((
-                    format!("listener[{i}].backend"),
-                    format!("unknown backend {:?} ({defined})", l.backend),
-                ));
-            }
-        }
-        // Stats listeners share the address space of the data listeners: two
-        // sockets on one address would silently split its connections.
-        let stats_binds = self
-            .stats
-            .iter()
-            .map(|st| ("stats.bind".to_string(), st.bind))
-            .chain(self.listeners.iter().enumerate().filter_map(|(i, l)| {
-                l.stats
-                    .as_ref()
-                    .map(|st| (format!("listener[{i}].stats.bind"), st.bind))
-            }));
-        let mut stats_seen: HashMap<SocketAddr, String> = HashMap::new();
-        for (key, addr) in stats_binds {
-            if bound.contains_key(&BindAddr::Tcp(addr)) {
-                return Err((
-                    key,
-                    format!("address {addr} is already a listener's bind address"),
-                ));
-            }
-            if let Some(first) = stats_seen.insert(addr, key.clone()) {
-                return Err((
-                    key,
-                    format!(
-                        "address {addr} is already used by {first} (stats listeners default \
-                         to 127.0.0.1:8404: give each its own bind)"
-                    ),
-                ));
-            }
-        }
-        Ok(())
-    }
 }
 
 fn default_hard_stop_after() -> Duration {
@@ -600,400 +453,10 @@ fn de_unix_mode<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
     })
 }
 
-/// CPUs this process may run on, for checking `cpus`.
-fn usable_cpus() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get())
-}
-
-/// Checks of the stage keys of listener `i` (TLS, compression, CPUs, mode).
-fn validate_stage(i: usize, l: &Listener) -> Result<(), (String, String)> {
-    if let Some(cpus) = &l.cpus {
-        if cpus.is_empty() {
-            return Err((
-                format!("listener[{i}].cpus"),
-                "empty list: expected CPU numbers such as [1], or leave the key out".into(),
-            ));
-        }
-        let usable = usable_cpus();
-        for (j, cpu) in cpus.iter().enumerate() {
-            if *cpu >= usable {
-                return Err((
-                    format!("listener[{i}].cpus[{j}]"),
-                    format!("CPU {cpu} does not exist here: expected 0..={}", usable - 1),
-                ));
-            }
-        }
-    }
-    if let Some(tls) = &l.tls
-        && tls.certs.is_empty()
-        && tls.pairs.is_empty()
-    {
-        return Err((
-            format!("listener[{i}].tls.certs"),
-            "no certificate: expected at least one PEM file with certificate chain and key, \
-             or a [[listener.tls.pair]] with cert and key files"
-                .into(),
-        ));
-    }
-    if let Some(c) = &l.compression {
-        if l.mode != Mode::Http {
-            return Err((
-                format!("listener[{i}].compression"),
-                "compression needs mode = \"http\" on this listener".into(),
-            ));
-        }
-        if c.algo != "gzip" {
-            return Err((
-                format!("listener[{i}].compression.algo"),
-                format!("unsupported algorithm {:?}: expected \"gzip\"", c.algo),
-            ));
-        }
-        if !(1..=9).contains(&c.level) {
-            return Err((
-                format!("listener[{i}].compression.level"),
-                format!("{} is out of range: expected 1..=9", c.level),
-            ));
-        }
-        if c.types.is_empty() {
-            return Err((
-                format!("listener[{i}].compression.types"),
-                "empty list: expected media types such as \"text/html\"".into(),
-            ));
-        }
-    }
-    Ok(())
-}
-
-/// Names are used in file paths (pinned maps, sockets) and log lines, so
-/// they are limited to a safe character set, and `.`/`..` are refused
-/// because they would escape the intended directory.
-fn check_name(key: &str, name: &str) -> Result<(), (String, String)> {
-    let charset_ok = name
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
-    if charset_ok && (1..=64).contains(&name.len()) && name != "." && name != ".." {
-        return Ok(());
-    }
-    Err((
-        key.to_owned(),
-        format!(
-            "invalid name {name:?}: expected 1 to 64 characters from A-Z a-z 0-9 _ . - \
-             (and not \".\" or \"..\")"
-        ),
-    ))
-}
-
-// ---------------------------------------------------------------------------
-// Integer fields. They are range-checked while deserializing, reading the raw
-// TOML integer, so that `backlog = -1` says which range is allowed instead of
-// serde's "expected u32".
-// ---------------------------------------------------------------------------
-
-fn de_maxconn<'de, D: Deserializer<'de>>(d: D) -> Result<Option<usize>, D::Error> {
-    let n = i64::deserialize(d)?;
-    match usize::try_from(n) {
-        Ok(n) if n >= 1 => Ok(Some(n)),
-        _ => Err(de::Error::custom(format!(
-            "{n} is out of range: expected at least 1, or leave the key out for no limit"
-        ))),
-    }
-}
-
-fn de_backlog<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
-    let n = i64::deserialize(d)?;
-    // 65535 is the largest value net.core.somaxconn accepts; the kernel
-    // silently caps larger backlogs anyway.
-    match u32::try_from(n) {
-        Ok(n) if (1..=65535).contains(&n) => Ok(n),
-        _ => Err(de::Error::custom(format!(
-            "{n} is out of range: expected 1..=65535"
-        ))),
-    }
-}
-
-// ---------------------------------------------------------------------------
-// String-valued fields: durations and addresses.
-// ---------------------------------------------------------------------------
-
-/// Deserializes a value that must be a TOML string with its own syntax.
-/// The `expecting` text shows up in type errors, e.g. when someone writes
-/// `hard_stop_after = 30` instead of `"30s"`.
-struct ParsedStr<T> {
-    expecting: &'static str,
-    parse: fn(&str) -> Result<T, String>,
-    _marker: PhantomData<T>,
-}
-
-impl<T> Visitor<'_> for ParsedStr<T> {
-    type Value = T;
-
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.expecting)
-    }
-
-    fn visit_str<E: de::Error>(self, v: &str) -> Result<T, E> {
-        (self.parse)(v).map_err(E::custom)
-    }
-}
-
-fn deserialize_parsed<'de, D: Deserializer<'de>, T>(
-    d: D,
-    expecting: &'static str,
-    parse: fn(&str) -> Result<T, String>,
-) -> Result<T, D::Error> {
-    d.deserialize_str(ParsedStr {
-        expecting,
-        parse,
-        _marker: PhantomData,
-    })
-}
-
-const DURATION_EXPECTED: &str = "a number with a unit such as \"500ms\", \"30s\" or \"2m\"";
-
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s)
-        .map_err(|_| format!("invalid duration {s:?}: expected {DURATION_EXPECTED}"))
-}
-
-fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-    deserialize_parsed(
-        d,
-        "a duration string such as \"500ms\", \"30s\" or \"2m\"",
-        parse_duration,
-    )
-}
-
-const ADDR_EXPECTED: &str = "expected IP:PORT or unix:/path";
-
-/// Parses the syntax shared by bind and server addresses. Host names are
-/// deliberately not accepted: resolving them would make the meaning of the
-/// file depend on DNS at load time.
-fn parse_tcp_or_unix(s: &str) -> Result<Result<SocketAddr, PathBuf>, String> {
-    if let Some(path) = s.strip_prefix("unix:") {
-        if !path.starts_with('/') {
-            return Err(format!(
-                "invalid address {s:?}: {ADDR_EXPECTED} (unix socket paths must be absolute)"
-            ));
-        }
-        // sun_path holds 108 bytes including the terminating NUL.
-        if path.len() > 107 {
-            return Err(format!(
-                "invalid address {s:?}: unix socket path is {} bytes long, the limit is 107",
-                path.len()
-            ));
-        }
-        return Ok(Err(PathBuf::from(path)));
-    }
-    s.parse::<SocketAddr>()
-        .map(Ok)
-        .map_err(|_| format!("invalid address {s:?}: {ADDR_EXPECTED}"))
-}
-
-impl FromStr for BindAddr {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, String> {
-        match parse_tcp_or_unix(s)? {
-            // Port 0 would bind a random port that no client knows about, and
-            // a new generation could not bind the same one.
-            Ok(sa) if sa.port() == 0 => Err(format!(
-                "invalid address {s:?}: port 0 is not allowed for a bind address, \
-                 expected a fixed port such as \"0.0.0.0:8080\""
-            )),
-            Ok(sa) => Ok(BindAddr::Tcp(sa)),
-            Err(path) => Ok(BindAddr::Unix(path)),
-        }
-    }
-}
-
-impl FromStr for ServerAddr {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, String> {
-        Ok(match parse_tcp_or_unix(s)? {
-            Ok(sa) => ServerAddr::Tcp(sa),
-            Err(path) => ServerAddr::Unix(path),
-        })
-    }
-}
-
-impl<'de> Deserialize<'de> for BindAddr {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        deserialize_parsed(d, "an address string: IP:PORT or unix:/path", str::parse)
-    }
-}
-
-impl<'de> Deserialize<'de> for ServerAddr {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        deserialize_parsed(d, "an address string: IP:PORT or unix:/path", str::parse)
-    }
-}
-
-impl fmt::Display for BindAddr {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            BindAddr::Tcp(sa) => write!(f, "{sa}"),
-            BindAddr::Unix(path) => write!(f, "unix:{}", path.display()),
-        }
-    }
-}
-
-impl fmt::Display for ServerAddr {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            ServerAddr::Tcp(sa) => write!(f, "{sa}"),
-            ServerAddr::Unix(path) => write!(f, "unix:{}", path.display()),
-        }
-    }
-}
-
-// ---------------------------------------------------------------------------
-// Error helpers.
-// ---------------------------------------------------------------------------
-
-fn syntax_error(text: &str, origin: &str, e: &toml::de::Error) -> ConfigError {
-    // toml's Display spans several lines (it quotes the source); a single
-    // line with the position reads better in logs.
-    let line_col = e.span().map(|span| {
-        let before = &text[..span.start.min(text.len())];
-        let line = before.matches('\n').count() + 1;
-        let col = before.rsplit('\n').next().unwrap_or("").chars().count() + 1;
-        (line, col)
-    });
-    ConfigError {
-        origin: origin.to_owned(),
-        key: None,
-        line_col,
-        message: format!(
-            "invalid TOML: {}",
-            e.message().trim().lines().collect::<Vec<_>>().join("; ")
-        ),
-    }
-}
-
-/// Renders a serde_path_to_error path as `listener[0].bind[1]`, or `None`
-/// for the document root.
-fn key_path(path: &serde_path_to_error::Path) -> Option<String> {
-    use serde_path_to_error::Segment;
-    let mut out = String::new();
-    for segment in path.iter() {
-        match segment {
-            Segment::Seq { index } => out.push_str(&format!("[{index}]")),
-            Segment::Map { key } | Segment::Enum { variant: key } => push_key(&mut out, key),
-            Segment::Unknown => push_key(&mut out, "?"),
-        }
-    }
-    (!out.is_empty()).then_some(out)
-}
-
-fn push_key(path: &mut String, key: &str) {
-    if !path.is_empty() {
-        path.push('.');
-    }
-    path.push_str(key);
-}
-
-// ---------------------------------------------------------------------------
-// Environment interpolation.
-// ---------------------------------------------------------------------------
-
-/// Expands variable references in every string value of `value`, in place.
-/// `path` is the key path of `value` and is restored before returning.
-/// Errors are (key path, message).
-fn interpolate_tree(
-    value: &mut toml::Value,
-    path: &mut String,
-    env: &dyn Fn(&str) -> Option<String>,
-) -> Result<(), (String, String)> {
-    let len = path.len();
-    let result = match value {
-        toml::Value::String(s) => match interpolate(s, env) {
-            Ok(expanded) => {
-                *s = expanded;
-                Ok(())
-            }
-            Err(message) => Err((path.clone(), message)),
-        },
-        toml::Value::Array(items) => items.iter_mut().enumerate().try_for_each(|(i, item)| {
-            path.push_str(&format!("[{i}]"));
-            let r = interpolate_tree(item, path, env);
-            path.truncate(len);
-            r
-        }),
-        toml::Value::Table(table) => table.iter_mut().try_for_each(|(key, item)| {
-            push_key(path, key);
-            let r = interpolate_tree(item, path, env);
-            path.truncate(len);
-            r
-        }),
-        // Numbers, booleans and dates have no place for references.
-        _ => Ok(()),
-    };
-    path.truncate(len);
-    result
-}
-
-/// Expands `${VAR}` and `${VAR:-default}` in `s`; `$${` stands for a literal
-/// `${` and any other `$` is kept as is. Substituted values are not expanded
-/// again, so a variable's content is always taken literally.
-fn interpolate(s: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<String, String> {
-    let mut out = String::with_capacity(s.len());
-    let mut rest = s;
-    while let Some(dollar) = rest.find('$') {
-        out.push_str(&rest[..dollar]);
-        rest = &rest[dollar..];
-        if let Some(after) = rest.strip_prefix("$${") {
-            out.push_str("${");
-            rest = after;
-        } else if let Some(after) = rest.strip_prefix("${") {
-            let Some(close) = after.find('}') else {
-                return Err(format!(
-                    "unterminated \"${{\" in {s:?}: expected ${{VAR}} or ${{VAR:-default}} \
-                     (write $${{ for a literal \"${{\")"
-                ));
-            };
-            out.push_str(&expand_reference(&after[..close], env)?);
-            rest = &after[close + 1..];
-        } else {
-            out.push('$');
-            rest = &rest[1..];
-        }
-    }
-    out.push_str(rest);
-    Ok(out)
-}
-
-/// Resolves the inside of one `${...}`.
-fn expand_reference(inner: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<String, String> {
-    let (name, default) = match inner.split_once(":-") {
-        Some((name, default)) => (name, Some(default)),
-        None => (inner, None),
-    };
-    let valid_name = name
-        .chars()
-        .next()
-        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
-        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
-    if !valid_name {
-        return Err(format!(
-            "invalid variable reference \"${{{inner}}}\": expected ${{VAR}} or ${{VAR:-default}} \
-             where VAR is letters, digits and _ (write $${{ for a literal \"${{\")"
-        ));
-    }
-    match (env(name), default) {
-        // Like the shell's `:-`, an empty value also selects the default, so
-        // `export VAR=` behaves like an unset variable.
-        (Some(v), Some(d)) if v.is_empty() => Ok(d.to_owned()),
-        (Some(v), _) => Ok(v),
-        (None, Some(d)) => Ok(d.to_owned()),
-        (None, None) => Err(format!(
-            "environment variable {name} is not set (use ${{{name}:-default}} for a default)"
-        )),
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use std::collections::HashMap;
+
     use super::*;
 
     const EXAMPLE: &str = r#"
@@ -1090,14 +553,14 @@ servers = ["127.0.0.1:9000"]
         assert_eq!(c.listeners.len(), 1);
         let l = &c.listeners[0];
         assert_eq!(l.name, "front");
-        assert_eq!(l.bind, vec![BindAddr::Tcp("0.0.0.0:8080".parse().unwrap())]);
+        assert_eq!(l.bind, vec![Addr::Tcp("0.0.0.0:8080".parse().unwrap())]);
         assert_eq!(l.backend, "app");
         assert_eq!(c.backends.len(), 1);
         assert_eq!(
             c.backends[0].servers,
             vec![
-                ServerAddr::Tcp("127.0.0.1:9000".parse().unwrap()),
-                ServerAddr::Tcp("127.0.0.1:9001".parse().unwrap()),
+                Addr::Tcp("127.0.0.1:9000".parse().unwrap()),
+                Addr::Tcp("127.0.0.1:9001".parse().unwrap()),
             ]
         );
         assert_eq!(c.backends[0].connect_timeout, Duration::from_secs(2));
@@ -1153,7 +616,7 @@ connect_timeout = "500ms"
         assert_eq!(c.global.hard_stop_after, Duration::from_secs(120));
         let a = &c.listeners[0];
         assert_eq!(a.bind[0].to_string(), "[::1]:443");
-        assert_eq!(a.bind[1], BindAddr::Unix("/run/a.sock".into()));
+        assert_eq!(a.bind[1], Addr::Unix("/run/a.sock".into()));
         assert_eq!(a.bind[1].to_string(), "unix:/run/a.sock");
         assert_eq!(a.maxconn, Some(10));
         assert_eq!(a.backlog, 65535);

@@ -40,7 +40,7 @@ use self::{
     lifecycle::Lifecycle,
 };
 use crate::{
-    config::{BindAddr, Config, Steering as SteeringMode},
+    config::{Addr, Config, Steering as SteeringMode},
     stage::{Stage, StageContext, StageRuntime, StageSettings, socket::Listener},
     stats::{self, StatsSource, counters::Registry},
     steering::{self, Steering},
@@ -254,7 +254,7 @@ impl Generation {
         );
         for (only, sc) in stats_configs {
             let listener = Arc::new(
-                Listener::bind(&BindAddr::Tcp(sc.bind), 128, 0)
+                Listener::bind(&Addr::Tcp(sc.bind), 128, 0)
                     .with_context(|| format!("stats listener: binding {}", sc.bind))?,
             );
             let source = Arc::new(StatsSource {

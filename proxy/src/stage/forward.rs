@@ -15,7 +15,7 @@ use tokio::{
 use std::sync::Arc;
 
 use crate::{
-    config::{Backend, ServerAddr},
+    config::{Addr, Backend},
     stage::socket::{self as net, Stream},
     stats::counters::{Metered, Registry, ServerCounter, ServerMetrics},
 };
@@ -24,7 +24,7 @@ use crate::{
 pub struct Pool {
     pub name: String,
     /// Each server with its figures.
-    servers: Vec<(ServerAddr, Arc<ServerMetrics>)>,
+    servers: Vec<(Addr, Arc<ServerMetrics>)>,
     connect_timeout: Duration,
     next: AtomicUsize,
 }
@@ -72,7 +72,7 @@ impl Pool {
     }
 
     /// Connects to the next server in turn, trying each server once.
-    pub async fn connect(&self) -> Result<(Metered<Stream>, &ServerAddr), ForwardError> {
+    pub async fn connect(&self) -> Result<(Metered<Stream>, &Addr), ForwardError> {
         let start = self.next.fetch_add(1, Ordering::Relaxed);
         let mut last = None;
         for i in 0..self.servers.len() {

@@ -25,7 +25,7 @@ use tokio::{
     runtime::Handle,
 };
 
-use crate::config::{BindAddr, ServerAddr};
+use crate::config::Addr;
 
 /// A listening socket of one generation.
 pub struct Listener {
@@ -39,7 +39,7 @@ pub struct Listener {
     /// The reactor the listener belongs to (its stage's runtime).
     runtime: Handle,
     /// Where it listens, for logs and for the UNIX hand-off.
-    pub addr: BindAddr,
+    pub addr: Addr,
     /// The kernel backlog, reused by `resume()`.
     backlog: i32,
     /// Permissions of a UNIX socket file, reused by `republish()`.
@@ -84,10 +84,10 @@ impl Listener {
     /// UNIX listeners are bound on a temporary path and renamed over the
     /// final one, so that the path never disappears for clients while an
     /// older generation still owns it.
-    pub fn bind(addr: &BindAddr, backlog: u32, unix_mode: u32) -> io::Result<Self> {
+    pub fn bind(addr: &Addr, backlog: u32, unix_mode: u32) -> io::Result<Self> {
         let backlog = backlog.min(i32::MAX as u32) as i32;
         let socket = match addr {
-            BindAddr::Tcp(sa) => {
+            Addr::Tcp(sa) => {
                 let socket = Socket::new(Domain::for_address(*sa), Type::STREAM, None)?;
                 socket.set_reuse_address(true)?;
                 socket.set_reuse_port(true)?;
@@ -99,11 +99,11 @@ impl Listener {
                 socket.listen(backlog)?;
                 socket
             }
-            BindAddr::Unix(path) => bind_unix_temp(path, backlog, unix_mode)?,
+            Addr::Unix(path) => bind_unix_temp(path, backlog, unix_mode)?,
         };
         let pending = match addr {
-            BindAddr::Unix(path) => Some(temp_path(path)),
-            BindAddr::Tcp(_) => None,
+            Addr::Unix(path) => Some(temp_path(path)),
+            Addr::Tcp(_) => None,
         };
         let dup = socket.try_clone()?;
         Ok(Self {
@@ -122,7 +122,7 @@ impl Listener {
     /// there: the old generation keeps serving what it already accepted).
     /// A no-op for TCP and for a listener already published.
     pub fn publish(&self) -> io::Result<()> {
-        let BindAddr::Unix(path) = &self.addr else {
+        let Addr::Unix(path) = &self.addr else {
             return Ok(());
         };
         let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
@@ -164,10 +164,10 @@ impl Listener {
     /// so that `resume()` can rejoin the group.
     pub fn pause(&self) -> io::Result<()> {
         match self.addr {
-            BindAddr::Tcp(_) => self.socket.shutdown(std::net::Shutdown::Read),
+            Addr::Tcp(_) => self.socket.shutdown(std::net::Shutdown::Read),
             // A UNIX listener cannot hand its queue over; it keeps it, and the
             // caller sweeps it before closing.
-            BindAddr::Unix(_) => Ok(()),
+            Addr::Unix(_) => Ok(()),
         }
     }
 
@@ -185,7 +185,7 @@ impl Listener {
     /// is bound, renamed over the path, and put in place of ours with
     /// `dup2`, so the accept loop picks it up without being restarted.
     pub fn republish(&self) -> io::Result<()> {
-        let BindAddr::Unix(path) = &self.addr else {
+        let Addr::Unix(path) = &self.addr else {
             return Ok(());
         };
         let ours = *self.path_ino.lock().unwrap_or_else(|e| e.into_inner());
@@ -214,7 +214,7 @@ impl Listener {
     /// Removes our UNIX socket path, unless a successor has replaced it.
     pub fn remove_path_if_ours(&self) {
         let ours = *self.path_ino.lock().unwrap_or_else(|e| e.into_inner());
-        if let (BindAddr::Unix(path), Some(ours)) = (&self.addr, ours)
+        if let (Addr::Unix(path), Some(ours)) = (&self.addr, ours)
             && std::fs::metadata(path).is_ok_and(|m| m.ino() == ours)
         {
             let _ = std::fs::remove_file(path);
@@ -222,7 +222,7 @@ impl Listener {
     }
 
     pub fn is_tcp(&self) -> bool {
-        matches!(self.addr, BindAddr::Tcp(_))
+        matches!(self.addr, Addr::Tcp(_))
     }
 }
 
@@ -289,15 +289,15 @@ fn temp_path(path: &Path) -> PathBuf {
 }
 
 /// Connects to a backend server.
-pub async fn connect(server: &ServerAddr) -> io::Result<Stream> {
+pub async fn connect(server: &Addr) -> io::Result<Stream> {
     match server {
-        ServerAddr::Tcp(sa) => {
+        Addr::Tcp(sa) => {
             let stream = TcpStream::connect(sa).await?;
             stream.set_nodelay(true)?;
             socket2::SockRef::from(&stream).set_keepalive(true)?;
             Ok(Stream::Tcp(stream))
         }
-        ServerAddr::Unix(path) => Ok(Stream::Unix(UnixStream::connect(path).await?)),
+        Addr::Unix(path) => Ok(Stream::Unix(UnixStream::connect(path).await?)),
     }
 }
 

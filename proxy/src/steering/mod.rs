@@ -27,7 +27,7 @@ use proxy_common::{
 };
 
 use crate::{
-    config::{BindAddr, Steering as SteeringMode},
+    config::{Addr, Steering as SteeringMode},
     stage::socket::Listener,
     sys,
 };
@@ -270,7 +270,7 @@ impl Steering {
         let Some(p) = self.pinned() else {
             return Ok(());
         };
-        let BindAddr::Tcp(sa) = &listener.addr else {
+        let Addr::Tcp(sa) = &listener.addr else {
             return Ok(());
         };
         let group = p.maps.lock()?.group(group_key(sa))?;

@@ -1,0 +1,143 @@
+//! Deserializers of single values with the errors an operator can act on:
+//! integers with their allowed range, durations and addresses.
+
+use std::{fmt, marker::PhantomData, net::SocketAddr, path::PathBuf, str::FromStr, time::Duration};
+
+use serde::{
+    Deserialize,
+    de::{self, Deserializer, Visitor},
+};
+
+use super::Addr;
+
+// ---------------------------------------------------------------------------
+// Integer fields. They are range-checked while deserializing, reading the raw
+// TOML integer, so that `backlog = -1` says which range is allowed instead of
+// serde's "expected u32".
+// ---------------------------------------------------------------------------
+
+pub(super) fn de_maxconn<'de, D: Deserializer<'de>>(d: D) -> Result<Option<usize>, D::Error> {
+    let n = i64::deserialize(d)?;
+    match usize::try_from(n) {
+        Ok(n) if n >= 1 => Ok(Some(n)),
+        _ => Err(de::Error::custom(format!(
+            "{n} is out of range: expected at least 1, or leave the key out for no limit"
+        ))),
+    }
+}
+
+pub(super) fn de_backlog<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+    let n = i64::deserialize(d)?;
+    // 65535 is the largest value net.core.somaxconn accepts; the kernel
+    // silently caps larger backlogs anyway.
+    match u32::try_from(n) {
+        Ok(n) if (1..=65535).contains(&n) => Ok(n),
+        _ => Err(de::Error::custom(format!(
+            "{n} is out of range: expected 1..=65535"
+        ))),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// String-valued fields: durations and addresses.
+// ---------------------------------------------------------------------------
+
+/// Deserializes a value that must be a TOML string with its own syntax.
+/// The `expecting` text shows up in type errors, e.g. when someone writes
+/// `hard_stop_after = 30` instead of `"30s"`.
+struct ParsedStr<T> {
+    expecting: &'static str,
+    parse: fn(&str) -> Result<T, String>,
+    _marker: PhantomData<T>,
+}
+
+impl<T> Visitor<'_> for ParsedStr<T> {
+    type Value = T;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.expecting)
+    }
+
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<T, E> {
+        (self.parse)(v).map_err(E::custom)
+    }
+}
+
+pub(super) fn deserialize_parsed<'de, D: Deserializer<'de>, T>(
+    d: D,
+    expecting: &'static str,
+    parse: fn(&str) -> Result<T, String>,
+) -> Result<T, D::Error> {
+    d.deserialize_str(ParsedStr {
+        expecting,
+        parse,
+        _marker: PhantomData,
+    })
+}
+
+const DURATION_EXPECTED: &str = "a number with a unit such as \"500ms\", \"30s\" or \"2m\"";
+
+pub(super) fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s)
+        .map_err(|_| format!("invalid duration {s:?}: expected {DURATION_EXPECTED}"))
+}
+
+pub(super) fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    deserialize_parsed(
+        d,
+        "a duration string such as \"500ms\", \"30s\" or \"2m\"",
+        parse_duration,
+    )
+}
+
+const ADDR_EXPECTED: &str = "expected IP:PORT or unix:/path";
+
+/// Parses the syntax shared by bind and server addresses. Host names are
+/// deliberately not accepted: resolving them would make the meaning of the
+/// file depend on DNS at load time.
+pub(super) fn parse_tcp_or_unix(s: &str) -> Result<Result<SocketAddr, PathBuf>, String> {
+    if let Some(path) = s.strip_prefix("unix:") {
+        if !path.starts_with('/') {
+            return Err(format!(
+                "invalid address {s:?}: {ADDR_EXPECTED} (unix socket paths must be absolute)"
+            ));
+        }
+        // sun_path holds 108 bytes including the terminating NUL.
+        if path.len() > 107 {
+            return Err(format!(
+                "invalid address {s:?}: unix socket path is {} bytes long, the limit is 107",
+                path.len()
+            ));
+        }
+        return Ok(Err(PathBuf::from(path)));
+    }
+    s.parse::<SocketAddr>()
+        .map(Ok)
+        .map_err(|_| format!("invalid address {s:?}: {ADDR_EXPECTED}"))
+}
+
+impl FromStr for Addr {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        Ok(match parse_tcp_or_unix(s)? {
+            Ok(sa) => Addr::Tcp(sa),
+            Err(path) => Addr::Unix(path),
+        })
+    }
+}
+
+impl<'de> Deserialize<'de> for Addr {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        deserialize_parsed(d, "an address string: IP:PORT or unix:/path", str::parse)
+    }
+}
+
+impl fmt::Display for Addr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Addr::Tcp(sa) => write!(f, "{sa}"),
+            Addr::Unix(path) => write!(f, "unix:{}", path.display()),
+        }
+    }
+}

@@ -1,0 +1,252 @@
+//! Checks that span several values (unique names, existing backends, no
+//! address bound twice) and the stage keys of each listener.
+
+use std::{collections::HashMap, net::SocketAddr};
+
+use super::{Addr, Config, Listener, Mode};
+
+impl Config {
+    /// Cross-field checks that deserialization cannot express. Returns the
+    /// first problem found as (key path, message).
+    pub(super) fn validate(&self) -> Result<(), (String, String)> {
+        let g = &self.global;
+        check_name("global.name", &g.name)?;
+        if g.hard_stop_after.is_zero() {
+            return Err((
+                "global.hard_stop_after".into(),
+                "must be greater than zero, e.g. \"30s\": old generations need time to finish \
+                 their connections"
+                    .into(),
+            ));
+        }
+        if g.pidfile.as_ref().is_some_and(|p| p.as_os_str().is_empty()) {
+            return Err((
+                "global.pidfile".into(),
+                "empty path: expected a file path such as \"/run/proxy.pid\", or leave the key out"
+                    .into(),
+            ));
+        }
+        if !g.bpffs.is_absolute() {
+            return Err((
+                "global.bpffs".into(),
+                format!(
+                    "invalid path {:?}: expected an absolute path such as \"/sys/fs/bpf\"",
+                    g.bpffs.display().to_string()
+                ),
+            ));
+        }
+
+        let mut backend_index: HashMap<&str, usize> = HashMap::new();
+        for (i, b) in self.backends.iter().enumerate() {
+            check_name(&format!("backend[{i}].name"), &b.name)?;
+            if let Some(first) = backend_index.insert(&b.name, i) {
+                return Err((
+                    format!("backend[{i}].name"),
+                    format!(
+                        "duplicate backend name {:?}: already used by backend[{first}]",
+                        b.name
+                    ),
+                ));
+            }
+            if b.servers.is_empty() {
+                return Err((
+                    format!("backend[{i}].servers"),
+                    "empty list: expected at least one server such as \"127.0.0.1:9000\"".into(),
+                ));
+            }
+            if b.connect_timeout.is_zero() {
+                return Err((
+                    format!("backend[{i}].connect_timeout"),
+                    "must be greater than zero, e.g. \"2s\"".into(),
+                ));
+            }
+        }
+
+        if self.listeners.is_empty() {
+            return Err((
+                "listener".into(),
+                "no listeners defined: expected at least one [[listener]] table".into(),
+            ));
+        }
+        let mut listener_index: HashMap<&str, usize> = HashMap::new();
+        // Two sockets bound to the same address would both be accepted by the
+        // kernel under SO_REUSEPORT and silently split traffic between
+        // listeners, so exact duplicates must be caught here.
+        let mut bound: HashMap<&Addr, (usize, usize)> = HashMap::new();
+        for (i, l) in self.listeners.iter().enumerate() {
+            check_name(&format!("listener[{i}].name"), &l.name)?;
+            if let Some(first) = listener_index.insert(&l.name, i) {
+                return Err((
+                    format!("listener[{i}].name"),
+                    format!(
+                        "duplicate listener name {:?}: already used by listener[{first}]",
+                        l.name
+                    ),
+                ));
+            }
+            if l.bind.is_empty() {
+                return Err((
+                    format!("listener[{i}].bind"),
+                    "empty list: expected at least one address such as \"0.0.0.0:8080\" or \
+                     \"unix:/run/proxy.sock\""
+                        .into(),
+                ));
+            }
+            for (j, addr) in l.bind.iter().enumerate() {
+                // Port 0 would bind a random port that no client knows
+                // about, and a new generation could not bind the same one.
+                if let Addr::Tcp(sa) = addr
+                    && sa.port() == 0
+                {
+                    return Err((
+                        format!("listener[{i}].bind[{j}]"),
+                        format!(
+                            "invalid address \"{sa}\": port 0 is not allowed for a bind \
+                             address, expected a fixed port such as \"0.0.0.0:8080\""
+                        ),
+                    ));
+                }
+                if let Some((fi, fj)) = bound.insert(addr, (i, j)) {
+                    return Err((
+                        format!("listener[{i}].bind[{j}]"),
+                        format!(
+                            "address {addr} is already bound by listener {:?} \
+                             (listener[{fi}].bind[{fj}]): each address may appear only once",
+                            self.listeners[fi].name
+                        ),
+                    ));
+                }
+            }
+            validate_stage(i, l)?;
+            if !backend_index.contains_key(l.backend.as_str()) {
+                let defined = if self.backends.is_empty() {
+                    "no [[backend]] tables are defined".to_owned()
+                } else {
+                    let names: Vec<String> = self
+                        .backends
+                        .iter()
+                        .map(|b| format!("{:?}", b.name))
+                        .collect();
+                    format!("defined backends: {}", names.join(", "))
+                };
+                return Err((
+                    format!("listener[{i}].backend"),
+                    format!("unknown backend {:?} ({defined})", l.backend),
+                ));
+            }
+        }
+        // Stats listeners share the address space of the data listeners: two
+        // sockets on one address would silently split its connections.
+        let stats_binds = self
+            .stats
+            .iter()
+            .map(|st| ("stats.bind".to_string(), st.bind))
+            .chain(self.listeners.iter().enumerate().filter_map(|(i, l)| {
+                l.stats
+                    .as_ref()
+                    .map(|st| (format!("listener[{i}].stats.bind"), st.bind))
+            }));
+        let mut stats_seen: HashMap<SocketAddr, String> = HashMap::new();
+        for (key, addr) in stats_binds {
+            if bound.contains_key(&Addr::Tcp(addr)) {
+                return Err((
+                    key,
+                    format!("address {addr} is already a listener's bind address"),
+                ));
+            }
+            if let Some(first) = stats_seen.insert(addr, key.clone()) {
+                return Err((
+                    key,
+                    format!(
+                        "address {addr} is already used by {first} (stats listeners default \
+                         to 127.0.0.1:8404: give each its own bind)"
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// CPUs this process may run on, for checking `cpus`.
+pub(super) fn usable_cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// Checks of the stage keys of listener `i` (TLS, compression, CPUs, mode).
+pub(super) fn validate_stage(i: usize, l: &Listener) -> Result<(), (String, String)> {
+    if let Some(cpus) = &l.cpus {
+        if cpus.is_empty() {
+            return Err((
+                format!("listener[{i}].cpus"),
+                "empty list: expected CPU numbers such as [1], or leave the key out".into(),
+            ));
+        }
+        let usable = usable_cpus();
+        for (j, cpu) in cpus.iter().enumerate() {
+            if *cpu >= usable {
+                return Err((
+                    format!("listener[{i}].cpus[{j}]"),
+                    format!("CPU {cpu} does not exist here: expected 0..={}", usable - 1),
+                ));
+            }
+        }
+    }
+    if let Some(tls) = &l.tls
+        && tls.certs.is_empty()
+        && tls.pairs.is_empty()
+    {
+        return Err((
+            format!("listener[{i}].tls.certs"),
+            "no certificate: expected at least one PEM file with certificate chain and key, \
+             or a [[listener.tls.pair]] with cert and key files"
+                .into(),
+        ));
+    }
+    if let Some(c) = &l.compression {
+        if l.mode != Mode::Http {
+            return Err((
+                format!("listener[{i}].compression"),
+                "compression needs mode = \"http\" on this listener".into(),
+            ));
+        }
+        if c.algo != "gzip" {
+            return Err((
+                format!("listener[{i}].compression.algo"),
+                format!("unsupported algorithm {:?}: expected \"gzip\"", c.algo),
+            ));
+        }
+        if !(1..=9).contains(&c.level) {
+            return Err((
+                format!("listener[{i}].compression.level"),
+                format!("{} is out of range: expected 1..=9", c.level),
+            ));
+        }
+        if c.types.is_empty() {
+            return Err((
+                format!("listener[{i}].compression.types"),
+                "empty list: expected media types such as \"text/html\"".into(),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Names are used in file paths (pinned maps, sockets) and log lines, so
+/// they are limited to a safe character set, and `.`/`..` are refused
+/// because they would escape the intended directory.
+pub(super) fn check_name(key: &str, name: &str) -> Result<(), (String, String)> {
+    let charset_ok = name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
+    if charset_ok && (1..=64).contains(&name.len()) && name != "." && name != ".." {
+        return Ok(());
+    }
+    Err((
+        key.to_owned(),
+        format!(
+            "invalid name {name:?}: expected 1 to 64 characters from A-Z a-z 0-9 _ . - \
+             (and not \".\" or \"..\")"
+        ),
+    ))
+}
