@@ -16,7 +16,7 @@ use caps::Capability;
 use tracing::warn;
 
 use crate::{
-    config::{Addr, Config, Steering},
+    config::{Addr, Config, SteeringMode},
     steering, sys,
 };
 
@@ -68,7 +68,7 @@ pub fn drop_if_configured(cfg: &Config, pidfile: Option<&Path>) -> Result<(), Pr
             source,
         })
     };
-    if cfg.global.steering != Steering::Reuseport {
+    if cfg.global.steering != SteeringMode::Reuseport {
         let dir = steering::pin_dir(&cfg.global.bpffs, &cfg.global.name);
         match steering::ensure_pinned(&dir) {
             Ok(()) => {

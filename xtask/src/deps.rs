@@ -41,47 +41,70 @@ const PYTHON: &[(&str, &str)] = &[
     ),
 ];
 
+/// Where packages come from: how to tell one is there, how to install some.
+struct Source {
+    what: &'static str,
+    packages: &'static [(&'static str, &'static str)],
+    installed: fn(&str) -> bool,
+    install: fn(&[&str]) -> Result<()>,
+}
+
+const SOURCES: [Source; 2] = [
+    Source {
+        what: "Debian package",
+        packages: DEBIAN,
+        installed: deb_installed,
+        install: apt_install,
+    },
+    Source {
+        what: "Python package",
+        packages: PYTHON,
+        installed: pip_installed,
+        install: pip_install,
+    },
+];
+
 /// Installs whatever of [`DEBIAN`] and [`PYTHON`] is missing.
 pub fn ensure_test_tools() -> Result<()> {
-    let missing: Vec<&str> = DEBIAN
-        .iter()
-        .map(|(pkg, _)| *pkg)
-        .filter(|pkg| !deb_installed(pkg))
-        .collect();
-    if !missing.is_empty() {
-        for (pkg, why) in DEBIAN.iter().filter(|(p, _)| missing.contains(p)) {
-            eprintln!("xtask: installing Debian package {pkg} ({why})");
+    for source in &SOURCES {
+        let missing: Vec<&str> = source
+            .packages
+            .iter()
+            .filter(|(pkg, _)| !(source.installed)(pkg))
+            .map(|(pkg, why)| {
+                eprintln!("xtask: installing {} {pkg} ({why})", source.what);
+                *pkg
+            })
+            .collect();
+        if !missing.is_empty() {
+            (source.install)(&missing)?;
         }
-        Command::new("apt-get")
-            .args(["update", "-qq"])
-            .run("apt-get update")?;
-        Command::new("apt-get")
-            .args(["install", "-y", "-qq", "--no-install-recommends"])
-            .args(&missing)
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .run("apt-get install")?;
-    }
-    let missing: Vec<&str> = PYTHON
-        .iter()
-        .map(|(pkg, _)| *pkg)
-        .filter(|pkg| !pip_installed(pkg))
-        .collect();
-    if !missing.is_empty() {
-        for (pkg, why) in PYTHON.iter().filter(|(p, _)| missing.contains(p)) {
-            eprintln!("xtask: installing Python package {pkg} ({why})");
-        }
-        Command::new("python3")
-            .args([
-                "-m",
-                "pip",
-                "install",
-                "--quiet",
-                "--disable-pip-version-check",
-            ])
-            .args(&missing)
-            .run("pip install")?;
     }
     Ok(())
+}
+
+fn apt_install(packages: &[&str]) -> Result<()> {
+    Command::new("apt-get")
+        .args(["update", "-qq"])
+        .run("apt-get update")?;
+    Command::new("apt-get")
+        .args(["install", "-y", "-qq", "--no-install-recommends"])
+        .args(packages)
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .run("apt-get install")
+}
+
+fn pip_install(packages: &[&str]) -> Result<()> {
+    Command::new("python3")
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+        ])
+        .args(packages)
+        .run("pip install")
 }
 
 fn deb_installed(pkg: &str) -> bool {

@@ -101,7 +101,7 @@ pub struct Global {
     #[serde(default = "default_bpffs")]
     pub bpffs: PathBuf,
     #[serde(default)]
-    pub steering: Steering,
+    pub steering: SteeringMode,
     /// How long an old generation keeps accepting after it has seen that a
     /// new one is active. Covers the window in which the kernel may still
     /// queue connections on the old sockets.
@@ -119,7 +119,7 @@ pub struct Global {
 /// How new connections are steered to the active generation's sockets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum Steering {
+pub enum SteeringMode {
     /// Use eBPF if it can be loaded, otherwise fall back to plain reuseport.
     #[default]
     Auto,
@@ -129,12 +129,12 @@ pub enum Steering {
     Reuseport,
 }
 
-impl fmt::Display for Steering {
+impl fmt::Display for SteeringMode {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
-            Steering::Auto => "auto",
-            Steering::Ebpf => "ebpf",
-            Steering::Reuseport => "reuseport",
+            SteeringMode::Auto => "auto",
+            SteeringMode::Ebpf => "ebpf",
+            SteeringMode::Reuseport => "reuseport",
         })
     }
 }
@@ -573,7 +573,7 @@ servers = ["127.0.0.1:9000"]
         assert_eq!(c.global.pidfile, None);
         assert_eq!(c.global.hard_stop_after, Duration::from_secs(30));
         assert_eq!(c.global.bpffs, PathBuf::from("/sys/fs/bpf"));
-        assert_eq!(c.global.steering, Steering::Auto);
+        assert_eq!(c.global.steering, SteeringMode::Auto);
         assert_eq!(c.global.handover_grace, Duration::from_millis(200));
         assert_eq!(c.listeners[0].maxconn, None);
         assert_eq!(c.listeners[0].backlog, 1024);
@@ -611,7 +611,7 @@ servers = ["[2001:db8::1]:5432"]
 connect_timeout = "500ms"
 "#;
         let c = parse(text).unwrap();
-        assert_eq!(c.global.steering, Steering::Reuseport);
+        assert_eq!(c.global.steering, SteeringMode::Reuseport);
         assert_eq!(c.global.handover_grace, Duration::from_millis(1500));
         assert_eq!(c.global.hard_stop_after, Duration::from_secs(120));
         let a = &c.listeners[0];
@@ -630,9 +630,9 @@ connect_timeout = "500ms"
     #[test]
     fn steering_values() {
         for (s, want) in [
-            ("auto", Steering::Auto),
-            ("ebpf", Steering::Ebpf),
-            ("reuseport", Steering::Reuseport),
+            ("auto", SteeringMode::Auto),
+            ("ebpf", SteeringMode::Ebpf),
+            ("reuseport", SteeringMode::Reuseport),
         ] {
             let text = minimal_with(
                 "name = \"edge\"",

@@ -18,7 +18,7 @@ use tracing::{debug, info, warn};
 use super::lifecycle::{Conns, accepts};
 use crate::stage::{
     Stage,
-    socket::{Listener, PeerAddr, Stream},
+    socket::{ListenSocket, PeerAddr, Stream},
 };
 
 /// What the accept loops share with the control loop.
@@ -37,7 +37,7 @@ pub struct Shared {
 
 /// Accepts on `listener` for `stage` while the phase allows it.
 pub async fn accept_loop(
-    listener: Arc<Listener>,
+    listener: Arc<ListenSocket>,
     stage: Arc<Stage>,
     shared: Arc<Shared>,
     mut phase: watch::Receiver<Phase>,

@@ -102,7 +102,7 @@ async fn next(commands: &mut Option<mpsc::Receiver<Command>>) -> Option<Command>
 }
 
 /// What ends the loop after a command.
-enum Next {
+pub(super) enum Next {
     Continue,
     Drain,
     Stop(Outcome),
@@ -189,7 +189,7 @@ impl Generation {
     /// The phase transitions, each through [`Lifecycle::enter`].
     ///
     /// [`Lifecycle::enter`]: super::lifecycle::Lifecycle::enter
-    fn apply(&mut self, command: Command) -> Next {
+    pub(super) fn apply(&mut self, command: Command) -> Next {
         let current = self.life.phase();
         let label = self.label.clone();
         match command {

@@ -40,8 +40,8 @@ use self::{
     lifecycle::Lifecycle,
 };
 use crate::{
-    config::{Addr, Config, Steering as SteeringMode},
-    stage::{Stage, StageContext, StageRuntime, StageSettings, socket::Listener},
+    config::{Addr, Config, SteeringMode},
+    stage::{Stage, StageContext, StageRuntime, StageSettings, socket::ListenSocket},
     stats::{self, StatsSource, counters::Registry},
     steering::{self, Steering},
     sys,
@@ -103,9 +103,9 @@ pub struct Generation {
     registry: Arc<Registry>,
     /// Data listeners (TCP and UNIX), stopped and resumed by the control
     /// loop.
-    listeners: Vec<Arc<Listener>>,
+    listeners: Vec<Arc<ListenSocket>>,
     /// Stats listeners and their serving tasks.
-    stats_listeners: Vec<(Arc<Listener>, AbortHandle)>,
+    stats_listeners: Vec<(Arc<ListenSocket>, AbortHandle)>,
     /// The stages' own runtimes; dropped last.
     runtimes: Vec<StageRuntime>,
     pidfile: Option<PathBuf>,
@@ -220,7 +220,7 @@ impl Generation {
             for addr in &l.bind {
                 let listener = {
                     let _entered = runtime.handle().enter();
-                    Listener::bind(addr, l.backlog, l.unix_mode)
+                    ListenSocket::bind(addr, l.backlog, l.unix_mode)
                         .with_context(|| format!("listener {}: binding {addr}", l.name))?
                 };
                 let listener = Arc::new(listener);
@@ -254,7 +254,7 @@ impl Generation {
         );
         for (only, sc) in stats_configs {
             let listener = Arc::new(
-                Listener::bind(&Addr::Tcp(sc.bind), 128, 0)
+                ListenSocket::bind(&Addr::Tcp(sc.bind), 128, 0)
                     .with_context(|| format!("stats listener: binding {}", sc.bind))?,
             );
             let source = Arc::new(StatsSource {
@@ -339,5 +339,116 @@ impl Generation {
             "{}: generation stopped ({outcome})",
             self.label,
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::{io::AsyncWriteExt, net::UnixStream, time::timeout};
+
+    use super::*;
+
+    /// A generation with one UNIX listener that waits for a PROXY header
+    /// (so a client that sends nothing holds a connection open), without
+    /// eBPF: nothing here needs root.
+    async fn started(dir: &std::path::Path) -> (Generation, PathBuf) {
+        let sock = dir.join("front.sock");
+        let text = format!(
+            r#"
+[global]
+name = "unit"
+steering = "reuseport"
+hard_stop_after = "30s"
+
+[[listener]]
+name = "front"
+bind = ["unix:{}"]
+backend = "app"
+accept_proxy = true
+accept_proxy_timeout = "60s"
+
+[[backend]]
+name = "app"
+servers = ["127.0.0.1:9"]
+"#,
+            sock.display()
+        );
+        let config = Config::parse(&text, "unit.toml", &|_| None).expect("valid config");
+        let opts = Options {
+            config,
+            pidfile: None,
+            soft_stop: Vec::new(),
+            hard_stop: Vec::new(),
+            hook: None,
+        };
+        let mut generation = Generation::new(opts, Steering::Reuseport);
+        generation.start().await.expect("starts");
+        (generation, sock)
+    }
+
+    #[tokio::test]
+    async fn commands_drive_the_phases_and_the_drain() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut generation, sock) = started(dir.path()).await;
+        assert_eq!(generation.life.phase(), Phase::Active);
+
+        assert!(matches!(
+            generation.apply(Command::Pause),
+            control::Next::Continue
+        ));
+        assert_eq!(generation.life.phase(), Phase::Standby);
+        // Pause again is ignored; resume takes the traffic back.
+        generation.apply(Command::Pause);
+        assert_eq!(generation.life.phase(), Phase::Standby);
+        generation.apply(Command::Resume);
+        assert_eq!(generation.life.phase(), Phase::Active);
+
+        // A client that sends nothing keeps its connection open: the drain
+        // waits for it until a hard stop comes down the same stream.
+        let mut client = UnixStream::connect(&sock).await.expect("connects");
+        client.write_all(b"").await.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while generation.open_connections() == 0 {
+            assert!(
+                Instant::now() < deadline,
+                "the connection was never accepted"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let (tx, rx) = mpsc::channel(4);
+        tx.send(Command::SoftStop("test")).await.unwrap();
+        let outcome = {
+            let control = generation.control(rx);
+            tokio::pin!(control);
+            assert!(
+                timeout(Duration::from_millis(300), &mut control)
+                    .await
+                    .is_err(),
+                "a soft-stop must wait for the open connection"
+            );
+            tx.send(Command::HardStop).await.unwrap();
+            timeout(Duration::from_secs(5), control)
+                .await
+                .expect("a hard stop ends the drain")
+        };
+        assert!(matches!(outcome, Outcome::HardStop), "{outcome:?}");
+        assert_eq!(generation.life.phase(), Phase::Draining);
+        drop(client);
+        generation.finish(outcome);
+        assert!(!sock.exists(), "the generation removes its UNIX socket");
+    }
+
+    #[tokio::test]
+    async fn soft_stop_with_nothing_open_drains_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut generation, _sock) = started(dir.path()).await;
+        let (tx, rx) = mpsc::channel(1);
+        tx.send(Command::SoftStop("test")).await.unwrap();
+        let outcome = timeout(Duration::from_secs(5), generation.control(rx))
+            .await
+            .expect("drains");
+        assert!(matches!(outcome, Outcome::Drained), "{outcome:?}");
     }
 }

@@ -28,7 +28,7 @@ use tokio::{
 use crate::config::Addr;
 
 /// A listening socket of one generation.
-pub struct Listener {
+pub struct ListenSocket {
     /// The socket itself: shutdown, listen, and the fd the steering maps
     /// register.
     socket: Socket,
@@ -79,7 +79,7 @@ impl std::fmt::Display for PeerAddr {
     }
 }
 
-impl Listener {
+impl ListenSocket {
     /// Binds `addr`. TCP listeners join the reuseport group of the address;
     /// UNIX listeners are bound on a temporary path and renamed over the
     /// final one, so that the path never disappears for clients while an
@@ -226,7 +226,7 @@ impl Listener {
     }
 }
 
-impl Drop for Listener {
+impl Drop for ListenSocket {
     fn drop(&mut self) {
         if let Some(tmp) = self
             .pending
@@ -239,7 +239,7 @@ impl Drop for Listener {
     }
 }
 
-impl AsFd for Listener {
+impl AsFd for ListenSocket {
     fn as_fd(&self) -> BorrowedFd<'_> {
         self.socket.as_fd()
     }

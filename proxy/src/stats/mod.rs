@@ -269,3 +269,100 @@ fn series(samples: &[HistorySample]) -> Vec<Series> {
         .map(|(generation, points)| Series { generation, points })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::Ordering::Relaxed;
+
+    use super::*;
+    use crate::config::Config;
+
+    fn source() -> StatsSource {
+        let text = r#"
+[global]
+name = "unit"
+[[listener]]
+name = "front"
+bind = ["127.0.0.1:8080"]
+backend = "app"
+[[backend]]
+name = "app"
+servers = ["127.0.0.1:9000"]
+"#;
+        let cfg = Config::parse(text, "unit.toml", &|_| None).unwrap();
+        StatsSource {
+            instance: "unit".into(),
+            banner: String::new(),
+            only_listener: None,
+            maps: None,
+            own_slot: None,
+            registry: Arc::new(Registry::new(&cfg)),
+            listener_backends: vec![("front".into(), "app".into())],
+        }
+    }
+
+    #[test]
+    fn one_table_feeds_json_prometheus_and_html() {
+        let src = source();
+        let front = src.registry.listener("front");
+        front[ListenerCounter::Total].fetch_add(3, Relaxed);
+        front[ListenerCounter::BodyIn].fetch_add(1000, Relaxed);
+        front[ListenerCounter::BodyOut].fetch_add(250, Relaxed);
+        let server = src.registry.server("app", "127.0.0.1:9000");
+        server[ServerCounter::Errors].fetch_add(2, Relaxed);
+        server[ServerCounter::Up].store(0, Relaxed);
+        let view = src.view();
+
+        let json = serde_json::to_value(&view).unwrap();
+        let l = &json["listeners"][0];
+        assert_eq!(l["name"], "front");
+        assert_eq!(l["total"], 3);
+        assert_eq!(l["compression_ratio"], 0.25);
+        assert!(l.get("body_in").is_none(), "hidden counters stay out: {l}");
+        let s = &json["servers"][0];
+        assert_eq!(
+            (s["backend"].as_str(), s["server"].as_str()),
+            (Some("app"), Some("127.0.0.1:9000"))
+        );
+        assert_eq!(s["errors"], 2);
+        assert_eq!(s["up"], false);
+
+        let prom = prometheus::prometheus(&view);
+        for line in [
+            "# TYPE proxy_listener_connections_total counter",
+            "proxy_listener_connections_total{instance=\"unit\",listener=\"front\"} 3",
+            "proxy_listener_compression_ratio{instance=\"unit\",listener=\"front\"} 0.25",
+            "# TYPE proxy_server_current_connections gauge",
+            "proxy_server_up{instance=\"unit\",backend=\"app\",server=\"127.0.0.1:9000\"} 0",
+            "proxy_server_connect_errors_total{instance=\"unit\",backend=\"app\",server=\"127.0.0.1:9000\"} 2",
+        ] {
+            assert!(
+                prom.lines().any(|l| l == line),
+                "missing {line:?} in\n{prom}"
+            );
+        }
+        assert!(!prom.contains("body_in"), "{prom}");
+
+        let page = html::html(&view);
+        assert!(page.contains("<th>gzip ratio</th>"), "{page}");
+        assert!(page.contains("<td>25.0%</td>"), "{page}");
+        assert!(page.contains("<td class=\"down\">DOWN</td>"), "{page}");
+    }
+
+    #[test]
+    fn every_shown_counter_has_a_prometheus_family_and_a_column() {
+        fn check<T: Table>() {
+            for d in T::DEFS.iter().filter(|d| d.show != Show::Hidden) {
+                assert!(d.prometheus.starts_with("proxy_"), "{d:?}");
+                assert!(!d.column.is_empty() && !d.help.is_empty(), "{d:?}");
+                assert_eq!(
+                    d.kind == counters::Kind::Counter,
+                    d.prometheus.ends_with("_total"),
+                    "{d:?}"
+                );
+            }
+        }
+        check::<ListenerCounter>();
+        check::<ServerCounter>();
+    }
+}

@@ -9,10 +9,10 @@ use hyper_util::rt::TokioIo;
 use tracing::debug;
 
 use super::{StatsSource, html::html, prometheus::prometheus};
-use crate::stage::socket::Listener;
+use crate::stage::socket::ListenSocket;
 
 /// Serves the stats listener until the task is dropped.
-pub async fn serve(listener: Arc<Listener>, source: Arc<StatsSource>) {
+pub async fn serve(listener: Arc<ListenSocket>, source: Arc<StatsSource>) {
     loop {
         let (stream, _) = match listener.accept().await {
             Ok(ok) => ok,

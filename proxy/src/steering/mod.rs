@@ -27,8 +27,8 @@ use proxy_common::{
 };
 
 use crate::{
-    config::{Addr, Steering as SteeringMode},
-    stage::socket::Listener,
+    config::{Addr, SteeringMode},
+    stage::socket::ListenSocket,
     sys,
 };
 
@@ -154,7 +154,7 @@ pub struct Pinned {
     slot: Slot,
     record: GenRecord,
     /// Every steered listening socket, to register again after a resume.
-    registered: Vec<(Group, Arc<Listener>)>,
+    registered: Vec<(Group, Arc<ListenSocket>)>,
     /// The loaded programs, one per group; kept so that their log ring
     /// buffers stay open.
     programs: Vec<(Group, aya::Ebpf)>,
@@ -266,7 +266,7 @@ impl Steering {
     /// Puts a listening TCP socket under steering: the program attached to
     /// its reuseport group (once per group), the socket registered in our
     /// slot. UNIX sockets are not steered.
-    pub fn register(&mut self, listener: &Arc<Listener>) -> Result<()> {
+    pub fn register(&mut self, listener: &Arc<ListenSocket>) -> Result<()> {
         let Some(p) = self.pinned() else {
             return Ok(());
         };

@@ -171,13 +171,13 @@ where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     U: Upstream,
 {
-    let shared = Arc::new(Shared {
+    let shared = Arc::new(ConnState {
         upstream,
         settings: settings.clone(),
         client_addr,
         draining,
         conn: Mutex::new(None),
-        counters: Arc::new(Counters::default()),
+        counters: Arc::new(BodyCounters::default()),
     });
     let service = {
         let shared = shared.clone();
@@ -230,7 +230,7 @@ fn error_chain(e: &(dyn StdError + 'static)) -> String {
 }
 
 #[derive(Default)]
-struct Counters {
+struct BodyCounters {
     requests: AtomicU64,
     upstream_connects: AtomicU64,
     compressed_responses: AtomicU64,
@@ -238,7 +238,7 @@ struct Counters {
     body_bytes_after: AtomicU64,
 }
 
-impl Counters {
+impl BodyCounters {
     fn snapshot(&self) -> ConnStats {
         ConnStats {
             requests: self.requests.load(Ordering::Relaxed),
@@ -268,7 +268,7 @@ impl Drop for UpstreamConn {
     }
 }
 
-struct Shared<U> {
+struct ConnState<U> {
     upstream: Arc<U>,
     settings: Arc<HttpSettings>,
     /// The real client (from the socket or a PROXY v2 header), sent upstream
@@ -278,10 +278,10 @@ struct Shared<U> {
     /// Held across one request/response head exchange: hyper serves the
     /// requests of an HTTP/1 connection one after the other anyway.
     conn: Mutex<Option<UpstreamConn>>,
-    counters: Arc<Counters>,
+    counters: Arc<BodyCounters>,
 }
 
-impl<U: Upstream> Shared<U> {
+impl<U: Upstream> ConnState<U> {
     async fn handle(&self, req: Request<Incoming>) -> Response<ProxyBody> {
         self.counters.requests.fetch_add(1, Ordering::Relaxed);
         let is_head = req.method() == Method::HEAD;
@@ -437,7 +437,7 @@ impl<U: Upstream> Shared<U> {
 /// gzip over the upstream body as a stream: one upstream chunk and the
 /// encoder's window in memory at a time. The encoder flushes whenever the
 /// upstream has nothing more yet, so slow streams are not held back.
-fn gzip_body(body: Incoming, level: u32, counters: Arc<Counters>) -> ProxyBody {
+fn gzip_body(body: Incoming, level: u32, counters: Arc<BodyCounters>) -> ProxyBody {
     let before = counters.clone();
     let input = BodyDataStream::new(body).map(move |chunk| match chunk {
         Ok(data) => {
