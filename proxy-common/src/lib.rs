@@ -260,6 +260,10 @@ pub struct ObjectName {
     pub name: [u8; OBJECT_NAME_LEN],
 }
 
+/// One value a generation publishes into [`MAP_METRICS`]: the object, the
+/// counter of its table, whether it is a gauge, and the value.
+pub type Published = (ObjectName, u32, bool, u64);
+
 /// Samples kept in [`MAP_HISTORY`] (one every [`HISTORY_INTERVAL_MS`]).
 pub const HISTORY_LEN: u32 = 240;
 pub const HISTORY_INTERVAL_MS: u64 = 2000;

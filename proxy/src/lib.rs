@@ -19,8 +19,9 @@
 //! - [`privilege`]: the optional drop to `global.user`.
 //! - [`sys`]: the few raw syscalls (clocks, signals by PID, fds).
 //!
-//! Dependencies point one way: `generation` uses `steering`, `stage` and
-//! `stats`; `stats` reads `steering`; `stage` counts into `stats::counters`.
+//! Dependencies point one way, with no cycle: `generation` uses `stage`,
+//! `stats` and `steering`; `stage` counts into `stats::counters`; `stats`
+//! reads `steering`'s pinned maps; `steering` needs only `config` and `sys`.
 #![deny(unsafe_code)]
 
 pub mod config;

@@ -16,9 +16,12 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
 use tracing::{debug, info, warn};
 
 use super::lifecycle::{Conns, accepts};
-use crate::stage::{
-    Stage,
-    socket::{ListenSocket, PeerAddr, Stream},
+use crate::{
+    stage::{
+        Stage,
+        socket::{ListenSocket, PeerAddr, Stream},
+    },
+    stats::{self, StatsSource},
 };
 
 /// What the accept loops share with the control loop.
@@ -79,6 +82,21 @@ pub async fn accept_loop(
                     stage.name, listener.addr
                 );
                 tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    }
+}
+
+/// Serves a stats listener until the task is aborted.
+pub async fn stats_loop(listener: Arc<ListenSocket>, source: Arc<StatsSource>) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                tokio::spawn(stats::serve_connection(stream, source.clone()));
+            }
+            Err(e) => {
+                debug!("stats listener: accept: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
     }

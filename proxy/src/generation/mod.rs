@@ -42,7 +42,7 @@ use self::{
 use crate::{
     config::{Addr, Config, SteeringMode},
     stage::{Stage, StageContext, StageRuntime, StageSettings, socket::ListenSocket},
-    stats::{self, StatsSource, counters::Registry},
+    stats::{StatsSource, counters::Registry},
     steering::{self, Steering},
     sys,
 };
@@ -224,9 +224,11 @@ impl Generation {
                         .with_context(|| format!("listener {}: binding {addr}", l.name))?
                 };
                 let listener = Arc::new(listener);
-                self.steering.register(&listener).with_context(|| {
-                    format!("listener {}: attaching steering to {addr}", l.name)
-                })?;
+                self.steering
+                    .register(addr, listener.clone())
+                    .with_context(|| {
+                        format!("listener {}: attaching steering to {addr}", l.name)
+                    })?;
                 runtime.handle().spawn(accept_loop(
                     listener.clone(),
                     stage.clone(),
@@ -271,9 +273,9 @@ impl Generation {
                     .collect(),
             });
             self.steering
-                .register(&listener)
+                .register(&listener.addr, listener.clone())
                 .with_context(|| format!("stats listener: attaching steering to {}", sc.bind))?;
-            let task = tokio::spawn(stats::serve(listener.clone(), source));
+            let task = tokio::spawn(accept::stats_loop(listener.clone(), source));
             self.stats_listeners.push((listener, task.abort_handle()));
         }
         Ok(())

@@ -21,10 +21,10 @@ use std::{
     task::{Context, Poll},
 };
 
-use proxy_common::{OBJECT_NAME_LEN, ObjectName};
+use proxy_common::{OBJECT_NAME_LEN, ObjectName, Published};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use crate::{config::Config, steering::Published};
+use crate::config::Config;
 
 /// A running total, or a level (summed over live generations only).
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]

@@ -15,7 +15,7 @@ mod html;
 mod prometheus;
 mod server;
 
-pub use server::serve;
+pub use server::serve_connection;
 
 use std::{collections::BTreeMap, sync::Arc};
 

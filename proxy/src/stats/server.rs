@@ -6,36 +6,25 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{Request, Response, StatusCode, header};
 use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::debug;
 
 use super::{StatsSource, html::html, prometheus::prometheus};
-use crate::stage::socket::ListenSocket;
 
-/// Serves the stats listener until the task is dropped.
-pub async fn serve(listener: Arc<ListenSocket>, source: Arc<StatsSource>) {
-    loop {
-        let (stream, _) = match listener.accept().await {
-            Ok(ok) => ok,
-            Err(e) => {
-                debug!("stats listener: accept: {e}");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                continue;
-            }
-        };
+/// Serves one connection of a stats listener (HTTP/1.1) until it closes.
+pub async fn serve_connection<IO>(io: IO, source: Arc<StatsSource>)
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let service = hyper::service::service_fn(move |req| {
         let source = source.clone();
-        tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |req| {
-                let source = source.clone();
-                async move { Ok::<_, Infallible>(respond(&source, &req)) }
-            });
-            let io = TokioIo::new(stream);
-            if let Err(e) = hyper::server::conn::http1::Builder::new()
-                .serve_connection(io, service)
-                .await
-            {
-                debug!("stats connection: {e}");
-            }
-        });
+        async move { Ok::<_, Infallible>(respond(&source, &req)) }
+    });
+    if let Err(e) = hyper::server::conn::http1::Builder::new()
+        .serve_connection(TokioIo::new(io), service)
+        .await
+    {
+        debug!("stats connection: {e}");
     }
 }
 

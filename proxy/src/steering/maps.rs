@@ -15,8 +15,8 @@ use aya::{
 use proxy_common::{
     ALL_MAPS, COUNTER_ENTRIES, Counter, GenRecord, GroupKey, HISTORY_LEN, HistorySample,
     MAP_COUNTERS, MAP_GENS, MAP_GROUPS, MAP_HISTORY, MAP_METRICS, MAP_OBJECTS, MAP_SOCKS,
-    MAP_STATE, MAX_GROUPS, MAX_OBJECTS, MAX_SLOTS, MetricKey, NO_SLOT, ObjectName, RETIRED_SLOT,
-    STATE_ACTIVE_SLOT, STATE_GEN_SEQ, STATE_HISTORY_CURSOR, sock_index,
+    MAP_STATE, MAX_GROUPS, MAX_OBJECTS, MAX_SLOTS, MetricKey, NO_SLOT, ObjectName, Published,
+    RETIRED_SLOT, STATE_ACTIVE_SLOT, STATE_GEN_SEQ, STATE_HISTORY_CURSOR, sock_index,
 };
 
 use super::{Group, Result, Slot, SteeringError, map_err};
@@ -35,10 +35,6 @@ pub struct Maps {
     /// Object numbers already looked up or allocated.
     object_ids: StdHashMap<ObjectName, u32>,
 }
-
-/// One value to publish: an object, a counter of its table, whether the
-/// value is a level (gauge), and the value.
-pub type Published = (ObjectName, u32, bool, u64);
 
 /// Per (object, counter): the instance total.
 pub type Totals = StdHashMap<(ObjectName, u32), u64>;

@@ -11,11 +11,12 @@
 mod maps;
 mod program;
 
-pub use maps::{Locked, Maps, ProgramCounters, Published, Totals};
+pub use maps::{Locked, Maps, ProgramCounters, Totals};
 pub use program::ensure_pinned;
 
 use std::{
     net::{IpAddr, SocketAddr},
+    os::fd::AsFd,
     path::{Path, PathBuf},
     sync::Arc,
     time::{Duration, Instant},
@@ -23,12 +24,11 @@ use std::{
 
 use proxy_common::{
     GenRecord, GroupKey, HISTORY_INTERVAL_MS, MAP_METRICS, MAP_OBJECTS, MAX_GROUPS, MAX_OBJECTS,
-    MAX_SLOTS, Phase, STALE_NS,
+    MAX_SLOTS, Phase, Published, STALE_NS,
 };
 
 use crate::{
     config::{Addr, SteeringMode},
-    stage::socket::ListenSocket,
     sys,
 };
 
@@ -154,7 +154,7 @@ pub struct Pinned {
     slot: Slot,
     record: GenRecord,
     /// Every steered listening socket, to register again after a resume.
-    registered: Vec<(Group, Arc<ListenSocket>)>,
+    registered: Vec<(Group, Arc<dyn AsFd + Send + Sync>)>,
     /// The loaded programs, one per group; kept so that their log ring
     /// buffers stay open.
     programs: Vec<(Group, aya::Ebpf)>,
@@ -266,21 +266,21 @@ impl Steering {
     /// Puts a listening TCP socket under steering: the program attached to
     /// its reuseport group (once per group), the socket registered in our
     /// slot. UNIX sockets are not steered.
-    pub fn register(&mut self, listener: &Arc<ListenSocket>) -> Result<()> {
+    pub fn register(&mut self, addr: &Addr, listener: Arc<dyn AsFd + Send + Sync>) -> Result<()> {
         let Some(p) = self.pinned() else {
             return Ok(());
         };
-        let Addr::Tcp(sa) = &listener.addr else {
+        let Addr::Tcp(sa) = addr else {
             return Ok(());
         };
         let group = p.maps.lock()?.group(group_key(sa))?;
         if !p.programs.iter().any(|(g, _)| *g == group) {
-            let mut ebpf = program::attach(p.maps.dir(), group, listener.as_ref())?;
+            let mut ebpf = program::attach(p.maps.dir(), group, &listener.as_fd())?;
             program::forward_log(&mut ebpf);
             p.programs.push((group, ebpf));
         }
-        p.maps.register(group, p.slot, listener.as_ref())?;
-        p.registered.push((group, listener.clone()));
+        p.maps.register(group, p.slot, &listener.as_fd())?;
+        p.registered.push((group, listener));
         Ok(())
     }
 
@@ -291,7 +291,7 @@ impl Steering {
             return Ok(());
         };
         for (group, listener) in &p.registered {
-            p.maps.register(*group, p.slot, listener.as_ref())?;
+            p.maps.register(*group, p.slot, &listener.as_fd())?;
         }
         p.maps.lock()?.flip(p.slot, None)?;
         Ok(())
