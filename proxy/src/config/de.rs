@@ -38,6 +38,18 @@ pub(super) fn de_backlog<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Erro
     }
 }
 
+/// hyper cannot parse with a smaller buffer than 8 KiB; 1 MiB is more than
+/// any sane request head.
+pub(super) fn de_max_header_size<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
+    let n = i64::deserialize(d)?;
+    match usize::try_from(n) {
+        Ok(n) if (8192..=1 << 20).contains(&n) => Ok(n),
+        _ => Err(de::Error::custom(format!(
+            "{n} is out of range: expected 8192..=1048576 (bytes)"
+        ))),
+    }
+}
+
 // ---------------------------------------------------------------------------
 // String-valued fields: durations and addresses.
 // ---------------------------------------------------------------------------

@@ -175,6 +175,26 @@ pub struct Listener {
     /// Permissions of UNIX socket files this listener binds (octal string).
     #[serde(default = "default_unix_mode", deserialize_with = "de_unix_mode")]
     pub unix_mode: u32,
+    /// http mode: the longest request head (request line and headers) a
+    /// client may send; a longer one is answered 431. HAProxy's buffer is
+    /// 16 KiB, nginx's 4 x 8 KiB.
+    #[serde(
+        default = "default_max_header_size",
+        deserialize_with = "de_max_header_size"
+    )]
+    pub max_header_size: usize,
+    /// http mode (HAProxy `timeout http-request`): how long a client may
+    /// take to send a whole request head; also how long an idle keep-alive
+    /// connection waits for the next one (`timeout http-keep-alive`).
+    #[serde(
+        default = "default_http_request_timeout",
+        deserialize_with = "de_duration"
+    )]
+    pub http_request_timeout: Duration,
+    /// tcp mode (HAProxy `timeout tunnel`): a stream on which neither side
+    /// sent a byte for this long is closed.
+    #[serde(default = "default_tunnel_timeout", deserialize_with = "de_duration")]
+    pub tunnel_timeout: Duration,
     /// TLS termination (`[listener.tls]`).
     #[serde(default)]
     pub tls: Option<TlsConfig>,
@@ -258,6 +278,11 @@ pub struct Backend {
     pub servers: Vec<Addr>,
     #[serde(default = "default_connect_timeout", deserialize_with = "de_duration")]
     pub connect_timeout: Duration,
+    /// HAProxy `timeout server`: how long a server may take to start its
+    /// response (answered 504), and the longest silence in the middle of a
+    /// response body (the response is cut).
+    #[serde(default = "default_server_timeout", deserialize_with = "de_duration")]
+    pub server_timeout: Duration,
     /// Send a PROXY v2 header with the client address (and TLS details) on
     /// every connection to a server.
     #[serde(default)]
@@ -400,6 +425,22 @@ fn default_backlog() -> u32 {
 
 fn default_connect_timeout() -> Duration {
     Duration::from_secs(2)
+}
+
+fn default_server_timeout() -> Duration {
+    Duration::from_secs(60)
+}
+
+fn default_max_header_size() -> usize {
+    16 * 1024
+}
+
+fn default_http_request_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+
+fn default_tunnel_timeout() -> Duration {
+    Duration::from_secs(3600)
 }
 
 fn default_stats_bind() -> SocketAddr {

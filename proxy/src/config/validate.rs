@@ -54,11 +54,11 @@ impl Config {
                     "empty list: expected at least one server such as \"127.0.0.1:9000\"".into(),
                 ));
             }
-            if b.connect_timeout.is_zero() {
-                return Err((
-                    format!("backend[{i}].connect_timeout"),
-                    "must be greater than zero, e.g. \"2s\"".into(),
-                ));
+            for (key, value, example) in [
+                ("connect_timeout", b.connect_timeout, "2s"),
+                ("server_timeout", b.server_timeout, "60s"),
+            ] {
+                positive(&format!("backend[{i}].{key}"), value, example)?;
             }
         }
 
@@ -116,6 +116,12 @@ impl Config {
                         ),
                     ));
                 }
+            }
+            for (key, value, example) in [
+                ("http_request_timeout", l.http_request_timeout, "30s"),
+                ("tunnel_timeout", l.tunnel_timeout, "1h"),
+            ] {
+                positive(&format!("listener[{i}].{key}"), value, example)?;
             }
             validate_stage(i, l)?;
             if !backend_index.contains_key(l.backend.as_str()) {
@@ -249,4 +255,20 @@ pub(super) fn check_name(key: &str, name: &str) -> Result<(), (String, String)> 
              (and not \".\" or \"..\")"
         ),
     ))
+}
+
+/// Every timeout is finite and greater than zero: nothing waits for ever,
+/// and a zero would cut every connection at once.
+pub(super) fn positive(
+    key: &str,
+    value: std::time::Duration,
+    example: &str,
+) -> Result<(), (String, String)> {
+    if value.is_zero() {
+        return Err((
+            key.to_string(),
+            format!("must be greater than zero, e.g. \"{example}\""),
+        ));
+    }
+    Ok(())
 }

@@ -100,6 +100,7 @@ impl TryFrom<(&Config, &ListenerConfig)> for StageSettings {
     type Error = StageError;
 
     fn try_from((cfg, l): (&Config, &ListenerConfig)) -> Result<Self, StageError> {
+        let backend = cfg.listener_backend(l);
         let tls = match &l.tls {
             Some(t) => Some(
                 TlsAcceptor::new(&t.into()).map_err(|source| StageError::Tls {
@@ -111,11 +112,13 @@ impl TryFrom<(&Config, &ListenerConfig)> for StageSettings {
         };
         Ok(Self {
             name: l.name.clone(),
-            backend: cfg.listener_backend(l).clone(),
+            backend: backend.clone(),
             http: (l.mode == Mode::Http).then(|| {
                 Arc::new(HttpSettings {
                     compression: l.compression.as_ref().map(Compression::from),
-                    header_read_timeout: HTTP_HEADER_TIMEOUT,
+                    header_read_timeout: l.http_request_timeout,
+                    max_header_size: l.max_header_size,
+                    server_timeout: backend.server_timeout,
                 })
             }),
             accept_proxy: l.accept_proxy.then_some(l.accept_proxy_timeout),
@@ -156,10 +159,6 @@ struct Done {
     server: String,
     requests: u64,
 }
-
-/// How long a client may take to send a request head (also the idle
-/// keep-alive timeout).
-const HTTP_HEADER_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// New upstream connections for the HTTP mode: a server of the pool, with the
 /// PROXY header first when the backend wants one.

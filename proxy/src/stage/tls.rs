@@ -832,6 +832,41 @@ mod tests {
         assert_eq!(info.alpn, None);
     }
 
+    /// A fatal alert of a failed TLS 1.3 handshake reaches the client over
+    /// the metered TCP stream the stages use (ServerHello and the alert go
+    /// out in one vectored write, and the connection closes right after).
+    #[tokio::test]
+    async fn tls13_alert_reaches_the_client_through_metered_tcp() {
+        let fx = fixture();
+        let acceptor = fx.acceptor();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let metrics = Arc::default();
+            let metered = crate::stats::counters::Metered::client(tcp, &metrics);
+            acceptor.accept(metered).await.map(|_| ())
+        });
+        let mut h2_only = fx.client(&[&rustls::version::TLS13]);
+        h2_only.alpn_protocols = vec![b"h2".to_vec()];
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(h2_only));
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let name = ServerName::try_from("a.test").unwrap();
+        let err = connector.connect(name, tcp).await.unwrap_err();
+        assert!(server.await.unwrap().is_err());
+        let alert = err
+            .get_ref()
+            .and_then(|e| e.downcast_ref::<rustls::Error>())
+            .cloned();
+        assert_eq!(
+            alert,
+            Some(rustls::Error::AlertReceived(
+                rustls::AlertDescription::NoApplicationProtocol
+            )),
+            "{err:?}"
+        );
+    }
+
     #[tokio::test]
     async fn garbage_fails_and_closes() {
         let fx = fixture();

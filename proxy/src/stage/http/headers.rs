@@ -67,7 +67,7 @@ pub(super) fn set_forwarded_for(headers: &mut HeaderMap, addr: SocketAddr) {
 /// Whether the client's Accept-Encoding lets us send gzip: an explicit
 /// `gzip`/`x-gzip` decides by its q-value, else a `*` with q > 0 does; no
 /// header means identity only.
-pub(super) fn accepts_gzip(headers: &HeaderMap) -> bool {
+pub fn accepts_gzip(headers: &HeaderMap) -> bool {
     let mut gzip_q: Option<f32> = None;
     let mut star_q: Option<f32> = None;
     for item in tokens(headers, &header::ACCEPT_ENCODING) {
@@ -108,13 +108,8 @@ pub(super) fn q_value<'a>(params: impl Iterator<Item = &'a str>) -> Option<f32> 
 
 /// Whether the response may be gzipped, leaving the client's choice aside:
 /// when this holds the response varies by Accept-Encoding.
-pub(super) fn compressible(
-    c: &Compression,
-    status: StatusCode,
-    headers: &HeaderMap,
-    is_head: bool,
-) -> bool {
-    if is_head || status.is_informational() || status == StatusCode::NO_CONTENT {
+pub(super) fn compressible(c: &Compression, status: StatusCode, headers: &HeaderMap) -> bool {
+    if status.is_informational() || status == StatusCode::NO_CONTENT {
         return false;
     }
     if status == StatusCode::NOT_MODIFIED {

@@ -47,7 +47,7 @@ use self::headers::{
 };
 use crate::config::CompressionConfig;
 
-mod headers;
+pub mod headers;
 
 /// gzip settings of a listener.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -79,6 +79,11 @@ pub struct HttpSettings {
     /// How long the downstream client may take to send a request head
     /// (hyper also applies it while a keep-alive connection waits for the next one).
     pub header_read_timeout: Duration,
+    /// The longest request head; longer ones are answered 431.
+    pub max_header_size: usize,
+    /// How long the server may take to start its response (504 after it),
+    /// and the longest silence in a response body (cut after it).
+    pub server_timeout: Duration,
 }
 
 /// Something that opens a new upstream byte stream.
@@ -138,6 +143,8 @@ pub enum HttpError {
     UpstreamHandshake(#[source] hyper::Error),
     #[error("upstream server: {0}")]
     Upstream(#[source] hyper::Error),
+    #[error("upstream server: no response within {0:?} (server_timeout)")]
+    ServerTimeout(Duration),
     /// The response head was already sent downstream, so the only way left
     /// to report it was to cut the downstream connection.
     #[error("upstream server: response body broke off after the head was sent: {0}")]
@@ -152,8 +159,67 @@ pub enum HttpError {
 enum BodyError {
     #[error("upstream server: reading the response body: {0}")]
     Upstream(#[source] hyper::Error),
+    #[error("upstream server: no byte of the response body for {0:?} (server_timeout)")]
+    UpstreamStalled(Duration),
     #[error("gzip: {0}")]
     Compress(#[source] io::Error),
+}
+
+/// An upstream response body that fails when the server sends nothing for
+/// `limit` while we wait for it (a slow downstream reader, which makes us
+/// poll late, does not count against the server).
+struct StallLimit {
+    inner: Incoming,
+    limit: Duration,
+    deadline: Pin<Box<tokio::time::Sleep>>,
+    waiting: bool,
+}
+
+impl StallLimit {
+    fn new(inner: Incoming, limit: Duration) -> Self {
+        Self {
+            inner,
+            limit,
+            deadline: Box::pin(tokio::time::sleep(limit)),
+            waiting: false,
+        }
+    }
+}
+
+impl http_body::Body for StallLimit {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        use std::task::Poll;
+        let this = &mut *self;
+        if !this.waiting {
+            this.waiting = true;
+            let at = tokio::time::Instant::now() + this.limit;
+            this.deadline.as_mut().reset(at);
+        }
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(frame) => {
+                this.waiting = false;
+                Poll::Ready(frame.map(|f| f.map_err(BodyError::Upstream)))
+            }
+            Poll::Pending => match this.deadline.as_mut().poll(cx) {
+                Poll::Ready(()) => Poll::Ready(Some(Err(BodyError::UpstreamStalled(this.limit)))),
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 type ProxyBody = UnsyncBoxBody<Bytes, BodyError>;
@@ -192,6 +258,10 @@ where
     // close the connection once that response is written.
     let result = hyper::server::conn::http1::Builder::new()
         .keep_alive(true)
+        // A client that sends its request and shuts down its write side
+        // still gets the answer.
+        .half_close(true)
+        .max_buf_size(settings.max_header_size.max(8192))
         .timer(TokioTimer::new())
         .header_read_timeout(settings.header_read_timeout)
         .serve_connection(TokioIo::new(io), service)
@@ -213,6 +283,9 @@ where
 fn classify_server_error(e: hyper::Error) -> HttpError {
     match e.source().and_then(|s| s.downcast_ref::<BodyError>()) {
         Some(BodyError::Upstream(inner)) => HttpError::UpstreamBody(error_chain(inner)),
+        Some(stalled @ BodyError::UpstreamStalled(_)) => {
+            HttpError::UpstreamBody(stalled.to_string())
+        }
         Some(BodyError::Compress(inner)) => HttpError::Compress(error_chain(inner)),
         None => HttpError::Downstream(e),
     }
@@ -285,15 +358,26 @@ impl<U: Upstream> ConnState<U> {
     async fn handle(&self, req: Request<Incoming>) -> Response<ProxyBody> {
         self.counters.requests.fetch_add(1, Ordering::Relaxed);
         let is_head = req.method() == Method::HEAD;
-        let client_gzip = accepts_gzip(req.headers());
+        // Like nginx and HAProxy, no gzip for HTTP/1.0 clients: they would
+        // get it delimited by the connection close.
+        let client_gzip = req.version() >= Version::HTTP_11 && accepts_gzip(req.headers());
         let mut resp = if req.method() == Method::CONNECT {
             text_response(
                 StatusCode::NOT_IMPLEMENTED,
                 "501 Not Implemented: CONNECT is not proxied\n",
             )
         } else {
-            match self.send(self.upstream_request(req)).await {
+            let limit = self.settings.server_timeout;
+            let sent = tokio::time::timeout(limit, self.send(self.upstream_request(req))).await;
+            match sent.unwrap_or(Err(HttpError::ServerTimeout(limit))) {
                 Ok(resp) => self.downstream_response(resp, is_head, client_gzip),
+                Err(e @ HttpError::ServerTimeout(_)) => {
+                    tracing::warn!(error = %e, "answering 504");
+                    text_response(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        "504 Gateway Timeout: the server did not answer in time\n",
+                    )
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, "answering 502");
                     text_response(
@@ -401,25 +485,30 @@ impl<U: Upstream> ConnState<U> {
         client_gzip: bool,
     ) -> Response<ProxyBody> {
         let (mut parts, body) = resp.into_parts();
+        let body = StallLimit::new(body, self.settings.server_timeout);
         parts.version = Version::HTTP_11;
         strip_hop_by_hop(&mut parts.headers);
         let counters = self.counters.clone();
         let level = match &self.settings.compression {
-            Some(c) if compressible(c, parts.status, &parts.headers, is_head) => {
+            // HEAD gets the headers GET would (a cache keyed on HEAD must not
+            // be misled), with the body it has: none.
+            Some(c) if compressible(c, parts.status, &parts.headers) => {
                 add_vary_accept_encoding(&mut parts.headers);
                 client_gzip.then_some(c.level)
             }
             _ => None,
         };
+        if level.is_some() {
+            mark_gzipped(&mut parts.headers);
+        }
         let body = match level {
-            Some(level) => {
+            Some(level) if !is_head => {
                 counters
                     .compressed_responses
                     .fetch_add(1, Ordering::Relaxed);
-                mark_gzipped(&mut parts.headers);
                 gzip_body(body, level, counters)
             }
-            None => body
+            _ => body
                 .map_frame(move |frame| {
                     if let Some(data) = frame.data_ref() {
                         add(&counters.body_bytes_before, data.len());
@@ -427,7 +516,6 @@ impl<U: Upstream> ConnState<U> {
                     }
                     frame
                 })
-                .map_err(BodyError::Upstream)
                 .boxed_unsync(),
         };
         Response::from_parts(parts, body)
@@ -437,14 +525,14 @@ impl<U: Upstream> ConnState<U> {
 /// gzip over the upstream body as a stream: one upstream chunk and the
 /// encoder's window in memory at a time. The encoder flushes whenever the
 /// upstream has nothing more yet, so slow streams are not held back.
-fn gzip_body(body: Incoming, level: u32, counters: Arc<BodyCounters>) -> ProxyBody {
+fn gzip_body(body: StallLimit, level: u32, counters: Arc<BodyCounters>) -> ProxyBody {
     let before = counters.clone();
     let input = BodyDataStream::new(body).map(move |chunk| match chunk {
         Ok(data) => {
             add(&before.body_bytes_before, data.len());
             Ok(data)
         }
-        Err(e) => Err(io::Error::other(BodyError::Upstream(e))),
+        Err(e) => Err(io::Error::other(e)),
     });
     let level = Level::Precise(level.clamp(1, 9) as i32);
     let encoder = GzipEncoder::with_quality(StreamReader::new(input), level);
@@ -505,6 +593,8 @@ mod tests {
         compression: Option<Compression>,
         client_addr: Option<SocketAddr>,
         header_read_timeout: Duration,
+        max_header_size: usize,
+        server_timeout: Duration,
     }
 
     impl HttpSettings {
@@ -512,6 +602,8 @@ mod tests {
             let settings = super::HttpSettings {
                 compression: self.compression,
                 header_read_timeout: self.header_read_timeout,
+                max_header_size: self.max_header_size,
+                server_timeout: self.server_timeout,
             };
             (Arc::new(settings), self.client_addr)
         }
@@ -585,6 +677,8 @@ mod tests {
             }),
             client_addr: Some(CLIENT.parse().unwrap()),
             header_read_timeout: Duration::from_secs(5),
+            max_header_size: 16 * 1024,
+            server_timeout: Duration::from_secs(5),
         }
     }
 
@@ -810,6 +904,20 @@ mod tests {
         out
     }
 
+    async fn fetch_one_with_version(
+        settings: HttpSettings,
+        version: Version,
+        headers: &[(&str, &str)],
+    ) -> (Parts, Bytes) {
+        let origin = start_origin(origin_default).await;
+        let mut proxy = Proxy::start(origin.addr, settings).await;
+        let mut req = request(Method::GET, "/", headers);
+        *req.version_mut() = version;
+        let out = proxy.fetch(req).await;
+        proxy.finish().await.unwrap();
+        out
+    }
+
     fn assert_gzipped(parts: &Parts, body: &[u8], original: &[u8]) {
         assert_eq!(parts.status, StatusCode::OK);
         assert_eq!(header(parts, "content-encoding"), Some("gzip"));
@@ -963,13 +1071,27 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn head_is_not_compressed() {
+    async fn head_carries_the_headers_of_get() {
+        let ask = [("accept-encoding", "gzip")];
+        let (head, body) = fetch_one_with(settings(), Method::HEAD, &ask).await;
+        let (get, _) = fetch_one_with(settings(), Method::GET, &ask).await;
+        assert_eq!(head.status, StatusCode::OK);
+        assert!(body.is_empty());
+        for name in ["content-encoding", "vary", "content-length", "etag"] {
+            assert_eq!(header(&head, name), header(&get, name), "{name}");
+        }
+        assert_eq!(header(&head, "content-encoding"), Some("gzip"));
+        assert_eq!(header(&head, "vary"), Some("Accept-Encoding"));
+    }
+
+    #[tokio::test]
+    async fn http_1_0_clients_get_identity() {
         let (parts, body) =
-            fetch_one_with(settings(), Method::HEAD, &[("accept-encoding", "gzip")]).await;
+            fetch_one_with_version(settings(), Version::HTTP_10, &[("accept-encoding", "gzip")])
+                .await;
         assert_eq!(parts.status, StatusCode::OK);
         assert_eq!(header(&parts, "content-encoding"), None);
-        assert_eq!(header(&parts, "content-length"), Some("10000"));
-        assert!(body.is_empty());
+        assert_eq!(body.len(), 10000);
     }
 
     #[tokio::test]
@@ -1363,6 +1485,116 @@ mod tests {
         let err = timeout(LONG, serving).await.unwrap().unwrap().unwrap_err();
         assert!(matches!(err, HttpError::HeaderTimeout(_)), "{err}");
         assert!(err.to_string().starts_with("downstream client"), "{err}");
+    }
+
+    /// Serves `request` (raw bytes, then the write side shut down when
+    /// `half_close`) and returns all the client reads until EOF.
+    async fn raw_exchange(settings: HttpSettings, request: &[u8], half_close: bool) -> String {
+        let origin = start_origin(origin_default).await;
+        let (mut client, server) = tokio::io::duplex(256 * 1024);
+        let (_drain, draining) = watch::channel(false);
+        let upstream = Arc::new(move || TcpStream::connect(origin.addr));
+        let (settings, client_addr) = settings.split();
+        let serving = tokio::spawn(serve(server, upstream, settings, client_addr, draining));
+        client.write_all(request).await.unwrap();
+        if half_close {
+            client.shutdown().await.unwrap();
+        }
+        let mut out = Vec::new();
+        timeout(LONG, client.read_to_end(&mut out))
+            .await
+            .expect("the proxy answers and closes")
+            .unwrap();
+        let _ = timeout(LONG, serving).await;
+        String::from_utf8_lossy(&out).into_owned()
+    }
+
+    #[tokio::test]
+    async fn half_closed_client_still_gets_its_answer() {
+        let out = raw_exchange(
+            settings(),
+            b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+            true,
+        )
+        .await;
+        assert!(out.starts_with("HTTP/1.1 200 OK\r\n"), "{out}");
+    }
+
+    #[tokio::test]
+    async fn request_head_over_the_limit_is_answered_431() {
+        let big = "x".repeat(20 * 1024);
+        let req = format!("GET / HTTP/1.1\r\nHost: a\r\nX-Big: {big}\r\n\r\n");
+        let out = raw_exchange(settings(), req.as_bytes(), false).await;
+        assert!(
+            out.starts_with("HTTP/1.1 431 Request Header Fields Too Large\r\n"),
+            "{}",
+            &out[..out.len().min(200)]
+        );
+        // Just under the limit still passes.
+        let fits = "x".repeat(15 * 1024);
+        let req =
+            format!("GET / HTTP/1.1\r\nHost: a\r\nX-Big: {fits}\r\nConnection: close\r\n\r\n");
+        let out = raw_exchange(settings(), req.as_bytes(), false).await;
+        assert!(out.starts_with("HTTP/1.1 200 OK\r\n"), "{}", &out[..200]);
+    }
+
+    #[tokio::test]
+    async fn silent_server_is_answered_504_at_server_timeout() {
+        let origin = start_origin(|_req: Request<Incoming>| async {
+            tokio::time::sleep(Duration::from_secs(30)).await;
+            Response::new(full(Bytes::from_static(b"late")))
+        })
+        .await;
+        let mut quick = settings();
+        quick.server_timeout = Duration::from_millis(300);
+        let started = std::time::Instant::now();
+        let mut proxy = Proxy::start(origin.addr, quick).await;
+        let (parts, body) = proxy.fetch(request(Method::GET, "/", &[])).await;
+        assert_eq!(parts.status, StatusCode::GATEWAY_TIMEOUT);
+        assert!(String::from_utf8_lossy(&body).contains("504"), "{body:?}");
+        assert!(started.elapsed() < Duration::from_secs(5));
+    }
+
+    #[tokio::test]
+    async fn body_that_stalls_past_server_timeout_is_cut() {
+        let origin = start_origin(|_req: Request<Incoming>| async {
+            let (tx, rx) = mpsc::channel::<Result<Frame<Bytes>, io::Error>>(1);
+            tokio::spawn(async move {
+                let _ = tx.send(Ok(Frame::data(Bytes::from_static(b"first")))).await;
+                tokio::time::sleep(Duration::from_secs(30)).await;
+                drop(tx);
+            });
+            let stream = tokio_stream_from(rx);
+            Response::new(StreamBody::new(stream).boxed_unsync())
+        })
+        .await;
+        let mut quick = settings();
+        quick.server_timeout = Duration::from_millis(300);
+        let (client_io, server_io) = tokio::io::duplex(64 * 1024);
+        let (_drain, draining) = watch::channel(false);
+        let upstream = Arc::new(move || TcpStream::connect(origin.addr));
+        let (quick, client_addr) = quick.split();
+        let serving = tokio::spawn(serve(server_io, upstream, quick, client_addr, draining));
+        let (mut client, conn) = hyper::client::conn::http1::handshake(TokioIo::new(client_io))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let resp = client
+            .send_request(request(Method::GET, "/", &[]))
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        let collected = timeout(LONG, resp.into_body().collect()).await.unwrap();
+        assert!(collected.is_err(), "the cut body must not end cleanly");
+        let err = timeout(LONG, serving).await.unwrap().unwrap().unwrap_err();
+        assert!(err.to_string().contains("server_timeout"), "{err}");
+        assert!(err.to_string().starts_with("upstream server"), "{err}");
+    }
+
+    fn tokio_stream_from<T: Send + 'static>(
+        mut rx: mpsc::Receiver<T>,
+    ) -> impl futures_util::Stream<Item = T> + Send {
+        futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
     }
 
     #[tokio::test]
