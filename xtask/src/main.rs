@@ -8,7 +8,8 @@
 //! - `run`: builds, starts two demo backends and runs the proxy as root on
 //!   `examples/proxy.toml`.
 //! - `test`: the README's test command; `.ci/run` calls it. Installs the
-//!   Debian and Python packages the tests drive when they are missing.
+//!   Debian and Python packages the tests drive when they are missing, and
+//!   replays the fuzz targets over their committed corpus (`fuzz.rs`).
 
 use std::{
     env,
@@ -24,6 +25,7 @@ use clap::{Parser, Subcommand};
 mod certs;
 mod demo;
 mod deps;
+mod fuzz;
 
 #[derive(Parser)]
 #[command(about = "Build, run and test the proxy")]
@@ -47,8 +49,9 @@ enum Cmd {
         #[arg(last = true)]
         args: Vec<OsString>,
     },
-    /// Install what the tests drive (Debian and Python packages) when missing,
-    /// build everything and run all tests (root: the tests load eBPF programs
+    /// Install what the tests drive (Debian and Python packages, cargo-fuzz)
+    /// when missing, build everything, replay the fuzz targets over their
+    /// committed corpus and run all tests (root: the tests load eBPF programs
     /// and make network namespaces).
     Test {
         /// Extra arguments for the test binaries, e.g. `-- handover --nocapture`.
@@ -111,6 +114,7 @@ fn run(cli: Cli) -> Result<()> {
             deps::ensure_test_tools()?;
             // With the fault injection the tests drive (PROXY_TEST_HOOK).
             let proxy = build_all(&ws, &["test-hooks"])?;
+            fuzz::replay(&ws)?;
             // One test at a time: the load tests measure rates on 2 cores.
             cargo(&ws)
                 .args(["test", "--release"])
@@ -147,6 +151,10 @@ fn lint(ws: &Path) -> Result<()> {
     cargo(ws)
         .args(["fmt", "--all", "--", "--check"])
         .run("cargo fmt --check")?;
+    // Not a workspace member, so `--all` leaves it out.
+    cargo(ws)
+        .args(["fmt", "--manifest-path", "fuzz/Cargo.toml", "--", "--check"])
+        .run("cargo fmt --check (fuzz targets)")?;
     cargo(ws)
         .args(["clippy", "--all-targets", "--all-features"])
         .env("PROXY_EBPF_OBJECT", &object)
