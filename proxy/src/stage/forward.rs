@@ -48,6 +48,8 @@ pub enum ForwardError {
     },
     #[error("copying between client and server: {0}")]
     Copy(#[source] io::Error),
+    #[error("no byte in either direction for {0:?} (tunnel_timeout): closed")]
+    TunnelIdle(Duration),
 }
 
 /// Bytes moved by one forwarded connection.
@@ -124,11 +126,13 @@ impl Pool {
         Ok((server, addr))
     }
 
-    /// Forwards `client` to a server until both directions are closed.
+    /// Forwards `client` to a server until both directions are closed, or
+    /// neither side sent a byte for `idle_limit` (HAProxy `timeout tunnel`).
     pub async fn forward<IO>(
         &self,
         mut client: IO,
         preamble: &[u8],
+        idle_limit: Duration,
     ) -> Result<(Transfer, String), ForwardError>
     where
         IO: AsyncRead + AsyncWrite + Unpin,
@@ -141,14 +145,21 @@ impl Pool {
                 return Err(e);
             }
         };
-        let (from_client, from_server) =
-            match tokio::io::copy_bidirectional(&mut client, &mut server).await {
-                Ok(n) => n,
-                // A TLS peer that closes without close_notify: the stream
-                // ended, nothing was lost that the peer did not give up.
-                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => (0, 0),
-                Err(e) => return Err(ForwardError::Copy(e)),
-            };
+        let activity = Activity::default();
+        let mut client_side = Watched::new(&mut client, &activity);
+        let mut server_side = Watched::new(&mut server, &activity);
+        let copy = tokio::io::copy_bidirectional(&mut client_side, &mut server_side);
+        let copied = tokio::select! {
+            copied = copy => copied,
+            () = activity.idle_for(idle_limit) => return Err(ForwardError::TunnelIdle(idle_limit)),
+        };
+        let (from_client, from_server) = match copied {
+            Ok(n) => n,
+            // A TLS peer that closes without close_notify: the stream
+            // ended, nothing was lost that the peer did not give up.
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => (0, 0),
+            Err(e) => return Err(ForwardError::Copy(e)),
+        };
         Ok((
             Transfer {
                 from_client,
@@ -156,5 +167,127 @@ impl Pool {
             },
             addr,
         ))
+    }
+}
+
+/// When a forwarded stream last moved a byte, either way.
+#[derive(Default)]
+struct Activity {
+    /// Milliseconds after `start`.
+    last_ms: std::sync::atomic::AtomicU64,
+    start: std::sync::OnceLock<tokio::time::Instant>,
+}
+
+impl Activity {
+    fn start(&self) -> tokio::time::Instant {
+        *self.start.get_or_init(tokio::time::Instant::now)
+    }
+
+    fn touch(&self) {
+        let ms = self.start().elapsed().as_millis() as u64;
+        self.last_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// Resolves once nothing moved for `limit`.
+    async fn idle_for(&self, limit: Duration) {
+        let start = self.start();
+        loop {
+            let last = start + Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
+            let deadline = last + limit;
+            if tokio::time::Instant::now() >= deadline {
+                return;
+            }
+            tokio::time::sleep_until(deadline).await;
+        }
+    }
+}
+
+/// A stream whose reads and writes count as activity.
+struct Watched<'a, S> {
+    inner: S,
+    activity: &'a Activity,
+}
+
+impl<'a, S> Watched<'a, S> {
+    fn new(inner: S, activity: &'a Activity) -> Self {
+        activity.start();
+        Self { inner, activity }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Watched<'_, S> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let res = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.activity.touch();
+        }
+        res
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<'_, S> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<io::Result<usize>> {
+        let res = std::pin::Pin::new(&mut self.inner).poll_write(cx, buf);
+        if matches!(res, std::task::Poll::Ready(Ok(n)) if n > 0) {
+            self.activity.touch();
+        }
+        res
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt, duplex};
+
+    use super::*;
+
+    #[tokio::test]
+    async fn activity_resets_the_idle_deadline() {
+        let activity = Activity::default();
+        let (a, mut b) = duplex(64);
+        let mut watched = Watched::new(a, &activity);
+        let limit = Duration::from_millis(400);
+        let idle = activity.idle_for(limit);
+        tokio::pin!(idle);
+        let steps = async {
+            for _ in 0..3 {
+                tokio::time::sleep(Duration::from_millis(250)).await;
+                watched.write_all(b"x").await.unwrap();
+                let mut byte = [0u8];
+                b.read_exact(&mut byte).await.unwrap();
+            }
+        };
+        tokio::select! {
+            () = &mut idle => panic!("idle while bytes moved every 250 ms"),
+            () = steps => {}
+        }
+        let before = tokio::time::Instant::now();
+        idle.await;
+        let waited = before.elapsed();
+        // Idle again from the last byte on: about `limit` (timers tick in ms).
+        assert!(waited >= limit / 2 && waited < limit * 2, "{waited:?}");
     }
 }

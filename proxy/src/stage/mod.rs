@@ -94,6 +94,8 @@ pub struct StageSettings {
     /// Deadline of the PROXY v2 header, when the listener requires one.
     accept_proxy: Option<Duration>,
     tls: Option<TlsAcceptor>,
+    /// tcp mode: the longest silence in both directions.
+    tunnel_timeout: Duration,
 }
 
 impl TryFrom<(&Config, &ListenerConfig)> for StageSettings {
@@ -123,6 +125,7 @@ impl TryFrom<(&Config, &ListenerConfig)> for StageSettings {
             }),
             accept_proxy: l.accept_proxy.then_some(l.accept_proxy_timeout),
             tls,
+            tunnel_timeout: l.tunnel_timeout,
         })
     }
 }
@@ -139,6 +142,7 @@ pub struct Stage {
     draining: watch::Receiver<bool>,
     accept_proxy: Option<Duration>,
     tls: Option<TlsAcceptor>,
+    tunnel_timeout: Duration,
     /// Whether the backend wants a PROXY v2 header.
     send_proxy: bool,
 }
@@ -210,6 +214,7 @@ impl Stage {
             http,
             accept_proxy,
             tls,
+            tunnel_timeout,
         } = settings;
         Arc::new(Self {
             pool: Arc::new(Pool::new(&backend, ctx.metrics)),
@@ -220,6 +225,7 @@ impl Stage {
             draining: ctx.draining,
             accept_proxy,
             tls,
+            tunnel_timeout,
             send_proxy: backend.send_proxy_v2,
         })
     }
@@ -314,7 +320,10 @@ impl Stage {
     {
         let preamble = self.preamble(client)?;
         let Some(settings) = &self.http else {
-            let (transfer, server) = self.pool.forward(io, &preamble).await?;
+            let (transfer, server) = self
+                .pool
+                .forward(io, &preamble, self.tunnel_timeout)
+                .await?;
             return Ok(Done {
                 transfer,
                 server,

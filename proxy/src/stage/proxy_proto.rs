@@ -216,8 +216,12 @@ fn malformed(err: &ParseError) -> ProxyError {
 
 fn to_proxy_header(header: &v2::Header<'_>) -> Result<ProxyHeader, ProxyError> {
     // The spec says a receiver must ignore the addresses of a LOCAL header.
+    // Our listeners are TCP: a UDP (DGRAM) header describes some other
+    // connection, so like HAProxy we treat it as LOCAL and keep the
+    // socket's own addresses.
     let (source, destination) = match (header.command, header.addresses) {
         (Command::Local, _) => (None, None),
+        (Command::Proxy, _) if header.protocol == Protocol::Datagram => (None, None),
         (Command::Proxy, Addresses::IPv4(a)) => (
             Some(SocketAddr::new(IpAddr::V4(a.source_address), a.source_port)),
             Some(SocketAddr::new(
@@ -243,11 +247,53 @@ fn to_proxy_header(header: &v2::Header<'_>) -> Result<ProxyHeader, ProxyError> {
         .map(|t| t.map(|t| (t.kind, t.value.into_owned())))
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| malformed(&e))?;
+    verify_crc32c(header.as_bytes(), tlv_start)?;
     Ok(ProxyHeader {
         source,
         destination,
         tlvs,
     })
+}
+
+/// Checks the CRC32C TLV, when the sender put one: the checksum of the whole
+/// header with the TLV's own value taken as zero (spec section 2.2.1).
+fn verify_crc32c(bytes: &[u8], tlv_start: usize) -> Result<(), ProxyError> {
+    let mut at = tlv_start;
+    while at + 3 <= bytes.len() {
+        let kind = bytes[at];
+        let len = usize::from(u16::from_be_bytes([bytes[at + 1], bytes[at + 2]]));
+        let value = at + 3;
+        if kind == tlv::CRC32C {
+            let Some(sent) = bytes.get(value..value + 4).filter(|_| len == 4) else {
+                return Err(ProxyError::Malformed(format!(
+                    "CRC32C TLV of {len} bytes, expected 4"
+                )));
+            };
+            let sent = u32::from_be_bytes(sent.try_into().expect("4 bytes"));
+            let mut zeroed = bytes.to_vec();
+            zeroed[value..value + 4].fill(0);
+            let computed = crc32c(&zeroed);
+            if computed != sent {
+                return Err(ProxyError::Malformed(format!(
+                    "CRC32C TLV says {sent:#010x}, the header's checksum is {computed:#010x}"
+                )));
+            }
+        }
+        at = value + len;
+    }
+    Ok(())
+}
+
+/// CRC-32C (Castagnoli), bit by bit: headers are a few hundred bytes.
+fn crc32c(data: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for &byte in data {
+        crc ^= u32::from(byte);
+        for _ in 0..8 {
+            crc = (crc >> 1) ^ (0x82F6_3B78 & (crc & 1).wrapping_neg());
+        }
+    }
+    !crc
 }
 
 /// Builds a v2 header: PROXY command over TCP when `source` is given, LOCAL
@@ -433,6 +479,52 @@ mod tests {
         assert_eq!(header.source, None);
         assert_eq!(header.destination, None);
         assert_eq!(header.tlvs, tlvs);
+    }
+
+    #[test]
+    fn crc32c_check_value() {
+        // The check value of CRC-32C (RFC 3720, appendix B.4).
+        assert_eq!(crc32c(b"123456789"), 0xE306_9283);
+    }
+
+    /// A header with a CRC32C TLV whose value is `crc` (None: the right one).
+    fn with_crc(crc: Option<u32>) -> Vec<u8> {
+        let src: SocketAddr = "192.0.2.1:1234".parse().unwrap();
+        let dst: SocketAddr = "198.51.100.2:443".parse().unwrap();
+        let mut bytes = encode_header(Some(src), Some(dst), &[(tlv::CRC32C, vec![0; 4])]).unwrap();
+        let at = bytes.len() - 4;
+        let value = crc.unwrap_or_else(|| crc32c(&bytes));
+        bytes[at..].copy_from_slice(&value.to_be_bytes());
+        bytes
+    }
+
+    #[tokio::test]
+    async fn crc32c_tlv_is_verified() {
+        let (header, _) = decode(&with_crc(None)).await.unwrap();
+        assert_eq!(header.source, Some("192.0.2.1:1234".parse().unwrap()));
+        let good = crc32c(&with_crc(Some(0)));
+        let err = decode(&with_crc(Some(good ^ 1))).await.unwrap_err();
+        assert!(
+            matches!(err, ProxyError::Malformed(ref m) if m.contains("CRC32C")),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn udp_families_are_taken_as_local() {
+        for family in [0x12u8, 0x22] {
+            let src: SocketAddr = if family == 0x12 {
+                "192.0.2.1:53".parse().unwrap()
+            } else {
+                "[2001:db8::1]:53".parse().unwrap()
+            };
+            let mut bytes = encode_header(Some(src), None, &[]).unwrap();
+            assert_eq!(bytes[13] & 0xF0, family & 0xF0);
+            bytes[13] = family;
+            let (header, _) = decode(&bytes).await.unwrap();
+            assert_eq!(header.source, None, "family {family:#x}");
+            assert_eq!(header.destination, None, "family {family:#x}");
+        }
     }
 
     #[tokio::test]
