@@ -38,6 +38,16 @@ pub(super) fn de_backlog<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Erro
     }
 }
 
+pub(super) fn de_stats_maxconn<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
+    let n = i64::deserialize(d)?;
+    match usize::try_from(n) {
+        Ok(n) if (1..=1024).contains(&n) => Ok(n),
+        _ => Err(de::Error::custom(format!(
+            "{n} is out of range: expected 1..=1024"
+        ))),
+    }
+}
+
 /// hyper cannot parse with a smaller buffer than 8 KiB; 1 MiB is more than
 /// any sane request head.
 pub(super) fn de_max_header_size<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {

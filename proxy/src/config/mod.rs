@@ -82,6 +82,20 @@ pub struct StatsConfig {
     /// A line shown under the title (env interpolation applies).
     #[serde(default)]
     pub banner: String,
+    /// At most this many open connections to the stats listener; more wait
+    /// in the kernel queue (the traffic listeners keep their descriptors).
+    #[serde(
+        default = "default_stats_maxconn",
+        deserialize_with = "de_stats_maxconn"
+    )]
+    pub maxconn: usize,
+    /// How long a client may take to send its request head (and how long an
+    /// idle keep-alive connection stays open).
+    #[serde(
+        default = "default_stats_request_timeout",
+        deserialize_with = "de_duration"
+    )]
+    pub http_request_timeout: Duration,
 }
 
 /// Process-wide settings (`[global]`).
@@ -425,6 +439,14 @@ fn default_backlog() -> u32 {
 
 fn default_connect_timeout() -> Duration {
     Duration::from_secs(2)
+}
+
+fn default_stats_maxconn() -> usize {
+    16
+}
+
+fn default_stats_request_timeout() -> Duration {
+    Duration::from_secs(10)
 }
 
 fn default_server_timeout() -> Duration {

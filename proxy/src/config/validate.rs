@@ -152,6 +152,17 @@ impl Config {
                     .as_ref()
                     .map(|st| (format!("listener[{i}].stats.bind"), st.bind))
             }));
+        let stats_timeouts = self.stats.iter().map(|st| ("stats".to_string(), st)).chain(
+            self.listeners.iter().enumerate().filter_map(|(i, l)| {
+                l.stats
+                    .as_ref()
+                    .map(|st| (format!("listener[{i}].stats"), st))
+            }),
+        );
+        for (key, st) in stats_timeouts {
+            let key = format!("{key}.http_request_timeout");
+            positive(&key, st.http_request_timeout, "10s")?;
+        }
         let mut stats_seen: HashMap<SocketAddr, String> = HashMap::new();
         for (key, addr) in stats_binds {
             if bound.contains_key(&Addr::Tcp(addr)) {

@@ -87,12 +87,27 @@ pub async fn accept_loop(
     }
 }
 
-/// Serves a stats listener until the task is aborted.
-pub async fn stats_loop(listener: Arc<ListenSocket>, source: Arc<StatsSource>) {
+/// Serves a stats listener until the task is aborted: at most `maxconn`
+/// connections at a time (more wait in the kernel queue), each with
+/// `request_timeout` for a request head.
+pub async fn stats_loop(
+    listener: Arc<ListenSocket>,
+    source: Arc<StatsSource>,
+    maxconn: usize,
+    request_timeout: Duration,
+) {
+    let slots = Arc::new(Semaphore::new(maxconn));
     loop {
+        let Ok(permit) = slots.clone().acquire_owned().await else {
+            return;
+        };
         match listener.accept().await {
             Ok((stream, _)) => {
-                tokio::spawn(stats::serve_connection(stream, source.clone()));
+                let source = source.clone();
+                tokio::spawn(async move {
+                    stats::serve_connection(stream, source, request_timeout).await;
+                    drop(permit);
+                });
             }
             Err(e) => {
                 debug!("stats listener: accept: {e}");

@@ -275,7 +275,12 @@ impl Generation {
             self.steering
                 .register(&listener.addr, listener.clone())
                 .with_context(|| format!("stats listener: attaching steering to {}", sc.bind))?;
-            let task = tokio::spawn(accept::stats_loop(listener.clone(), source));
+            let task = tokio::spawn(accept::stats_loop(
+                listener.clone(),
+                source,
+                sc.maxconn,
+                sc.http_request_timeout,
+            ));
             self.stats_listeners.push((listener, task.abort_handle()));
         }
         Ok(())
@@ -348,7 +353,11 @@ impl Generation {
 mod tests {
     use std::time::Duration;
 
-    use tokio::{io::AsyncWriteExt, net::UnixStream, time::timeout};
+    use tokio::{
+        io::{AsyncReadExt, AsyncWriteExt},
+        net::UnixStream,
+        time::timeout,
+    };
 
     use super::*;
 
@@ -440,6 +449,73 @@ servers = ["127.0.0.1:9"]
         drop(client);
         generation.finish(outcome);
         assert!(!sock.exists(), "the generation removes its UNIX socket");
+    }
+
+    #[tokio::test]
+    async fn stats_listener_caps_connections_and_times_out_heads() {
+        let text = r#"
+[global]
+name = "unit-stats"
+steering = "reuseport"
+[stats]
+bind = "127.0.0.1:0"
+maxconn = 1
+http_request_timeout = "300ms"
+[[listener]]
+name = "front"
+bind = ["unix:SOCK"]
+backend = "app"
+[[backend]]
+name = "app"
+servers = ["127.0.0.1:9"]
+"#;
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("s.sock");
+        let text = text.replace("SOCK", &sock.display().to_string());
+        let config = Config::parse(&text, "unit.toml", &|_| None).expect("valid config");
+        let opts = Options {
+            config,
+            pidfile: None,
+            soft_stop: Vec::new(),
+            hard_stop: Vec::new(),
+            hook: None,
+        };
+        let mut generation = Generation::new(opts, Steering::Reuseport);
+        generation.start().await.expect("starts");
+        let addr = generation.stats_listeners[0].0.bound_addr().unwrap();
+
+        // A half-sent head holds the only slot, then is closed at the timeout.
+        let mut slow = tokio::net::TcpStream::connect(addr).await.unwrap();
+        slow.write_all(b"GET /metrics HTTP/1.1\r\nHost: a\r\n")
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let mut second = tokio::net::TcpStream::connect(addr).await.unwrap();
+        second
+            .write_all(b"GET /stats.json HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut first_byte = [0u8; 1];
+        assert!(
+            timeout(Duration::from_millis(150), second.read(&mut first_byte))
+                .await
+                .is_err(),
+            "the second connection must wait for the slot"
+        );
+        let mut rest = Vec::new();
+        let closed = timeout(Duration::from_secs(5), slow.read_to_end(&mut rest)).await;
+        assert!(
+            closed.is_ok(),
+            "the slow client is closed at http_request_timeout"
+        );
+        let mut answer = Vec::new();
+        timeout(Duration::from_secs(5), second.read_to_end(&mut answer))
+            .await
+            .expect("served once the slot is free")
+            .unwrap();
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.starts_with("HTTP/1.1 200 OK"), "{answer}");
+        generation.finish(Outcome::HardStop);
     }
 
     #[tokio::test]

@@ -80,6 +80,12 @@ impl std::fmt::Display for PeerAddr {
 }
 
 impl ListenSocket {
+    /// The TCP address the socket is bound to (the port the kernel chose
+    /// for port 0).
+    pub fn bound_addr(&self) -> Option<SocketAddr> {
+        self.socket.local_addr().ok()?.as_socket()
+    }
+
     /// Binds `addr`. TCP listeners join the reuseport group of the address;
     /// UNIX listeners are bound on a temporary path and renamed over the
     /// final one, so that the path never disappears for clients while an

@@ -1,18 +1,19 @@
 //! The stats listener's HTTP side: one set of figures, three views.
 
-use std::{convert::Infallible, sync::Arc};
+use std::{convert::Infallible, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{Request, Response, StatusCode, header};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::debug;
 
 use super::{StatsSource, html::html, prometheus::prometheus};
 
-/// Serves one connection of a stats listener (HTTP/1.1) until it closes.
-pub async fn serve_connection<IO>(io: IO, source: Arc<StatsSource>)
+/// Serves one connection of a stats listener (HTTP/1.1) until it closes or
+/// sends no complete request head within `request_timeout`.
+pub async fn serve_connection<IO>(io: IO, source: Arc<StatsSource>, request_timeout: Duration)
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -21,6 +22,9 @@ where
         async move { Ok::<_, Infallible>(respond(&source, &req)) }
     });
     if let Err(e) = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(request_timeout)
+        .max_buf_size(16 * 1024)
         .serve_connection(TokioIo::new(io), service)
         .await
     {
