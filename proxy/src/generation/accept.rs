@@ -151,9 +151,9 @@ fn spawn_conn(
     // the drain waits for this count.
     let open = OpenConn(shared.clone());
     tokio::spawn(async move {
-        if let Err(e) = stage.serve(stream, peer.clone()).await {
+        // The stage logs the failure (rate-limited).
+        if stage.serve(stream, peer).await.is_err() {
             open.0.conns.failed.fetch_add(1, Relaxed);
-            warn!(%peer, listener = %stage.name, "connection failed: {e}");
         }
         drop(open);
         drop(permit);

@@ -23,12 +23,12 @@ use std::{
     time::{Duration, Instant},
 };
 
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use tokio::{
     io::{AsyncRead, AsyncWrite},
     sync::watch,
 };
-use tracing::info;
+use tracing::{info, warn};
 
 use self::{
     forward::{ForwardError, Pool, Transfer},
@@ -145,6 +145,54 @@ pub struct Stage {
     tunnel_timeout: Duration,
     /// Whether the backend wants a PROXY v2 header.
     send_proxy: bool,
+    /// Rate limit of the lines about failed connections.
+    failure_log: LogLimit,
+}
+
+/// At most [`LogLimit::PER_SECOND`] lines a second about failed connections
+/// per listener; the others are counted, and the count is logged once the
+/// second is over (with the next failure).
+#[derive(Default)]
+pub struct LogLimit {
+    /// The second (since `start`) the counts are for.
+    second: AtomicU64,
+    used: AtomicU64,
+    suppressed: AtomicU64,
+    start: std::sync::OnceLock<Instant>,
+}
+
+impl LogLimit {
+    pub const PER_SECOND: u64 = 20;
+
+    /// Whether one more line may be written now.
+    pub fn allow(&self, listener: &str) -> bool {
+        let now = self.start.get_or_init(Instant::now).elapsed().as_secs();
+        let second = self.second.load(Relaxed);
+        if now != second
+            && self
+                .second
+                .compare_exchange(second, now, Relaxed, Relaxed)
+                .is_ok()
+        {
+            self.used.store(0, Relaxed);
+            let suppressed = self.suppressed.swap(0, Relaxed);
+            if suppressed > 0 {
+                warn!(
+                    listener,
+                    suppressed,
+                    "listener {listener}: {suppressed} failed connections were not logged \
+                     (at most {} lines a second; the stats count all of them)",
+                    Self::PER_SECOND
+                );
+            }
+        }
+        if self.used.fetch_add(1, Relaxed) < Self::PER_SECOND {
+            true
+        } else {
+            self.suppressed.fetch_add(1, Relaxed);
+            false
+        }
+    }
 }
 
 /// Removes our generation TLV from `tlvs` and returns its value.
@@ -227,6 +275,7 @@ impl Stage {
             tls,
             tunnel_timeout,
             send_proxy: backend.send_proxy_v2,
+            failure_log: LogLimit::default(),
         })
     }
 
@@ -266,11 +315,16 @@ impl Stage {
                     ConnError::Tls(_) => m[ListenerCounter::TlsFailures].fetch_add(1, Relaxed),
                     _ => 0,
                 };
-                info!(
-                    target: "access",
-                    client = %client_addr, listener = %self.name, duration_ms,
-                    outcome = "error", error = %e,
-                );
+                // A flood of broken clients must not become a flood of log
+                // I/O: the counters above count every one.
+                if self.failure_log.allow(&self.name) {
+                    info!(
+                        target: "access",
+                        client = %client_addr, listener = %self.name, duration_ms,
+                        outcome = "error", error = %e,
+                    );
+                    warn!(peer = %peer, listener = %self.name, "connection failed: {e}");
+                }
             }
         }
         result.map(|_| ())
@@ -374,5 +428,22 @@ impl Stage {
             client.destination,
             &tlvs,
         )?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failure_lines_are_limited_per_second() {
+        let limit = LogLimit::default();
+        let allowed = (0..100).filter(|_| limit.allow("unit")).count() as u64;
+        // All 100 fall in one second, or straddle two at most.
+        assert!(
+            (LogLimit::PER_SECOND..=2 * LogLimit::PER_SECOND).contains(&allowed),
+            "{allowed}"
+        );
+        assert!(limit.suppressed.load(Relaxed) > 0 || allowed > LogLimit::PER_SECOND);
     }
 }
