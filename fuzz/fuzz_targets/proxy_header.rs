@@ -6,13 +6,13 @@
 //!   result kind (and the same header) as reading them in one piece;
 //! - a header that was read consumed exactly its own bytes, never payload;
 //! - a header that was read encodes back (`encode_header`) to one that reads
-//!   as the same header.
+//!   as the same header (CRC32C TLVs left out: a new header needs a new sum).
 #![no_main]
 
 use std::time::Duration;
 
 use libfuzzer_sys::fuzz_target;
-use proxy::stage::proxy_proto::{ProxyError, ProxyHeader, encode_header, read_header};
+use proxy::stage::proxy_proto::{ProxyError, ProxyHeader, encode_header, read_header, tlv};
 use proxy_fuzz::{ChunkedReader, runtime, split_sizes};
 
 /// What the stage allows (`MAX_PROXY_HEADER` in stage/mod.rs).
@@ -61,6 +61,16 @@ fuzz_target!(|data: &[u8]| {
         let len = 16 + usize::from(u16::from_be_bytes([input[14], input[15]]));
         assert_eq!(reader.consumed(), len, "consumed other than the header");
 
+        // Without CRC32C TLVs: their checksum covers the addresses, which a
+        // header without IP addresses does not write back.
+        let header = ProxyHeader {
+            tlvs: header
+                .tlvs
+                .into_iter()
+                .filter(|(kind, _)| *kind != tlv::CRC32C)
+                .collect(),
+            ..header
+        };
         let again = encode_header(header.source, header.destination, &header.tlvs)
             .expect("a header that was read can be written");
         let (reread, _) = read(ChunkedReader::new(&again, sizes)).await;

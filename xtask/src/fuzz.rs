@@ -3,9 +3,15 @@
 //! that once crashed, or a seed that stops passing, fails CI.
 //!
 //! cargo-fuzz is installed into `target/xtask-tools` like bpf-linker, once.
-//! The targets are built without a sanitizer and with debug assertions: the
-//! proxy has no unsafe code to check and overflow checks are what finds its
-//! bugs; the long fuzzing runs use the same build.
+//! The replay builds the targets unoptimized (cargo-fuzz's `--dev`: a cold
+//! build takes half the time of its release build with one codegen unit, and
+//! a few dozen inputs run in well under a second either way), with debug
+//! assertions and without a sanitizer, since the proxy has no unsafe code to
+//! check. Long fuzzing runs want the release build:
+//!
+//! ```text
+//! cargo +nightly fuzz run --sanitizer none --debug-assertions <target> -- -max_total_time=600
+//! ```
 
 use std::{
     env, fs,
@@ -17,9 +23,8 @@ use anyhow::{Context, Result, bail};
 
 use crate::{Run, rustup, tools_dir};
 
-/// How the targets are built, for the replay and for fuzzing by hand:
-/// `cargo +nightly fuzz run <FLAGS> <target>`.
-pub const BUILD_FLAGS: &[&str] = &["--sanitizer", "none", "--debug-assertions"];
+/// How the replay builds the targets (`--dev` has debug assertions).
+const BUILD_FLAGS: &[&str] = &["--dev", "--sanitizer", "none"];
 
 /// Builds every fuzz target and runs each once over `fuzz/corpus/<target>/`
 /// (`-runs=0`: the inputs as they are, no fuzzing).
@@ -93,6 +98,9 @@ fn fuzz_cargo(ws: &Path) -> Command {
     let mut cmd = rustup();
     cmd.env_remove("RUSTFLAGS")
         .env_remove("CARGO_ENCODED_RUSTFLAGS")
+        // Line numbers in a panic are all a failing replay needs; full
+        // debug info only makes the cold build slower.
+        .env("CARGO_PROFILE_DEV_DEBUG", "line-tables-only")
         .env("PATH", path)
         .current_dir(ws.join("fuzz"))
         .args(["run", "nightly", "cargo"]);

@@ -10,6 +10,7 @@
 //! - `test`: the README's test command; `.ci/run` calls it. Installs the
 //!   Debian and Python packages the tests drive when they are missing, and
 //!   replays the fuzz targets over their committed corpus (`fuzz.rs`).
+//! - `fuzz`: that replay alone.
 
 use std::{
     env,
@@ -65,6 +66,9 @@ enum Cmd {
         #[arg(last = true)]
         args: Vec<OsString>,
     },
+    /// Replay the fuzz targets over their committed corpus (fuzz/corpus/), as
+    /// `test` does; installs cargo-fuzz when missing. No root needed.
+    Fuzz,
     /// Write demo certificates (RSA 2048 and ECDSA P-256) into certs/.
     Certs,
     /// `cargo fmt --check` and `cargo clippy -D warnings` for the host crates
@@ -126,6 +130,7 @@ fn run(cli: Cli) -> Result<()> {
                 .run("cargo test")
         }
         Cmd::Lint => lint(&ws),
+        Cmd::Fuzz => fuzz::replay(&ws),
         Cmd::Certs => certs::run(&ws.join("certs")),
         Cmd::Bench { args } => {
             let proxy = build_all(&ws, &[])?;
