@@ -68,6 +68,17 @@ pub fn replay(ws: &Path) -> Result<()> {
     Ok(())
 }
 
+/// fmt and clippy for `fuzz/`, which `--all` in the workspace leaves out
+/// (it is not a member). Clippy with the nightly, as the targets build.
+pub fn lint(ws: &Path) -> Result<()> {
+    fuzz_cargo(ws)
+        .args(["fmt", "--", "--check"])
+        .run("cargo fmt --check (fuzz targets)")?;
+    fuzz_cargo(ws)
+        .args(["clippy", "--all-targets", "--", "-D", "warnings"])
+        .run("cargo clippy (fuzz targets)")
+}
+
 fn cargo_fuzz(ws: &Path) -> PathBuf {
     tools_dir(ws).join("bin/cargo-fuzz")
 }

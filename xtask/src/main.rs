@@ -71,8 +71,8 @@ enum Cmd {
     Fuzz,
     /// Write demo certificates (RSA 2048 and ECDSA P-256) into certs/.
     Certs,
-    /// `cargo fmt --check` and `cargo clippy -D warnings` for the host crates
-    /// and for the eBPF crate.
+    /// `cargo fmt --check` and `cargo clippy -D warnings` for the host crates,
+    /// the eBPF crate and the fuzz targets.
     Lint,
 }
 
@@ -156,10 +156,6 @@ fn lint(ws: &Path) -> Result<()> {
     cargo(ws)
         .args(["fmt", "--all", "--", "--check"])
         .run("cargo fmt --check")?;
-    // Not a workspace member, so `--all` leaves it out.
-    cargo(ws)
-        .args(["fmt", "--manifest-path", "fuzz/Cargo.toml", "--", "--check"])
-        .run("cargo fmt --check (fuzz targets)")?;
     cargo(ws)
         .args(["clippy", "--all-targets", "--all-features"])
         .env("PROXY_EBPF_OBJECT", &object)
@@ -177,7 +173,8 @@ fn lint(ws: &Path) -> Result<()> {
         .args(["clippy", "--release"])
         .args(["-Z", "build-std=core", "--target", "bpfel-unknown-none"])
         .args(["--", "-D", "warnings"])
-        .run("cargo clippy (eBPF crate)")
+        .run("cargo clippy (eBPF crate)")?;
+    fuzz::lint(ws)
 }
 
 fn workspace_root() -> PathBuf {
