@@ -201,11 +201,12 @@ fn cases() -> Vec<Case> {
         v.push(c);
     }
 
-    // No body to compress.
+    // HEAD: the headers the GET would get (gzip, Vary), and no body.
     let mut head = case("HEAD", "/r?len=5000&seed=30", g, Identity);
     head.method = "HEAD";
     head.body = Vec::new();
-    head.vary = &[];
+    head.encoding = Some("gzip");
+    // No body to compress.
     let mut no_content = case("204 No Content", "/r?status=204", g, Identity);
     no_content.body = Vec::new();
     no_content.vary = &[];

@@ -205,6 +205,10 @@ pub struct Listener {
         deserialize_with = "de_duration"
     )]
     pub http_request_timeout: Duration,
+    /// http mode (HAProxy `timeout client`): how long a response may wait
+    /// for the client to read before the connection is closed.
+    #[serde(default = "default_client_timeout", deserialize_with = "de_duration")]
+    pub client_timeout: Duration,
     /// tcp mode (HAProxy `timeout tunnel`): a stream on which neither side
     /// sent a byte for this long is closed.
     #[serde(default = "default_tunnel_timeout", deserialize_with = "de_duration")]
@@ -459,6 +463,10 @@ fn default_max_header_size() -> usize {
 
 fn default_http_request_timeout() -> Duration {
     Duration::from_secs(30)
+}
+
+fn default_client_timeout() -> Duration {
+    Duration::from_secs(60)
 }
 
 fn default_tunnel_timeout() -> Duration {

@@ -120,6 +120,7 @@ impl Config {
             for (key, value, example) in [
                 ("http_request_timeout", l.http_request_timeout, "30s"),
                 ("tunnel_timeout", l.tunnel_timeout, "1h"),
+                ("client_timeout", l.client_timeout, "60s"),
             ] {
                 positive(&format!("listener[{i}].{key}"), value, example)?;
             }

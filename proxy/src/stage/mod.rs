@@ -11,6 +11,7 @@ pub mod http;
 pub mod proxy_proto;
 mod runtime;
 pub mod socket;
+pub mod stall;
 pub mod tls;
 
 pub use runtime::StageRuntime;
@@ -96,6 +97,8 @@ pub struct StageSettings {
     tls: Option<TlsAcceptor>,
     /// tcp mode: the longest silence in both directions.
     tunnel_timeout: Duration,
+    /// http mode: the longest a response waits for the client to read.
+    client_timeout: Duration,
 }
 
 impl TryFrom<(&Config, &ListenerConfig)> for StageSettings {
@@ -126,6 +129,7 @@ impl TryFrom<(&Config, &ListenerConfig)> for StageSettings {
             accept_proxy: l.accept_proxy.then_some(l.accept_proxy_timeout),
             tls,
             tunnel_timeout: l.tunnel_timeout,
+            client_timeout: l.client_timeout,
         })
     }
 }
@@ -143,6 +147,7 @@ pub struct Stage {
     accept_proxy: Option<Duration>,
     tls: Option<TlsAcceptor>,
     tunnel_timeout: Duration,
+    client_timeout: Duration,
     /// Whether the backend wants a PROXY v2 header.
     send_proxy: bool,
     /// Rate limit of the lines about failed connections.
@@ -263,6 +268,7 @@ impl Stage {
             accept_proxy,
             tls,
             tunnel_timeout,
+            client_timeout,
         } = settings;
         Arc::new(Self {
             pool: Arc::new(Pool::new(&backend, ctx.metrics)),
@@ -274,6 +280,7 @@ impl Stage {
             accept_proxy,
             tls,
             tunnel_timeout,
+            client_timeout,
             send_proxy: backend.send_proxy_v2,
             failure_log: LogLimit::default(),
         })
@@ -396,6 +403,7 @@ impl Stage {
         } else {
             self.draining.clone()
         };
+        let io = stall::WriteStall::new(io, self.client_timeout);
         let stats = http::serve(io, upstream, settings.clone(), client_addr, draining).await?;
         let m = &self.metrics;
         m[ListenerCounter::HttpRequests].fetch_add(stats.requests, Relaxed);
