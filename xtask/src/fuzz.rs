@@ -4,10 +4,10 @@
 //!
 //! cargo-fuzz is installed into `target/xtask-tools` like bpf-linker, once.
 //! The replay builds the targets unoptimized (cargo-fuzz's `--dev`: a cold
-//! build takes half the time of its release build with one codegen unit, and
-//! a few dozen inputs run in well under a second either way), with debug
-//! assertions and without a sanitizer, since the proxy has no unsafe code to
-//! check. Long fuzzing runs want the release build:
+//! build takes about half the CPU time of its release build, which uses one
+//! codegen unit, and a few dozen inputs run in well under a second either
+//! way), with debug assertions and without a sanitizer, since the proxy has
+//! no unsafe code to check. Long fuzzing runs want the release build:
 //!
 //! ```text
 //! cargo +nightly fuzz run --sanitizer none --debug-assertions <target> -- -max_total_time=600
