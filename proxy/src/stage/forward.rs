@@ -146,19 +146,27 @@ impl Pool {
             }
         };
         let activity = Activity::default();
-        let mut client_side = Watched::new(&mut client, &activity);
-        let mut server_side = Watched::new(&mut server, &activity);
-        let copy = tokio::io::copy_bidirectional(&mut client_side, &mut server_side);
-        let copied = tokio::select! {
-            copied = copy => copied,
-            () = activity.idle_for(idle_limit) => return Err(ForwardError::TunnelIdle(idle_limit)),
+        let copied = {
+            let mut client_side = Watched::new(&mut client, &activity);
+            let mut server_side = Watched::new(&mut server, &activity);
+            let copy = tokio::io::copy_bidirectional(&mut client_side, &mut server_side);
+            tokio::select! {
+                copied = copy => copied.map_err(ForwardError::Copy),
+                () = activity.idle_for(idle_limit) => Err(ForwardError::TunnelIdle(idle_limit)),
+            }
         };
         let (from_client, from_server) = match copied {
             Ok(n) => n,
             // A TLS peer that closes without close_notify: the stream
             // ended, nothing was lost that the peer did not give up.
-            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => (0, 0),
-            Err(e) => return Err(ForwardError::Copy(e)),
+            Err(ForwardError::Copy(e)) if e.kind() == io::ErrorKind::UnexpectedEof => (0, 0),
+            Err(e) => {
+                // Whatever the client side still holds goes out before the
+                // close: a TLS alert (a refused renegotiation, say) tells
+                // the client why instead of leaving it to its own timeout.
+                let _ = timeout(Duration::from_secs(1), client.shutdown()).await;
+                return Err(e);
+            }
         };
         Ok((
             Transfer {

@@ -367,7 +367,7 @@ impl Stage {
                     info.version,
                     &info.cipher,
                 );
-                self.finish(tls, client).await
+                self.finish(tls::FlushingTls::new(tls), client).await
             }
             None => self.finish(stream, client).await,
         }

@@ -70,6 +70,59 @@ pub enum CertSource {
     Pair { cert: PathBuf, key: PathBuf },
 }
 
+/// A server TLS stream that sends what rustls queued while reading (the
+/// alert refusing a renegotiation, say) without waiting for the next write:
+/// in tcp mode the next write may never come, and the client would wait
+/// for its own timeout.
+pub struct FlushingTls<S> {
+    inner: tokio_rustls::server::TlsStream<S>,
+}
+
+impl<S> FlushingTls<S> {
+    pub fn new(inner: tokio_rustls::server::TlsStream<S>) -> Self {
+        Self { inner }
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for FlushingTls<S> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let res = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        if self.inner.get_ref().1.wants_write() {
+            // Best effort: a write error shows up on the next write anyway.
+            let _ = std::pin::Pin::new(&mut self.inner).poll_flush(cx);
+        }
+        res
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for FlushingTls<S> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
 /// What was negotiated on an accepted connection.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TlsInfo {
@@ -865,6 +918,52 @@ mod tests {
             )),
             "{err:?}"
         );
+    }
+
+    /// A TLS 1.2 renegotiation attempt (openssl s_client's `R`) gets
+    /// rustls' no_renegotiation alert at once, while the server side only
+    /// reads (as a tcp-mode stage does when the backend is silent).
+    #[tokio::test]
+    async fn refused_renegotiation_is_told_without_a_write() {
+        let fx = fixture();
+        let acceptor = fx.acceptor();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let (tls, _) = acceptor.accept(tcp).await.unwrap();
+            let mut tls = FlushingTls::new(tls);
+            let mut sink = Vec::new();
+            let _ = tls.read_to_end(&mut sink).await;
+        });
+        let mut client = tokio::process::Command::new("openssl")
+            .args([
+                "s_client",
+                "-msg",
+                "-tls1_2",
+                "-servername",
+                "a.test",
+                "-connect",
+            ])
+            .arg(addr.to_string())
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("openssl s_client");
+        let mut stdin = client.stdin.take().unwrap();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        stdin.write_all(b"R\n").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        drop(stdin);
+        let out = tokio::time::timeout(Duration::from_secs(10), client.wait_with_output())
+            .await
+            .expect("s_client ends")
+            .unwrap();
+        let out = String::from_utf8_lossy(&out.stdout);
+        assert!(out.contains("no_renegotiation"), "{out}");
+        server.abort();
     }
 
     #[tokio::test]
