@@ -49,6 +49,30 @@ pub fn kill(pid: u32, signal: i32) -> io::Result<()> {
     }
 }
 
+/// Raises the soft limit of open files to the hard limit (as HAProxy sizes
+/// it for its maxconn) and returns the soft limit now in force.
+pub fn raise_nofile_limit() -> io::Result<u64> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // Safety: getrlimit writes an rlimit into the valid pointer given.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if lim.rlim_cur < lim.rlim_max {
+        let raised = libc::rlimit {
+            rlim_cur: lim.rlim_max,
+            rlim_max: lim.rlim_max,
+        };
+        // Safety: setrlimit reads the valid rlimit given.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            lim.rlim_cur = lim.rlim_max;
+        }
+    }
+    Ok(lim.rlim_cur)
+}
+
 /// Whether a process with this PID exists in our PID namespace.
 pub fn pid_alive(pid: u32) -> bool {
     match kill(pid, 0) {

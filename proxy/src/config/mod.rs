@@ -110,6 +110,12 @@ pub struct Global {
     /// after an upgrade before they are cut.
     #[serde(default = "default_hard_stop_after", deserialize_with = "de_duration")]
     pub hard_stop_after: Duration,
+    /// At most this many client connections over all listeners of a
+    /// generation (HAProxy's global `maxconn`); more wait in the kernel
+    /// queues. Default: what the open-file limit allows (two descriptors a
+    /// connection, some kept for listeners and logs).
+    #[serde(default, deserialize_with = "de_maxconn")]
+    pub maxconn: Option<usize>,
     /// Mount point of the BPF filesystem used to hand sockets over between
     /// generations.
     #[serde(default = "default_bpffs")]

@@ -25,9 +25,11 @@ use crate::{
 };
 
 /// What the accept loops share with the control loop.
-#[derive(Default)]
 pub struct Shared {
     pub conns: Conns,
+    /// The generation's connection cap over all listeners (global
+    /// `maxconn`), so that it stays under its open-file limit.
+    pub slots: Arc<Semaphore>,
     /// Wakes the accept loops to try `accept()` without waiting for epoll
     /// (migrated connections may arrive without a wakeup on older kernels).
     pub sweep: Notify,
@@ -36,6 +38,18 @@ pub struct Shared {
     /// about).
     pub flipped_at: OnceLock<Instant>,
     first_conn_logged: AtomicBool,
+}
+
+impl Shared {
+    pub fn new(maxconn: usize) -> Self {
+        Self {
+            conns: Conns::default(),
+            slots: Arc::new(Semaphore::new(maxconn)),
+            sweep: Notify::new(),
+            flipped_at: OnceLock::new(),
+            first_conn_logged: AtomicBool::new(false),
+        }
+    }
 }
 
 /// Accepts on `listener` for `stage` while the phase allows it.
@@ -65,13 +79,17 @@ pub async fn accept_loop(
             },
             None => None,
         };
+        let slot = tokio::select! {
+            p = shared.slots.clone().acquire_owned() => p.ok(),
+            _ = phase.changed(), if !always => continue,
+        };
         let accepted = tokio::select! {
             r = listener.accept() => r,
             _ = phase.changed(), if !always => continue,
             _ = shared.sweep.notified() => continue,
         };
         match accepted {
-            Ok((stream, peer)) => spawn_conn(stream, peer, &stage, &shared, permit),
+            Ok((stream, peer)) => spawn_conn(stream, peer, &stage, &shared, [permit, slot]),
             Err(e) if !accepts(*phase.borrow()) => {
                 debug!("listener {}: accept after stop: {e}", stage.name)
             }
@@ -132,7 +150,7 @@ fn spawn_conn(
     peer: PeerAddr,
     stage: &Arc<Stage>,
     shared: &Arc<Shared>,
-    permit: Option<OwnedSemaphorePermit>,
+    permits: [Option<OwnedSemaphorePermit>; 2],
 ) {
     shared.conns.accepted.fetch_add(1, Relaxed);
     shared.conns.open.fetch_add(1, Relaxed);
@@ -156,6 +174,6 @@ fn spawn_conn(
             open.0.conns.failed.fetch_add(1, Relaxed);
         }
         drop(open);
-        drop(permit);
+        drop(permits);
     });
 }

@@ -138,9 +138,40 @@ pub async fn run(opts: Options, commands: mpsc::Receiver<Command>) -> Result<()>
     Ok(())
 }
 
+/// Descriptors kept aside for listeners, runtimes, maps and logs.
+const RESERVED_FDS: u64 = 64;
+
+/// The generation's connection cap: `global.maxconn`, at most what the
+/// open-file limit allows (raised to its hard limit first), two
+/// descriptors a connection.
+fn maxconn(cfg: &Config, label: &str) -> usize {
+    let nofile = sys::raise_nofile_limit().unwrap_or(1024);
+    let listeners = cfg
+        .listeners
+        .iter()
+        .map(|l| l.bind.len() as u64)
+        .sum::<u64>();
+    let budget = (nofile.saturating_sub(RESERVED_FDS + 2 * listeners) / 2).max(1) as usize;
+    match cfg.global.maxconn {
+        Some(n) if n > budget => {
+            warn!(
+                "{label}: global.maxconn {n} is more than the open-file limit of {nofile} allows: \
+                 using {budget} (raise the limit with LimitNOFILE= or ulimit -n)"
+            );
+            budget
+        }
+        Some(n) => n,
+        None => {
+            info!("{label}: maxconn {budget} (open-file limit {nofile})");
+            budget
+        }
+    }
+}
+
 impl Generation {
     fn new(opts: Options, steering: Steering) -> Self {
         let registry = Arc::new(Registry::new(&opts.config));
+        let maxconn = maxconn(&opts.config, &steering.label());
         Self {
             label: steering.label(),
             pidfile: opts
@@ -150,7 +181,7 @@ impl Generation {
             opts,
             steering,
             life: Lifecycle::default(),
-            shared: Arc::default(),
+            shared: Arc::new(Shared::new(maxconn)),
             registry,
             listeners: Vec::new(),
             stats_listeners: Vec::new(),
@@ -365,6 +396,10 @@ mod tests {
     /// (so a client that sends nothing holds a connection open), without
     /// eBPF: nothing here needs root.
     async fn started(dir: &std::path::Path) -> (Generation, PathBuf) {
+        started_with(dir, "").await
+    }
+
+    async fn started_with(dir: &std::path::Path, global: &str) -> (Generation, PathBuf) {
         let sock = dir.join("front.sock");
         let text = format!(
             r#"
@@ -372,6 +407,7 @@ mod tests {
 name = "unit"
 steering = "reuseport"
 hard_stop_after = "30s"
+{global}
 
 [[listener]]
 name = "front"
@@ -516,6 +552,27 @@ servers = ["127.0.0.1:9"]
         let answer = String::from_utf8_lossy(&answer);
         assert!(answer.starts_with("HTTP/1.1 200 OK"), "{answer}");
         generation.finish(Outcome::HardStop);
+    }
+
+    #[tokio::test]
+    async fn global_maxconn_holds_the_next_connection_until_one_closes() {
+        let dir = tempfile::tempdir().unwrap();
+        let (generation, sock) = started_with(dir.path(), "maxconn = 1").await;
+        let accepted = || generation.shared.conns.accepted.load(Relaxed);
+        let first = UnixStream::connect(&sock).await.unwrap();
+        let wait_for = |n: u64| async move {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while accepted() < n {
+                assert!(Instant::now() < deadline, "{n} connections never accepted");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        };
+        wait_for(1).await;
+        let _second = UnixStream::connect(&sock).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(accepted(), 1, "the second connection waits for a slot");
+        drop(first);
+        wait_for(2).await;
     }
 
     #[tokio::test]
