@@ -9,6 +9,7 @@ use std::{
         Arc, Mutex,
         atomic::{AtomicBool, AtomicU64, Ordering},
     },
+    time::{Duration, Instant},
 };
 
 use bytes::Bytes;
@@ -36,6 +37,9 @@ pub struct HttpBackendStats {
     pub requests: AtomicU64,
     /// Requests by their `X-Forwarded-For` (`<none>` when absent).
     pub xff: Mutex<HashMap<String, u64>>,
+    /// Requests that arrived while the backend was hung
+    /// ([`HttpBackend::set_hung`]) and were held.
+    pub held: AtomicU64,
 }
 
 impl HttpBackendStats {
@@ -54,11 +58,20 @@ impl HttpBackendStats {
 ///
 /// Every response carries `x-seen-xff` (the request's X-Forwarded-For, or
 /// `<none>`) and `x-backend-conn` (which backend connection served it).
+///
+/// While [`HttpBackend::set_hung`] is on, every request that arrives is
+/// held without a response head until it is turned off (at most
+/// [`HANG_CAP`]): a server that hangs now and then.
 pub struct HttpBackend {
     pub stats: Arc<HttpBackendStats>,
     pub addr: SocketAddr,
     stop: Arc<AtomicBool>,
+    /// On: requests are held (see [`HttpBackend::set_hung`]).
+    hung: Arc<AtomicBool>,
 }
+
+/// The longest a request is held by a hung backend.
+pub const HANG_CAP: Duration = Duration::from_secs(30);
 
 impl HttpBackend {
     pub fn start(rt: &Runtime) -> HttpBackend {
@@ -67,15 +80,22 @@ impl HttpBackend {
             .expect("binding the HTTP backend");
         let addr = listener.local_addr().expect("backend address");
         let stats = Arc::new(HttpBackendStats::default());
+        let hung = Arc::new(AtomicBool::new(false));
         let st = stats.clone();
+        let hg = hung.clone();
         let stop = accept_until_dropped(rt, listener, move |stream| {
             let _ = stream.set_nodelay(true);
             let conn_no = st.connections.fetch_add(1, Ordering::Relaxed) + 1;
             let st = st.clone();
+            let hg = hg.clone();
             tokio::spawn(async move {
                 let service = service_fn(move |req| {
                     let st = st.clone();
-                    async move { Ok::<_, Infallible>(answer(req, &st, conn_no).await) }
+                    let hg = hg.clone();
+                    async move {
+                        hold_while_hung(&hg, &st).await;
+                        Ok::<_, Infallible>(answer(req, &st, conn_no).await)
+                    }
                 });
                 let _ = hyper::server::conn::http1::Builder::new()
                     .keep_alive(true)
@@ -83,11 +103,35 @@ impl HttpBackend {
                     .await;
             });
         });
-        HttpBackend { stats, addr, stop }
+        HttpBackend {
+            stats,
+            addr,
+            stop,
+            hung,
+        }
     }
 
     pub fn requests(&self) -> u64 {
         self.stats.requests.load(Ordering::Relaxed)
+    }
+
+    /// Hangs (`true`: requests arriving from now on get no response head
+    /// until it is turned off again) or recovers (`false`: the held ones
+    /// are answered, late).
+    pub fn set_hung(&self, hung: bool) {
+        self.hung.store(hung, Ordering::Relaxed);
+    }
+}
+
+/// Waits while the backend is hung, at most [`HANG_CAP`].
+async fn hold_while_hung(hung: &AtomicBool, st: &HttpBackendStats) {
+    if !hung.load(Ordering::Relaxed) {
+        return;
+    }
+    st.held.fetch_add(1, Ordering::Relaxed);
+    let start = Instant::now();
+    while hung.load(Ordering::Relaxed) && start.elapsed() < HANG_CAP {
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
 

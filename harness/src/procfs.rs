@@ -111,3 +111,22 @@ pub fn accept_queues(port: u16) -> Vec<u32> {
         })
         .collect()
 }
+
+/// How many file descriptors `pid` holds (entries of /proc/PID/fd), or
+/// None once it is gone.
+pub fn fd_count(pid: u32) -> Option<usize> {
+    fs::read_dir(format!("/proc/{pid}/fd"))
+        .ok()
+        .map(|d| d.flatten().count())
+}
+
+/// The resident set size of `pid` in KiB (VmRSS of /proc/PID/status), or
+/// None once it is gone.
+pub fn rss_kib(pid: u32) -> Option<u64> {
+    proc_status(pid)
+        .get("VmRSS")?
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()
+}
