@@ -48,6 +48,18 @@ pub(super) fn de_stats_maxconn<'de, D: Deserializer<'de>>(d: D) -> Result<usize,
     }
 }
 
+pub(super) fn de_opt_max_header_size<'de, D: Deserializer<'de>>(
+    d: D,
+) -> Result<Option<usize>, D::Error> {
+    de_max_header_size(d).map(Some)
+}
+
+pub(super) fn de_opt_duration<'de, D: Deserializer<'de>>(
+    d: D,
+) -> Result<Option<Duration>, D::Error> {
+    de_duration(d).map(Some)
+}
+
 /// hyper cannot parse with a smaller buffer than 8 KiB; 1 MiB is more than
 /// any sane request head.
 pub(super) fn de_max_header_size<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {

@@ -70,6 +70,72 @@ pub struct Config {
     /// The instance-wide stats listener (`[stats]`), if any.
     #[serde(default)]
     pub stats: Option<StatsConfig>,
+    /// `[defaults]`: values every listener and backend takes unless it sets
+    /// its own (HAProxy's `defaults` section). Already applied to them.
+    #[serde(default)]
+    pub defaults: Defaults,
+}
+
+/// `[defaults]`: the timeouts and limits of every listener and backend that
+/// does not set its own.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Defaults {
+    #[serde(default, deserialize_with = "de_opt_duration")]
+    pub client_timeout: Option<Duration>,
+    #[serde(default, deserialize_with = "de_opt_duration")]
+    pub http_request_timeout: Option<Duration>,
+    #[serde(default, deserialize_with = "de_opt_duration")]
+    pub tunnel_timeout: Option<Duration>,
+    #[serde(default, deserialize_with = "de_opt_max_header_size")]
+    pub max_header_size: Option<usize>,
+    #[serde(default, deserialize_with = "de_opt_duration")]
+    pub connect_timeout: Option<Duration>,
+    #[serde(default, deserialize_with = "de_opt_duration")]
+    pub server_timeout: Option<Duration>,
+}
+
+impl Defaults {
+    /// Keys of `[defaults]` that go to each `[[listener]]`, and to each
+    /// `[[backend]]`.
+    const LISTENER_KEYS: [&str; 4] = [
+        "client_timeout",
+        "http_request_timeout",
+        "tunnel_timeout",
+        "max_header_size",
+    ];
+    const BACKEND_KEYS: [&str; 2] = ["connect_timeout", "server_timeout"];
+
+    /// Copies the `[defaults]` values into every listener and backend table
+    /// of `tree` that does not set them, after checking them on their own
+    /// (so that a bad value is reported under `defaults.`).
+    fn apply(tree: &mut toml::Value) -> Result<(), (String, String)> {
+        let Some(defaults) = tree.get("defaults").cloned() else {
+            return Ok(());
+        };
+        serde_path_to_error::deserialize::<_, Defaults>(defaults.clone()).map_err(|e| {
+            let key = key_path(e.path()).map_or("defaults".into(), |k| format!("defaults.{k}"));
+            (key, e.inner().message().to_owned())
+        })?;
+        for (section, keys) in [
+            ("listener", &Self::LISTENER_KEYS[..]),
+            ("backend", &Self::BACKEND_KEYS[..]),
+        ] {
+            let Some(toml::Value::Array(tables)) = tree.get_mut(section) else {
+                continue;
+            };
+            for table in tables.iter_mut().filter_map(toml::Value::as_table_mut) {
+                for key in keys {
+                    if let Some(value) = defaults.get(*key)
+                        && !table.contains_key(*key)
+                    {
+                        table.insert((*key).to_string(), value.clone());
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 /// A stats listener: HTML page, JSON and Prometheus views of the counters.
@@ -398,6 +464,8 @@ impl Config {
             toml::from_str(text).map_err(|e| syntax_error(text, origin, &e))?;
         let mut tree = toml::Value::Table(table);
         interpolate_tree(&mut tree, &mut String::new(), env)
+            .map_err(|(key, message)| ConfigError::at_key(origin, key, message))?;
+        Defaults::apply(&mut tree)
             .map_err(|(key, message)| ConfigError::at_key(origin, key, message))?;
         let config: Config = serde_path_to_error::deserialize(tree).map_err(|e| {
             let message = e.inner().message().to_owned();
@@ -1248,5 +1316,42 @@ connect_timeout = "500ms"
         );
         let on_listener = format!("{MINIMAL}\n[stats]\nbind = \"0.0.0.0:8080\"\n");
         assert_err(&on_listener, "stats.bind", "already a listener");
+    }
+
+    #[test]
+    fn defaults_fill_what_listeners_and_backends_leave_out() {
+        let text = format!(
+            "{MINIMAL}\n[defaults]\nclient_timeout = \"5s\"\nserver_timeout = \"7s\"\nmax_header_size = 9000\n"
+        );
+        let c = parse(&text).unwrap();
+        let l = &c.listeners[0];
+        assert_eq!(l.client_timeout, Duration::from_secs(5));
+        assert_eq!(l.max_header_size, 9000);
+        assert_eq!(
+            l.tunnel_timeout,
+            Duration::from_secs(3600),
+            "built-in default"
+        );
+        assert_eq!(c.backends[0].server_timeout, Duration::from_secs(7));
+
+        // A listener's own value wins.
+        let own = minimal_with(
+            "backend = \"app\"",
+            "backend = \"app\"\nclient_timeout = \"9s\"",
+        );
+        let c = parse(&format!("{own}\n[defaults]\nclient_timeout = \"5s\"\n")).unwrap();
+        assert_eq!(c.listeners[0].client_timeout, Duration::from_secs(9));
+
+        // A bad default is reported where it is written.
+        assert_err(
+            &format!("{MINIMAL}\n[defaults]\nserver_timeout = 30\n"),
+            "defaults.server_timeout",
+            "30s",
+        );
+        assert_err(
+            &format!("{MINIMAL}\n[defaults]\ntimeout_client = \"5s\"\n"),
+            "defaults.timeout_client",
+            "expected one of",
+        );
     }
 }
