@@ -480,6 +480,17 @@ impl Config {
         Ok(config)
     }
 
+    /// A small valid config for other modules' unit tests: instance `unit`
+    /// with `global` lines, listener `front` on `bind` (with `listener`
+    /// lines) forwarding to backend `app` (server 127.0.0.1:9000).
+    #[cfg(test)]
+    pub(crate) fn for_tests(global: &str, bind: &str, listener: &str) -> Config {
+        let text = format!(
+            "[global]\nname = \"unit\"\n{global}\n[[listener]]\nname = \"front\"\nbind = [\"{bind}\"]\nbackend = \"app\"\n{listener}\n[[backend]]\nname = \"app\"\nservers = [\"127.0.0.1:9000\"]\n"
+        );
+        Config::parse(&text, "unit.toml", &|_| None).expect("a valid test config")
+    }
+
     /// The backend `l` forwards to.
     ///
     /// # Panics

@@ -401,38 +401,24 @@ mod tests {
 
     async fn started_with(dir: &std::path::Path, global: &str) -> (Generation, PathBuf) {
         let sock = dir.join("front.sock");
-        let text = format!(
-            r#"
-[global]
-name = "unit"
-steering = "reuseport"
-hard_stop_after = "30s"
-{global}
-
-[[listener]]
-name = "front"
-bind = ["unix:{}"]
-backend = "app"
-accept_proxy = true
-accept_proxy_timeout = "60s"
-
-[[backend]]
-name = "app"
-servers = ["127.0.0.1:9"]
-"#,
-            sock.display()
+        let config = Config::for_tests(
+            &format!("steering = \"reuseport\"\n{global}"),
+            &format!("unix:{}", sock.display()),
+            "accept_proxy = true\naccept_proxy_timeout = \"60s\"",
         );
-        let config = Config::parse(&text, "unit.toml", &|_| None).expect("valid config");
-        let opts = Options {
+        let mut generation = Generation::new(options(config), Steering::Reuseport);
+        generation.start().await.expect("starts");
+        (generation, sock)
+    }
+
+    fn options(config: Config) -> Options {
+        Options {
             config,
             pidfile: None,
             soft_stop: Vec::new(),
             hard_stop: Vec::new(),
             hook: None,
-        };
-        let mut generation = Generation::new(opts, Steering::Reuseport);
-        generation.start().await.expect("starts");
-        (generation, sock)
+        }
     }
 
     #[tokio::test]
@@ -489,35 +475,10 @@ servers = ["127.0.0.1:9"]
 
     #[tokio::test]
     async fn stats_listener_caps_connections_and_times_out_heads() {
-        let text = r#"
-[global]
-name = "unit-stats"
-steering = "reuseport"
-[stats]
-bind = "127.0.0.1:0"
-maxconn = 1
-http_request_timeout = "300ms"
-[[listener]]
-name = "front"
-bind = ["unix:SOCK"]
-backend = "app"
-[[backend]]
-name = "app"
-servers = ["127.0.0.1:9"]
-"#;
         let dir = tempfile::tempdir().unwrap();
-        let sock = dir.path().join("s.sock");
-        let text = text.replace("SOCK", &sock.display().to_string());
-        let config = Config::parse(&text, "unit.toml", &|_| None).expect("valid config");
-        let opts = Options {
-            config,
-            pidfile: None,
-            soft_stop: Vec::new(),
-            hard_stop: Vec::new(),
-            hook: None,
-        };
-        let mut generation = Generation::new(opts, Steering::Reuseport);
-        generation.start().await.expect("starts");
+        let stats =
+            "[stats]\nbind = \"127.0.0.1:0\"\nmaxconn = 1\nhttp_request_timeout = \"300ms\"";
+        let (generation, _sock) = started_with(dir.path(), stats).await;
         let addr = generation.stats_listeners[0].0.bound_addr().unwrap();
 
         // A half-sent head holds the only slot, then is closed at the timeout.

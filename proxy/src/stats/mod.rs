@@ -278,18 +278,7 @@ mod tests {
     use crate::config::Config;
 
     fn source() -> StatsSource {
-        let text = r#"
-[global]
-name = "unit"
-[[listener]]
-name = "front"
-bind = ["127.0.0.1:8080"]
-backend = "app"
-[[backend]]
-name = "app"
-servers = ["127.0.0.1:9000"]
-"#;
-        let cfg = Config::parse(text, "unit.toml", &|_| None).unwrap();
+        let cfg = Config::for_tests("", "127.0.0.1:8080", "");
         StatsSource {
             instance: "unit".into(),
             banner: String::new(),
