@@ -32,7 +32,9 @@
 //! exact body, or a 504 — answered, not lost), lost (a connection error,
 //! reset or EOF without a complete response, before its deadline), timed
 //! out (no answer by its deadline), bad (another status, or a wrong body).
-//! The test wants 0 lost, 0 timed out and 0 bad.
+//! The test wants 0 lost, 0 timed out and 0 bad. Units in flight while a
+//! new generation became active are counted per kind ("across"): the
+//! streams must be among them.
 //!
 //! FD count and RSS: every generation is a new process that lives a few
 //! seconds, so "the running generation over time" is a sequence of
@@ -164,6 +166,9 @@ struct KindStats {
     bytes: AtomicU64,
     /// Connections opened.
     connections: AtomicU64,
+    /// Units in flight while a new generation became active (begun under
+    /// one serving generation, ended under another).
+    across: AtomicU64,
 }
 
 impl KindStats {
@@ -204,8 +209,12 @@ impl Soak {
         &self.stats[KINDS.iter().position(|k| *k == kind).expect("a kind")]
     }
 
-    fn record(&self, kind: Kind, worker: usize, outcome: Outcome, bytes: usize) {
+    /// Counts a unit begun while generation `began` was serving.
+    fn record(&self, kind: Kind, worker: usize, began: u64, outcome: Outcome, bytes: usize) {
         let st = self.kind(kind);
+        if self.serving.load(Ordering::Relaxed) != began {
+            st.across.fetch_add(1, Ordering::Relaxed);
+        }
         let (counter, what) = match outcome {
             Outcome::Ok => {
                 st.bytes.fetch_add(bytes as u64, Ordering::Relaxed);
@@ -597,6 +606,7 @@ async fn http_worker(
             soak.park_while_paused().await;
             continue;
         }
+        let began = soak.serving.load(Ordering::Relaxed);
         let (mut sender, used) = match conn.take() {
             Some(c) => c,
             None => match connect_web(&tls, kind == Kind::Slow).await {
@@ -605,7 +615,7 @@ async fn http_worker(
                     (s, 0)
                 }
                 Err(outcome) => {
-                    soak.record(kind, worker, outcome, 0);
+                    soak.record(kind, worker, began, outcome, 0);
                     tokio::time::sleep(pause).await;
                     continue;
                 }
@@ -620,7 +630,7 @@ async fn http_worker(
         if close && !failed {
             soak.closed_by_server.fetch_add(1, Ordering::Relaxed);
         }
-        soak.record(kind, worker, outcome, bytes);
+        soak.record(kind, worker, began, outcome, bytes);
         if !close && used + 1 < 100 {
             conn = Some((sender, used + 1));
         }
@@ -709,8 +719,9 @@ async fn stream_worker(worker: usize, tls: Arc<ClientConfig>, soak: Arc<Soak>) {
             continue;
         }
         n += 1;
+        let began = soak.serving.load(Ordering::Relaxed);
         let (outcome, bytes) = one_stream(&tls, &mut rng, &soak, n).await;
-        soak.record(Kind::Stream, worker, outcome, bytes);
+        soak.record(Kind::Stream, worker, began, outcome, bytes);
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
@@ -963,12 +974,13 @@ fn soak_chain_handovers_under_mixed_load() {
         report(
             &sb,
             &format!(
-                "soak: {kind:?}: {} ok, {} answered 504, {} lost, {} timed out, {} bad; {:.1} MiB received; {} connections",
+                "soak: {kind:?}: {} ok, {} answered 504, {} lost, {} timed out, {} bad; {} in flight across a handover; {:.1} MiB received; {} connections",
                 st.ok.load(Ordering::Relaxed),
                 st.gateway_timeout.load(Ordering::Relaxed),
                 st.lost.load(Ordering::Relaxed),
                 st.timed_out.load(Ordering::Relaxed),
                 st.bad.load(Ordering::Relaxed),
+                st.across.load(Ordering::Relaxed),
                 st.bytes.load(Ordering::Relaxed) as f64 / (1 << 20) as f64,
                 st.connections.load(Ordering::Relaxed),
             ),
@@ -1102,6 +1114,11 @@ fn soak_chain_handovers_under_mixed_load() {
             soak.kind(kind).ok.load(Ordering::Relaxed)
         );
     }
+    let streams_across = soak.kind(Kind::Stream).across.load(Ordering::Relaxed);
+    assert!(
+        streams_across >= handovers as u64 / 2,
+        "tcp streams must carry on across handovers: {streams_across} of them were open while a new generation became active, over {handovers} handovers"
+    );
     assert!(
         gw > 0 && backend.stats.held.load(Ordering::Relaxed) > 0,
         "the hanging backend must have been exercised: {gw} 504s, {} held requests",
