@@ -16,36 +16,37 @@ use super::Addr;
 // serde's "expected u32".
 // ---------------------------------------------------------------------------
 
-pub(super) fn de_maxconn<'de, D: Deserializer<'de>>(d: D) -> Result<Option<usize>, D::Error> {
+/// An integer in `range`; `unit` follows the range in the error.
+fn in_range<'de, D: Deserializer<'de>>(
+    d: D,
+    range: std::ops::RangeInclusive<i64>,
+    unit: &str,
+) -> Result<usize, D::Error> {
     let n = i64::deserialize(d)?;
-    match usize::try_from(n) {
-        Ok(n) if n >= 1 => Ok(Some(n)),
-        _ => Err(de::Error::custom(format!(
-            "{n} is out of range: expected at least 1, or leave the key out for no limit"
-        ))),
+    if range.contains(&n) {
+        return Ok(n as usize);
     }
+    let expected = match range.end() {
+        &i64::MAX => format!("at least {}", range.start()),
+        end => format!("{}..={end}", range.start()),
+    };
+    Err(de::Error::custom(format!(
+        "{n} is out of range: expected {expected}{unit}"
+    )))
 }
 
+pub(super) fn de_maxconn<'de, D: Deserializer<'de>>(d: D) -> Result<Option<usize>, D::Error> {
+    in_range(d, 1..=i64::MAX, ", or leave the key out for no limit").map(Some)
+}
+
+/// 65535 is the largest value net.core.somaxconn accepts; the kernel
+/// silently caps larger backlogs anyway.
 pub(super) fn de_backlog<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
-    let n = i64::deserialize(d)?;
-    // 65535 is the largest value net.core.somaxconn accepts; the kernel
-    // silently caps larger backlogs anyway.
-    match u32::try_from(n) {
-        Ok(n) if (1..=65535).contains(&n) => Ok(n),
-        _ => Err(de::Error::custom(format!(
-            "{n} is out of range: expected 1..=65535"
-        ))),
-    }
+    in_range(d, 1..=65535, "").map(|n| n as u32)
 }
 
 pub(super) fn de_stats_maxconn<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
-    let n = i64::deserialize(d)?;
-    match usize::try_from(n) {
-        Ok(n) if (1..=1024).contains(&n) => Ok(n),
-        _ => Err(de::Error::custom(format!(
-            "{n} is out of range: expected 1..=1024"
-        ))),
-    }
+    in_range(d, 1..=1024, "")
 }
 
 pub(super) fn de_opt_max_header_size<'de, D: Deserializer<'de>>(
@@ -63,13 +64,7 @@ pub(super) fn de_opt_duration<'de, D: Deserializer<'de>>(
 /// hyper cannot parse with a smaller buffer than 8 KiB; 1 MiB is more than
 /// any sane request head.
 pub(super) fn de_max_header_size<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
-    let n = i64::deserialize(d)?;
-    match usize::try_from(n) {
-        Ok(n) if (8192..=1 << 20).contains(&n) => Ok(n),
-        _ => Err(de::Error::custom(format!(
-            "{n} is out of range: expected 8192..=1048576 (bytes)"
-        ))),
-    }
+    in_range(d, 8192..=1 << 20, " (bytes)")
 }
 
 // ---------------------------------------------------------------------------

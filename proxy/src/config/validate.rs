@@ -38,16 +38,7 @@ impl Config {
 
         let mut backend_index: HashMap<&str, usize> = HashMap::new();
         for (i, b) in self.backends.iter().enumerate() {
-            check_name(&format!("backend[{i}].name"), &b.name)?;
-            if let Some(first) = backend_index.insert(&b.name, i) {
-                return Err((
-                    format!("backend[{i}].name"),
-                    format!(
-                        "duplicate backend name {:?}: already used by backend[{first}]",
-                        b.name
-                    ),
-                ));
-            }
+            unique_name("backend", i, &b.name, &mut backend_index)?;
             if b.servers.is_empty() {
                 return Err((
                     format!("backend[{i}].servers"),
@@ -74,16 +65,7 @@ impl Config {
         // listeners, so exact duplicates must be caught here.
         let mut bound: HashMap<&Addr, (usize, usize)> = HashMap::new();
         for (i, l) in self.listeners.iter().enumerate() {
-            check_name(&format!("listener[{i}].name"), &l.name)?;
-            if let Some(first) = listener_index.insert(&l.name, i) {
-                return Err((
-                    format!("listener[{i}].name"),
-                    format!(
-                        "duplicate listener name {:?}: already used by listener[{first}]",
-                        l.name
-                    ),
-                ));
-            }
+            unique_name("listener", i, &l.name, &mut listener_index)?;
             if l.bind.is_empty() {
                 return Err((
                     format!("listener[{i}].bind"),
@@ -280,6 +262,24 @@ pub(super) fn positive(
         return Err((
             key.to_string(),
             format!("must be greater than zero, e.g. \"{example}\""),
+        ));
+    }
+    Ok(())
+}
+
+/// A valid name that no earlier `section` entry uses.
+fn unique_name<'a>(
+    section: &str,
+    i: usize,
+    name: &'a str,
+    seen: &mut HashMap<&'a str, usize>,
+) -> Result<(), (String, String)> {
+    let key = format!("{section}[{i}].name");
+    check_name(&key, name)?;
+    if let Some(first) = seen.insert(name, i) {
+        return Err((
+            key,
+            format!("duplicate {section} name {name:?}: already used by {section}[{first}]"),
         ));
     }
     Ok(())

@@ -90,7 +90,9 @@ pub async fn accept_loop(
         };
         match accepted {
             Ok((stream, peer)) => spawn_conn(stream, peer, &stage, &shared, [permit, slot]),
-            Err(e) if !accepts(*phase.borrow()) => {
+            // EINVAL: the socket stopped listening under a pending accept
+            // (the phase that says so may be a moment behind).
+            Err(e) if !accepts(*phase.borrow()) || e.raw_os_error() == Some(libc::EINVAL) => {
                 debug!("listener {}: accept after stop: {e}", stage.name)
             }
             Err(e) => {
