@@ -66,6 +66,10 @@ enum Cmd {
         #[arg(last = true)]
         args: Vec<OsString>,
     },
+    /// The soak (root, about 4 minutes): 100 handovers of the full chain
+    /// (TLS + gzip + UNIX + PROXY v2) under a mixed load with a backend that
+    /// hangs now and then; prints its figures. SOAK_HANDOVERS=N for fewer.
+    Soak,
     /// Replay the fuzz targets over their committed corpus (fuzz/corpus/), as
     /// `test` does; installs cargo-fuzz when missing. No root needed.
     Fuzz,
@@ -131,6 +135,17 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Lint => lint(&ws),
         Cmd::Fuzz => fuzz::replay(&ws),
+        Cmd::Soak => {
+            require_root("soak")?;
+            let proxy = build_all(&ws, &["test-hooks"])?;
+            cargo(&ws)
+                .args(["test", "--release", "-p", "proxy-integration-tests"])
+                .args(["--test", "soak_chain", "--"])
+                .args(["--ignored", "--nocapture", "--test-threads=1"])
+                .env("PROXY_BIN", &proxy)
+                .env("NO_COLOR", "1")
+                .run("the soak")
+        }
         Cmd::Certs => certs::run(&ws.join("certs")),
         Cmd::Bench { args } => {
             let proxy = build_all(&ws, &[])?;

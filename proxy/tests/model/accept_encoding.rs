@@ -13,8 +13,7 @@
 //! bytes outside visible ASCII, space and tab is skipped whole; a malformed
 //! `q` voids its element; of several `q` the last counts; of several
 //! elements for gzip the highest weight counts; spaces around `=` are
-//! allowed. The one place where the proxy is more lenient than the RFC is
-//! [`lenient_only`].
+//! allowed.
 
 /// Whether gzip may be sent to a client whose Accept-Encoding field lines
 /// are `values`: an explicit `gzip` or `x-gzip` decides by its weight, else
@@ -84,22 +83,6 @@ pub fn qvalue(v: &str) -> Option<u16> {
         "1" if thousandths == 0 => Some(1000),
         _ => None,
     }
-}
-
-/// A `q` value the RFC calls malformed but the proxy takes, because it reads
-/// weights as floats: `.5`, `1e-1`, `+0.5`, `0.0001`, `1.0000`.
-pub fn lenient_only(v: &str) -> bool {
-    qvalue(v).is_none() && v.parse::<f32>().is_ok_and(|q| (0.0..=1.0).contains(&q))
-}
-
-/// Every `q` value in `values`, trimmed, for inputs that want to stay clear
-/// of [`lenient_only`].
-pub fn qvalues<'a>(values: &'a [&'a [u8]]) -> impl Iterator<Item = &'a str> {
-    elements(values)
-        .flat_map(|e| e.split(';').skip(1))
-        .filter_map(|p| p.split_once('='))
-        .filter(|(name, _)| ows(name).eq_ignore_ascii_case("q"))
-        .map(|(_, value)| ows(value))
 }
 
 /// Trims optional whitespace (space and tab).

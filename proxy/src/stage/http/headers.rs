@@ -96,14 +96,24 @@ pub(super) fn q_value<'a>(params: impl Iterator<Item = &'a str>) -> Option<f32> 
         if let Some((name, value)) = param.split_once('=')
             && name.trim().eq_ignore_ascii_case("q")
         {
-            q = value
-                .trim()
-                .parse::<f32>()
-                .ok()
-                .filter(|q| (0.0..=1.0).contains(q))?;
+            q = qvalue(value.trim())?;
         }
     }
     Some(q)
+}
+
+/// RFC 9110's `qvalue = ( "0" [ "." 0*3DIGIT ] ) / ( "1" [ "." 0*3("0") ] )`,
+/// nothing more lenient (no `.5`, `1e0`, `+0.5`).
+fn qvalue(v: &str) -> Option<f32> {
+    let (int, frac) = v.split_once('.').unwrap_or((v, ""));
+    if frac.len() > 3 || !frac.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    match int {
+        "0" => format!("0.{frac}0").parse().ok(),
+        "1" if frac.bytes().all(|b| b == b'0') => Some(1.0),
+        _ => None,
+    }
 }
 
 /// Whether the response may be gzipped, leaving the client's choice aside:
