@@ -1,6 +1,9 @@
 //! Proxy configs for a sandbox: the fixed addresses inside its namespace,
 //! the standard layer-4 config with the knobs the tests turn, and pieces
-//! (the `[global]` table, extra keys) for the tests that write their own.
+//! (the `[global]` table, extra keys, [`Table`]s of listeners and backends
+//! gathered by [`ConfigToml`]) for the tests that write their own.
+
+use std::{fmt::Display, path::Path};
 
 use crate::sandbox::Sandbox;
 
@@ -10,6 +13,16 @@ pub const PROXY_ADDR: &str = "127.0.0.1:8080";
 pub const BACKEND_ADDR: &str = "127.0.0.1:9000";
 /// The default `[stats] bind`.
 pub const STATS_ADDR: &str = "127.0.0.1:8404";
+
+/// The content types the gzip stage tests compress: text and the usual
+/// textual application types.
+pub const GZIP_TYPES: &[&str] = &[
+    "text/html",
+    "text/plain",
+    "text/css",
+    "application/json",
+    "application/javascript",
+];
 
 /// The knobs the tests turn; rendered as TOML for the sandbox's instance.
 #[derive(Clone, Debug)]
@@ -106,34 +119,184 @@ pub fn global_toml(sb: &Sandbox, hard_stop_after: &str) -> String {
     )
 }
 
+/// One TOML table of a config (`[[listener]]`, `[[backend]]`, or a
+/// sub-table such as `[listener.tls]`), built key by key, so that the tests
+/// say only what differs between their listeners and backends.
+#[derive(Clone, Debug)]
+pub struct Table {
+    /// `[[listener]]`, `[listener.tls]`, ...
+    header: String,
+    /// `key = value` lines, in the order they were set.
+    keys: Vec<String>,
+    /// Rendered after the keys: TOML puts a table's own keys first.
+    subtables: Vec<Table>,
+}
+
+impl Table {
+    /// An empty table under `header` (the brackets included).
+    pub fn new(header: &str) -> Table {
+        Table {
+            header: header.to_string(),
+            keys: Vec::new(),
+            subtables: Vec::new(),
+        }
+    }
+
+    /// `[[listener]]` `name` on `bind` forwarding to backend `backend`, in
+    /// the default mode.
+    pub fn listener(name: &str, bind: &[&str], backend: &str) -> Table {
+        Table::new("[[listener]]")
+            .str("name", name)
+            .strs("bind", bind)
+            .str("backend", backend)
+    }
+
+    /// A layer-4 listener (`mode = "tcp"`).
+    pub fn tcp(name: &str, bind: &str, backend: &str) -> Table {
+        Table::listener(name, &[bind], backend).str("mode", "tcp")
+    }
+
+    /// An HTTP listener (`mode = "http"`).
+    pub fn http(name: &str, bind: &str, backend: &str) -> Table {
+        Table::listener(name, &[bind], backend).str("mode", "http")
+    }
+
+    /// `[[backend]]` `name` with `servers`.
+    pub fn backend(name: &str, servers: &[&str]) -> Table {
+        Table::new("[[backend]]")
+            .str("name", name)
+            .strs("servers", servers)
+    }
+
+    /// A backend on one UNIX socket that sends a PROXY v2 header: how one
+    /// stage reaches the next.
+    pub fn proxy_v2_backend(name: &str, sock: &Path) -> Table {
+        Table::backend(name, &[&unix(sock)]).key("send_proxy_v2", true)
+    }
+
+    /// `[listener.tls]` with the certificate bundles `certs` (the first is
+    /// the default).
+    pub fn tls(certs: &[&Path]) -> Table {
+        let certs: Vec<String> = certs.iter().map(|c| c.display().to_string()).collect();
+        let certs: Vec<&str> = certs.iter().map(String::as_str).collect();
+        Table::new("[listener.tls]").strs("certs", &certs)
+    }
+
+    /// [`Table::tls`] that offers ALPN `http/1.1`.
+    pub fn tls_http1(certs: &[&Path]) -> Table {
+        Table::tls(certs).strs("alpn", &["http/1.1"])
+    }
+
+    /// `[listener.compression]`: gzip at level 1 for bodies of `min_size`
+    /// bytes or more of the content `types`.
+    pub fn gzip(min_size: usize, types: &[&str]) -> Table {
+        Table::new("[listener.compression]")
+            .str("algo", "gzip")
+            .key("level", 1)
+            .key("min_size", min_size)
+            .strs("types", types)
+    }
+
+    /// `key = value` with `value` already TOML (a number, a bool, an array).
+    pub fn key(mut self, key: &str, value: impl Display) -> Table {
+        self.keys.push(format!("{key} = {value}"));
+        self
+    }
+
+    /// `key = "value"`.
+    pub fn str(self, key: &str, value: &str) -> Table {
+        self.key(key, toml_str(value))
+    }
+
+    /// `key = ["value", ...]`.
+    pub fn strs(self, key: &str, values: &[&str]) -> Table {
+        let values: Vec<String> = values.iter().map(|v| toml_str(v)).collect();
+        self.key(key, format!("[{}]", values.join(", ")))
+    }
+
+    /// Adds a sub-table (`[listener.tls]`, `[listener.compression]`).
+    pub fn with(mut self, table: Table) -> Table {
+        self.subtables.push(table);
+        self
+    }
+
+    fn render_into(&self, out: &mut String) {
+        out.push_str(&self.header);
+        out.push('\n');
+        for line in &self.keys {
+            out.push_str(line);
+            out.push('\n');
+        }
+        for sub in &self.subtables {
+            sub.render_into(out);
+        }
+    }
+}
+
+/// A whole config: its `[global]` text, then [`Table`]s in order.
+#[derive(Clone, Debug)]
+pub struct ConfigToml {
+    text: String,
+}
+
+impl ConfigToml {
+    /// Starts from `global` (the `[global]` table, e.g. [`global_toml`]).
+    pub fn new(global: String) -> ConfigToml {
+        ConfigToml { text: global }
+    }
+
+    /// The stage tests' start: [`global_toml`] of `sb`.
+    pub fn stages(sb: &Sandbox, hard_stop_after: &str) -> ConfigToml {
+        ConfigToml::new(global_toml(sb, hard_stop_after))
+    }
+
+    /// Appends `table` after a blank line.
+    pub fn table(mut self, table: Table) -> ConfigToml {
+        if !self.text.is_empty() && !self.text.ends_with("\n\n") {
+            self.text.push('\n');
+        }
+        table.render_into(&mut self.text);
+        self
+    }
+
+    /// Appends each of `tables`.
+    pub fn tables(self, tables: impl IntoIterator<Item = Table>) -> ConfigToml {
+        tables.into_iter().fold(self, ConfigToml::table)
+    }
+
+    pub fn render(self) -> String {
+        self.text
+    }
+}
+
+/// `unix:<path>`, how a bind or a server names a UNIX socket.
+pub fn unix(path: &Path) -> String {
+    format!("unix:{}", path.display())
+}
+
+/// The plainest chain: listener `front` on [`PROXY_ADDR`] forwarding to
+/// backend `app` on [`BACKEND_ADDR`].
+pub fn front_to_app() -> [Table; 2] {
+    [
+        Table::listener("front", &[PROXY_ADDR], "app"),
+        Table::backend("app", &[BACKEND_ADDR]),
+    ]
+}
+
 /// The application frontend of the stage chains: listener `app` (in
 /// `app_mode`, decoding PROXY v2) on `<sandbox>/app0.sock` and `app1.sock`,
 /// forwarding to backend `servers`, and the backends `app0` and `app1`
 /// that reach it with a PROXY v2 header. Add the `servers` backend.
-pub fn unix_app_toml(sb: &Sandbox, app_mode: &str) -> String {
+pub fn unix_app(sb: &Sandbox, app_mode: &str) -> [Table; 3] {
     let app0 = sb.dir.join("app0.sock");
     let app1 = sb.dir.join("app1.sock");
-    format!(
-        r#"[[listener]]
-name = "app"
-bind = ["unix:{app0}", "unix:{app1}"]
-mode = "{app_mode}"
-accept_proxy = true
-backend = "servers"
-
-[[backend]]
-name = "app0"
-servers = ["unix:{app0}"]
-send_proxy_v2 = true
-
-[[backend]]
-name = "app1"
-servers = ["unix:{app1}"]
-send_proxy_v2 = true
-"#,
-        app0 = app0.display(),
-        app1 = app1.display(),
-    )
+    [
+        Table::listener("app", &[&unix(&app0), &unix(&app1)], "servers")
+            .str("mode", app_mode)
+            .key("accept_proxy", true),
+        Table::proxy_v2_backend("app0", &app0),
+        Table::proxy_v2_backend("app1", &app1),
+    ]
 }
 
 /// A TOML basic string. JSON's escapes are a subset of TOML's, so a JSON

@@ -10,7 +10,12 @@ use std::{
     time::{Duration, Instant},
 };
 
-use proxy_harness::{BACKEND_ADDR, Proxy, Sandbox, certs::make_cert, config::global_toml, report};
+use proxy_harness::{
+    BACKEND_ADDR, Proxy, Sandbox,
+    certs::make_cert,
+    config::{ConfigToml, Table},
+    report,
+};
 
 const TLS_ADDR: &str = "127.0.0.1:8443";
 const FLOOD: usize = 100;
@@ -31,22 +36,10 @@ fn garbage() {
 fn a_flood_of_bad_handshakes_writes_a_bounded_number_of_lines() {
     let sb = Sandbox::new("log-flood");
     let cert = make_cert(&sb.dir, "a.test", &["a.test"]);
-    let config = format!(
-        r#"{global}
-[[listener]]
-name = "tls"
-bind = ["{TLS_ADDR}"]
-backend = "echo"
-[listener.tls]
-certs = ["{cert}"]
-
-[[backend]]
-name = "echo"
-servers = ["{BACKEND_ADDR}"]
-"#,
-        global = global_toml(&sb, "5s"),
-        cert = cert.bundle.display(),
-    );
+    let config = ConfigToml::stages(&sb, "5s")
+        .table(Table::listener("tls", &[TLS_ADDR], "echo").with(Table::tls(&[&cert.bundle])))
+        .table(Table::backend("echo", &[BACKEND_ADDR]))
+        .render();
     let cfg = sb.write_file("flood.toml", &config);
     let mut proxy = Proxy::start(&sb, &cfg, &[]);
     proxy.wait_active(&sb, Duration::from_secs(10));

@@ -17,8 +17,7 @@ use proxy_harness::{
     BACKEND_ADDR, Proxy, Sandbox,
     bodies::{binary_body, first_difference},
     certs::{TestCert, describe_cert, make_cert},
-    config::global_toml,
-    config::unix_app_toml,
+    config::{ConfigToml, Table, unix_app},
     http::{echo_request, fetch, header_str, http_connect, http_handshake, request},
     http_backend::HttpBackend,
     process::{run_bounded, run_bounded_ok},
@@ -49,36 +48,13 @@ fn certs(sb: &Sandbox) -> (TestCert, TestCert) {
 fn chain_config(sb: &Sandbox, a: &TestCert, b: &TestCert, app_mode: &str) -> String {
     // The app stage sends a PROXY header on only when its backend decodes it.
     let servers_proxy = app_mode == "tcp";
-    format!(
-        r#"{global}
-[[listener]]
-name = "comp"
-bind = ["{COMP_ADDR}"]
-mode = "http"
-backend = "app0"
-
-[[listener]]
-name = "tls"
-bind = ["{TLS_ADDR}"]
-mode = "tcp"
-backend = "app1"
-[listener.tls]
-certs = ["{a}", "{b}"]
-alpn = ["http/1.1"]
-handshake_timeout = "10s"
-
-{app}
-
-[[backend]]
-name = "servers"
-servers = ["{BACKEND_ADDR}"]
-send_proxy_v2 = {servers_proxy}
-"#,
-        global = global_toml(sb, "10s"),
-        a = a.bundle.display(),
-        b = b.bundle.display(),
-        app = unix_app_toml(sb, app_mode),
-    )
+    let tls = Table::tls_http1(&[&a.bundle, &b.bundle]).str("handshake_timeout", "10s");
+    ConfigToml::stages(sb, "10s")
+        .table(Table::http("comp", COMP_ADDR, "app0"))
+        .table(Table::tcp("tls", TLS_ADDR, "app1").with(tls))
+        .tables(unix_app(sb, app_mode))
+        .table(Table::backend("servers", &[BACKEND_ADDR]).key("send_proxy_v2", servers_proxy))
+        .render()
 }
 
 /// TLS (SNI a.test, ALPN http/1.1) -> tls stage -> UNIX + PROXY v2 -> app

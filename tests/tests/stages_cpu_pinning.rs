@@ -7,7 +7,7 @@ use std::{collections::BTreeMap, fs, time::Duration};
 use proxy_harness::{
     BACKEND_ADDR, Proxy, Sandbox,
     bodies::text_body,
-    config::global_toml,
+    config::{ConfigToml, Table},
     http::{fetch, header_str, http_connect, request},
     http_backend::HttpBackend,
     report,
@@ -89,39 +89,16 @@ fn pinned_stage_threads() {
     );
     let rt = sb.runtime();
     let _backend = HttpBackend::start(&rt);
-    let config = format!(
-        r#"{global}
-[[listener]]
-name = "comp"
-bind = ["{COMP_ADDR}"]
-mode = "http"
-cpus = [1]
-backend = "servers"
-[listener.compression]
-algo = "gzip"
-level = 1
-min_size = 256
-types = ["text/html"]
-
-[[listener]]
-name = "tls-offload-front"
-bind = ["{TCP_ADDR}"]
-mode = "tcp"
-cpus = [0]
-backend = "servers"
-
-[[listener]]
-name = "plain"
-bind = ["{PLAIN_ADDR}"]
-mode = "tcp"
-backend = "servers"
-
-[[backend]]
-name = "servers"
-servers = ["{BACKEND_ADDR}"]
-"#,
-        global = global_toml(&sb, "10s")
-    );
+    let config = ConfigToml::stages(&sb, "10s")
+        .table(
+            Table::http("comp", COMP_ADDR, "servers")
+                .key("cpus", "[1]")
+                .with(Table::gzip(256, &["text/html"])),
+        )
+        .table(Table::tcp("tls-offload-front", TCP_ADDR, "servers").key("cpus", "[0]"))
+        .table(Table::tcp("plain", PLAIN_ADDR, "servers"))
+        .table(Table::backend("servers", &[BACKEND_ADDR]))
+        .render();
     let cfg = sb.write_file("cpus.toml", &config);
     let mut proxy = Proxy::start(&sb, &cfg, &[]);
     proxy.wait_active(&sb, Duration::from_secs(10));

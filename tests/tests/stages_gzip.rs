@@ -7,7 +7,7 @@ use std::{process::Command, time::Duration};
 use proxy_harness::{
     BACKEND_ADDR, Proxy, Sandbox,
     bodies::{binary_body, first_difference, gunzip, text_body},
-    config::global_toml,
+    config::{ConfigToml, GZIP_TYPES, Table},
     http::{fetch, header_str, http_connect, request},
     http_backend::HttpBackend,
     process::run_bounded_ok,
@@ -282,25 +282,10 @@ fn cases() -> Vec<Case> {
 fn gzip_negotiation_rules() {
     let (sb, rt) = Sandbox::with_runtime("st-gzip");
     let backend = HttpBackend::start(&rt);
-    let config = format!(
-        r#"{global}
-[[listener]]
-name = "comp"
-bind = ["{COMP_ADDR}"]
-mode = "http"
-backend = "servers"
-[listener.compression]
-algo = "gzip"
-level = 1
-min_size = {MIN_SIZE}
-types = ["text/html", "text/plain", "text/css", "application/json", "application/javascript"]
-
-[[backend]]
-name = "servers"
-servers = ["{BACKEND_ADDR}"]
-"#,
-        global = global_toml(&sb, "10s")
-    );
+    let config = ConfigToml::stages(&sb, "10s")
+        .table(Table::http("comp", COMP_ADDR, "servers").with(Table::gzip(MIN_SIZE, GZIP_TYPES)))
+        .table(Table::backend("servers", &[BACKEND_ADDR]))
+        .render();
     let cfg = sb.write_file("gzip.toml", &config);
     let mut proxy = Proxy::start(&sb, &cfg, &[]);
     proxy.wait_active(&sb, Duration::from_secs(10));

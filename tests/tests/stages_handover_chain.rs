@@ -24,8 +24,7 @@ use proxy_harness::{
     BACKEND_ADDR, Proxy, Sandbox, Signal,
     bodies::{Rng, binary_body, first_difference, gunzip, text_body},
     certs::make_cert,
-    config::global_toml,
-    config::unix_app_toml,
+    config::{ConfigToml, GZIP_TYPES, Table, unix_app},
     http::{TestBody, echo_request, fetch, header_str, http_connect, http_handshake, request},
     http_backend::HttpBackend,
     report,
@@ -257,38 +256,12 @@ struct Timing {
 /// accept_proxy) on both -> the HTTP backend; certificate for a.test.
 fn chain_config(sb: &Sandbox, hard_stop_after: &str) -> std::path::PathBuf {
     let a = make_cert(&sb.dir, "a.test", &["a.test"]);
-    let config = format!(
-        r#"{global}
-[[listener]]
-name = "comp"
-bind = ["{COMP_ADDR}"]
-mode = "http"
-backend = "app0"
-[listener.compression]
-algo = "gzip"
-level = 1
-min_size = 256
-types = ["text/html", "text/plain", "text/css", "application/json", "application/javascript"]
-
-[[listener]]
-name = "tls"
-bind = ["{TLS_ADDR}"]
-mode = "tcp"
-backend = "app1"
-[listener.tls]
-certs = ["{cert}"]
-alpn = ["http/1.1"]
-
-{app}
-
-[[backend]]
-name = "servers"
-servers = ["{BACKEND_ADDR}"]
-"#,
-        global = global_toml(sb, hard_stop_after),
-        cert = a.bundle.display(),
-        app = unix_app_toml(sb, "http"),
-    );
+    let config = ConfigToml::stages(sb, hard_stop_after)
+        .table(Table::http("comp", COMP_ADDR, "app0").with(Table::gzip(256, GZIP_TYPES)))
+        .table(Table::tcp("tls", TLS_ADDR, "app1").with(Table::tls_http1(&[&a.bundle])))
+        .tables(unix_app(sb, "http"))
+        .table(Table::backend("servers", &[BACKEND_ADDR]))
+        .render();
     sb.write_file("chain.toml", &config)
 }
 

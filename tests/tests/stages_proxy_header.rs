@@ -14,7 +14,7 @@ use ppp::v2;
 use proxy_harness::{
     BACKEND_ADDR, Proxy, Sandbox,
     bodies::{Rng, first_difference},
-    config::global_toml,
+    config::{ConfigToml, Table},
     http::{Closed, read_until_closed},
     report, wait_until,
 };
@@ -240,36 +240,17 @@ async fn run_bad(bad: &Bad, valid_rest: &[u8]) -> (Closed, Duration) {
 fn broken_proxy_headers_close_one_connection_only() {
     let (sb, rt) = Sandbox::with_runtime("st-pp");
     let echo = start_echo(&rt);
-    let config = format!(
-        r#"{global}
-[[listener]]
-name = "pp"
-bind = ["{PP_ADDR}"]
-mode = "tcp"
-accept_proxy = true
-accept_proxy_timeout = "3s"
-backend = "echo"
-
-[[listener]]
-name = "pp_slow"
-bind = ["{PP_SLOW_ADDR}"]
-mode = "tcp"
-accept_proxy = true
-accept_proxy_timeout = "500ms"
-backend = "echo"
-
-[[listener]]
-name = "plain"
-bind = ["{PLAIN_ADDR}"]
-mode = "tcp"
-backend = "echo"
-
-[[backend]]
-name = "echo"
-servers = ["{BACKEND_ADDR}"]
-"#,
-        global = global_toml(&sb, "10s")
-    );
+    let accepting_proxy = |name, addr, timeout| {
+        Table::tcp(name, addr, "echo")
+            .key("accept_proxy", true)
+            .str("accept_proxy_timeout", timeout)
+    };
+    let config = ConfigToml::stages(&sb, "10s")
+        .table(accepting_proxy("pp", PP_ADDR, "3s"))
+        .table(accepting_proxy("pp_slow", PP_SLOW_ADDR, "500ms"))
+        .table(Table::tcp("plain", PLAIN_ADDR, "echo"))
+        .table(Table::backend("echo", &[BACKEND_ADDR]))
+        .render();
     let cfg = sb.write_file("pp.toml", &config);
     let mut proxy = Proxy::start(&sb, &cfg, &[]);
     proxy.wait_active(&sb, Duration::from_secs(10));

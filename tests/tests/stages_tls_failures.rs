@@ -13,7 +13,7 @@ use proxy_harness::{
     BACKEND_ADDR, Proxy, Sandbox,
     bodies::{Rng, first_difference},
     certs::{TestCert, describe_cert, make_cert},
-    config::global_toml,
+    config::{ConfigToml, Table},
     http::{Closed, read_until_closed},
     report,
     tls::{peer_leaf, tls_client_config, tls_connect},
@@ -123,26 +123,11 @@ fn tls_sni_defaults_and_broken_handshakes() {
     let accepted = start_echo(&rt);
     let a = make_cert(&sb.dir, "a.test", &["a.test", "www.a.test"]);
     let b = make_cert(&sb.dir, "b.test", &["b.test"]);
-    let config = format!(
-        r#"{global}
-[[listener]]
-name = "tls"
-bind = ["{TLS_ADDR}"]
-mode = "tcp"
-backend = "echo"
-[listener.tls]
-certs = ["{a}", "{b}"]
-alpn = ["http/1.1"]
-handshake_timeout = "1s"
-
-[[backend]]
-name = "echo"
-servers = ["{BACKEND_ADDR}"]
-"#,
-        global = global_toml(&sb, "10s"),
-        a = a.bundle.display(),
-        b = b.bundle.display(),
-    );
+    let tls = Table::tls_http1(&[&a.bundle, &b.bundle]).str("handshake_timeout", "1s");
+    let config = ConfigToml::stages(&sb, "10s")
+        .table(Table::tcp("tls", TLS_ADDR, "echo").with(tls))
+        .table(Table::backend("echo", &[BACKEND_ADDR]))
+        .render();
     let cfg = sb.write_file("tls.toml", &config);
     let mut proxy = Proxy::start(&sb, &cfg, &[]);
     proxy.wait_active(&sb, Duration::from_secs(10));
