@@ -8,6 +8,10 @@
 //! The names are read with a small DER walk below, because the crates that
 //! would do it are not dependencies of this crate.
 
+mod flush;
+
+pub use flush::FlushingTls;
+
 use std::{
     collections::{HashMap, hash_map::Entry},
     fmt, io,
@@ -68,59 +72,6 @@ pub enum CertSource {
     Bundle(PathBuf),
     /// The chain (leaf first) and the key in two PEM files.
     Pair { cert: PathBuf, key: PathBuf },
-}
-
-/// A server TLS stream that sends what rustls queued while reading (the
-/// alert refusing a renegotiation, say) without waiting for the next write:
-/// in tcp mode the next write may never come, and the client would wait
-/// for its own timeout.
-pub struct FlushingTls<S> {
-    inner: tokio_rustls::server::TlsStream<S>,
-}
-
-impl<S> FlushingTls<S> {
-    pub fn new(inner: tokio_rustls::server::TlsStream<S>) -> Self {
-        Self { inner }
-    }
-}
-
-impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for FlushingTls<S> {
-    fn poll_read(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        let res = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
-        if self.inner.get_ref().1.wants_write() {
-            // Best effort: a write error shows up on the next write anyway.
-            let _ = std::pin::Pin::new(&mut self.inner).poll_flush(cx);
-        }
-        res
-    }
-}
-
-impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for FlushingTls<S> {
-    fn poll_write(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-
-    fn poll_flush(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
 }
 
 /// What was negotiated on an accepted connection.
