@@ -8,43 +8,19 @@
 use std::{net::TcpListener, time::Duration};
 
 use proxy_harness::{
-    BACKEND_ADDR, Backend, Load, LoadSpec, PROXY_ADDR, Proxy, Sandbox, Signal, exchange, next_id,
-    report, wait_until,
+    BACKEND_ADDR, Backend, Load, LoadSpec, PROXY_ADDR, Proxy, Sandbox, Signal,
+    config::{ConfigToml, Table, unix},
+    exchange, next_id, report, wait_until,
 };
 
 /// front (tcp) -> unix:app.sock -> app (tcp mode) -> backend
 fn chain_config(sb: &Sandbox, sock: &std::path::Path) -> String {
-    format!(
-        r#"[global]
-name = "{name}"
-bpffs = "{bpffs}"
-steering = "ebpf"
-hard_stop_after = "10s"
-
-[[listener]]
-name = "front"
-bind = ["{proxy}"]
-backend = "app"
-
-[[listener]]
-name = "app"
-bind = ["unix:{sock}"]
-backend = "servers"
-
-[[backend]]
-name = "app"
-servers = ["unix:{sock}"]
-
-[[backend]]
-name = "servers"
-servers = ["{backend}"]
-"#,
-        name = sb.name,
-        bpffs = sb.bpffs.display(),
-        proxy = PROXY_ADDR,
-        sock = sock.display(),
-        backend = BACKEND_ADDR,
-    )
+    ConfigToml::stages(sb, "10s")
+        .table(Table::listener("front", &[PROXY_ADDR], "app"))
+        .table(Table::listener("app", &[&unix(sock)], "servers"))
+        .table(Table::backend("app", &[&unix(sock)]))
+        .table(Table::backend("servers", &[BACKEND_ADDR]))
+        .render()
 }
 
 #[test]
