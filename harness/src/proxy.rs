@@ -93,6 +93,19 @@ impl Proxy {
         args: &[&str],
         extra_env: &[(&str, &str)],
     ) -> Proxy {
+        if extra_env.iter().any(|(k, _)| *k == "PROXY_TEST_HOOK") {
+            let version = Command::new(&sb.bin)
+                .arg("--version")
+                .output()
+                .expect("running proxy --version");
+            assert!(
+                String::from_utf8_lossy(&version.stdout).contains("test-hooks"),
+                "{} was built without the test-hooks feature, so PROXY_TEST_HOOK does \
+                 nothing: run the tests with `cargo xtask test`, or build with \
+                 `cargo build --release -p proxy --features test-hooks`",
+                sb.bin.display()
+            );
+        }
         static SEQ: AtomicU64 = AtomicU64::new(0);
         let n = SEQ.fetch_add(1, Ordering::Relaxed);
         let log_path = sb.dir.join(format!("proxy-{n}.log"));

@@ -10,10 +10,17 @@ use proxy::{
     stats::status,
 };
 
+/// The version, and whether this build reads the tests' fault hook.
+const VERSION: &str = if cfg!(feature = "test-hooks") {
+    concat!(env!("CARGO_PKG_VERSION"), " (test-hooks)")
+} else {
+    env!("CARGO_PKG_VERSION")
+};
+
 #[derive(Parser)]
 #[command(
     name = "proxy",
-    version,
+    version = VERSION,
     about = "A layer-4 proxy whose upgrades lose nothing",
     long_about = "A layer-4 proxy whose upgrades lose nothing.\n\n\
 Generations of one instance share their ports through SO_REUSEPORT; an eBPF \
