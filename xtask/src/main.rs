@@ -120,8 +120,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Test { args } => {
             require_root("test")?;
             deps::ensure_test_tools()?;
-            // With the fault injection the tests drive (PROXY_TEST_HOOK).
-            let proxy = build_all(&ws, &["test-hooks"])?;
+            let proxy = test_proxy(&ws)?;
             fuzz::replay(&ws)?;
             // One test at a time: the load tests measure rates on 2 cores.
             cargo(&ws)
@@ -137,7 +136,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Fuzz => fuzz::replay(&ws),
         Cmd::Soak => {
             require_root("soak")?;
-            let proxy = build_all(&ws, &["test-hooks"])?;
+            let proxy = test_proxy(&ws)?;
             cargo(&ws)
                 .args(["test", "--release", "-p", "proxy-integration-tests"])
                 .args(["--test", "soak_chain", "--"])
@@ -404,6 +403,17 @@ fn ebpf_cargo(ws: &Path) -> Command {
         .current_dir(ws.join("proxy-ebpf"))
         .args(["run", "nightly", "cargo"]);
     cmd
+}
+
+/// The proxy the tests drive: built with the fault injection they use
+/// (PROXY_TEST_HOOK) and copied aside, since `cargo test` rebuilds
+/// `target/release/proxy` without that feature for the proxy's own tests.
+fn test_proxy(ws: &Path) -> Result<PathBuf> {
+    let built = build_all(ws, &["test-hooks"])?;
+    let aside = ws.join("target/release/proxy-test-hooks");
+    fs::copy(&built, &aside)
+        .with_context(|| format!("copying {} to {}", built.display(), aside.display()))?;
+    Ok(aside)
 }
 
 /// The eBPF object and the release proxy with it embedded, with the proxy's
