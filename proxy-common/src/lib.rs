@@ -19,7 +19,13 @@
 //!   generation that owns the slot;
 //! - [`MAP_GROUPS`]: `HASH<GroupKey, u32>`, the stable index of each
 //!   reuseport group (bind address), so that every generation registers its
-//!   sockets for the same address under the same index.
+//!   sockets for the same address under the same index;
+//! - [`MAP_SPLIT`]: `PERCPU_ARRAY<u64>`, how the program split new
+//!   connections between the active slot and a canary, see [`Split`].
+//!
+//! [`STATE_CANARY`] names a canary slot and its share of new connections in
+//! one value ([`Canary`]), so that setting, changing or clearing a canary is
+//! one map write.
 #![cfg_attr(not(test), no_std)]
 
 /// Generation slots per instance: how many generations can hold listeners
@@ -39,8 +45,9 @@ pub const MAP_GROUPS: &str = "PROXY_GROUPS";
 pub const MAP_METRICS: &str = "PROXY_FIGURES";
 pub const MAP_OBJECTS: &str = "PROXY_OBJECTS";
 pub const MAP_HISTORY: &str = "PROXY_HISTORY";
+pub const MAP_SPLIT: &str = "PROXY_SPLIT";
 /// Every map an instance pins; a generation creates the missing ones.
-pub const ALL_MAPS: [&str; 8] = [
+pub const ALL_MAPS: [&str; 9] = [
     MAP_SOCKS,
     MAP_STATE,
     MAP_COUNTERS,
@@ -49,6 +56,7 @@ pub const ALL_MAPS: [&str; 8] = [
     MAP_METRICS,
     MAP_OBJECTS,
     MAP_HISTORY,
+    MAP_SPLIT,
 ];
 /// Name of the `sk_reuseport/migrate` program in the object.
 pub const PROGRAM: &str = "proxy_steer";
@@ -61,7 +69,64 @@ pub const STATE_GEN_SEQ: u32 = 1;
 /// Number of history samples written so far (the next goes to
 /// `cursor % HISTORY_LEN`).
 pub const STATE_HISTORY_CURSOR: u32 = 2;
+/// The canary: slot and share in one value, see [`Canary`]; 0 for none.
+pub const STATE_CANARY: u32 = 3;
 pub const STATE_ENTRIES: u32 = 4;
+
+/// Basis points of a whole: a canary share of 10,000 takes every new
+/// connection.
+pub const BASIS_POINTS: u32 = 10_000;
+
+/// A canary generation: the slot that takes a share of new connections,
+/// and the share in basis points. Stored in [`STATE_CANARY`] as one `u64`
+/// (slot + 1 in the high half, so that 0 means no canary; the share in the
+/// low half), so that one map write sets, changes or clears it.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct Canary {
+    pub slot: u32,
+    pub weight_bp: u32,
+}
+
+impl Canary {
+    pub const fn encode(self) -> u64 {
+        ((self.slot as u64 + 1) << 32) | self.weight_bp as u64
+    }
+
+    /// The canary stored as `value`, or None (no canary, or a value no
+    /// proxy writes).
+    pub const fn decode(value: u64) -> Option<Canary> {
+        let slot = (value >> 32) as u32;
+        let weight_bp = value as u32;
+        if slot == 0 || slot > MAX_SLOTS || weight_bp > BASIS_POINTS {
+            return None;
+        }
+        Some(Canary {
+            slot: slot - 1,
+            weight_bp,
+        })
+    }
+
+    /// Whether a new connection whose flow hash is `hash` goes to the
+    /// canary: the hash spread over [0, 10,000) below the share. The same
+    /// 4-tuple always gets the same answer.
+    #[inline(always)]
+    pub const fn takes(self, hash: u32) -> bool {
+        // Multiply-shift maps the 32-bit hash evenly onto [0, 10,000).
+        (((hash as u64) * BASIS_POINTS as u64) >> 32) < self.weight_bp as u64
+    }
+}
+
+/// Entries of [`MAP_SPLIT`]: new connections decided while a canary was
+/// set, reset when a canary starts.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum Split {
+    /// Sent to the canary slot.
+    Canary = 0,
+    /// Sent to the active slot (the rest of the split).
+    Active = 1,
+}
+
+pub const SPLIT_ENTRIES: u32 = 2;
 
 /// Index of the listening socket of `slot` for reuseport group `group`.
 #[inline(always)]
@@ -104,6 +169,8 @@ pub const COUNTER_ENTRIES: u32 = 2 * MAX_SLOTS + 2;
 ///                        ^  \
 ///          SIGTTIN/back  |   v SIGTTOU
 ///                       standby
+///
+/// starting -> ready -> canary -> active (promoted) | draining (aborted)
 /// ```
 ///
 /// A record whose state is [`STATE_FREE`] (0) belongs to no generation.
@@ -116,6 +183,8 @@ pub enum Phase {
     Standby = 4,
     Draining = 5,
     Stopped = 6,
+    /// Takes a share of new connections beside the active generation.
+    Canary = 7,
 }
 
 /// [`GenRecord::state`] of a slot no generation ever used.
@@ -136,6 +205,7 @@ impl Phase {
             4 => Phase::Standby,
             5 => Phase::Draining,
             6 => Phase::Stopped,
+            7 => Phase::Canary,
             _ => return None,
         })
     }
@@ -153,6 +223,7 @@ impl Phase {
             Phase::Standby => "standby",
             Phase::Draining => "draining",
             Phase::Stopped => "stopped",
+            Phase::Canary => "canary",
         }
     }
 }
@@ -308,12 +379,41 @@ mod tests {
             Phase::Standby,
             Phase::Draining,
             Phase::Stopped,
+            Phase::Canary,
         ] {
             assert_eq!(Phase::from_code(p.code()), Some(p));
         }
         assert_eq!(Phase::from_code(STATE_FREE), None);
         assert_eq!(Phase::from_code(99), None);
         assert!(GenRecord::default().is_free());
+    }
+
+    #[test]
+    fn canary_round_trips_and_zero_is_none() {
+        assert_eq!(Canary::decode(0), None);
+        for (slot, weight_bp) in [(0, 0), (0, 1000), (7, BASIS_POINTS), (3, 1)] {
+            let c = Canary { slot, weight_bp };
+            assert_eq!(Canary::decode(c.encode()), Some(c));
+        }
+        assert_eq!(Canary::decode(((MAX_SLOTS as u64) + 1) << 32), None);
+        assert_eq!(Canary::decode((1 << 32) | (BASIS_POINTS as u64 + 1)), None);
+    }
+
+    #[test]
+    fn canary_share_of_hashes_is_the_weight() {
+        let share = |weight_bp| {
+            let c = Canary { slot: 1, weight_bp };
+            // An even sample of the hash space.
+            let n = 100_000u64;
+            (0..n)
+                .filter(|i| c.takes((i * (u32::MAX as u64 / n)) as u32))
+                .count() as f64
+                / n as f64
+        };
+        assert_eq!(share(0), 0.0);
+        assert_eq!(share(BASIS_POINTS), 1.0);
+        assert!((share(1000) - 0.1).abs() < 0.001, "{}", share(1000));
+        assert!((share(5000) - 0.5).abs() < 0.001, "{}", share(5000));
     }
 
     #[test]

@@ -3,9 +3,12 @@
 //! One copy is loaded per reuseport group (bind address); [`PROXY_GROUP`] is
 //! patched at load time. For every new connection, and for every request of a
 //! closing listener that the kernel migrates, it selects the socket of the
-//! active generation slot. When that slot is empty it returns `SK_PASS`
-//! without a selection, so the kernel falls back to its own hash: it never
-//! drops.
+//! active generation slot. When a canary is set, a new connection whose flow
+//! hash falls below the canary's share goes to the canary slot instead
+//! (migrating requests always go to the active slot: the generation that
+//! stays). When the chosen slot has no socket it tries the other one, and
+//! when neither has one it returns `SK_PASS` without a selection, so the
+//! kernel falls back to its own hash: it never drops.
 #![no_std]
 #![no_main]
 
@@ -17,9 +20,9 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use proxy_common::{
-    COUNTER_ENTRIES, Counter, GenRecord, GroupKey, HISTORY_LEN, HistorySample, MAX_GROUPS,
-    MAX_OBJECTS, MAX_SLOTS, METRIC_ENTRIES, MetricKey, ObjectName, STATE_ACTIVE_SLOT,
-    STATE_ENTRIES, sock_index,
+    COUNTER_ENTRIES, Canary, Counter, GenRecord, GroupKey, HISTORY_LEN, HistorySample, MAX_GROUPS,
+    MAX_OBJECTS, MAX_SLOTS, METRIC_ENTRIES, MetricKey, ObjectName, SPLIT_ENTRIES,
+    STATE_ACTIVE_SLOT, STATE_CANARY, STATE_ENTRIES, Split, sock_index,
 };
 
 #[map(name = "PROXY_SOCKS")]
@@ -30,6 +33,10 @@ static PROXY_STATE: Array<u64> = Array::pinned(STATE_ENTRIES, 0);
 
 #[map(name = "PROXY_COUNTERS")]
 static PROXY_COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(COUNTER_ENTRIES, 0);
+
+/// New connections split between the canary and the active slot.
+#[map(name = "PROXY_SPLIT")]
+static PROXY_SPLIT: PerCpuArray<u64> = PerCpuArray::pinned(SPLIT_ENTRIES, 0);
 
 /// Userspace-only, declared here so that the loader creates and pins it with
 /// the others.
@@ -87,22 +94,65 @@ pub fn proxy_steer(ctx: SkReuseportContext) -> u32 {
         count(fallback);
         return SK_PASS;
     }
-    match PROXY_SOCKS.select_reuseport(&ctx, sock_index(group, active)) {
-        Ok(()) => count(if migrating {
-            Counter::Migrated(active)
-        } else {
-            Counter::Selected(active)
-        }),
+    let canary = match PROXY_STATE.get(STATE_CANARY) {
+        Some(&value) => Canary::decode(value).filter(|c| c.slot != active),
+        None => None,
+    };
+    // The slot to try first, and the other one if it has no socket.
+    let (first, second, split) = match canary {
+        Some(c) if !migrating && c.takes(ctx.hash()) => (c.slot, Some(active), Some(Split::Canary)),
+        Some(c) if !migrating => (active, Some(c.slot), Some(Split::Active)),
+        Some(c) => (active, Some(c.slot), None),
+        None => (active, None, None),
+    };
+    let chosen = match PROXY_SOCKS.select_reuseport(&ctx, sock_index(group, first)) {
+        Ok(()) => Some(first),
         Err(err) => {
-            // Rare (the active slot has no listener): worth a debug event.
-            debug!(
-                &ctx,
-                "group {} slot {}: no socket ({}), kernel hash", group, active, err
-            );
-            count(fallback);
+            // Rare (the slot has no listener): worth a debug event.
+            debug!(&ctx, "group {} slot {}: no socket ({})", group, first, err);
+            match second {
+                Some(other)
+                    if PROXY_SOCKS
+                        .select_reuseport(&ctx, sock_index(group, other))
+                        .is_ok() =>
+                {
+                    Some(other)
+                }
+                _ => None,
+            }
         }
+    };
+    match chosen {
+        Some(slot) => {
+            count(if migrating {
+                Counter::Migrated(slot)
+            } else {
+                Counter::Selected(slot)
+            });
+            if let Some(split) = split {
+                let taken = if slot == first { split } else { other(split) };
+                count_split(taken);
+            }
+        }
+        None => count(fallback),
     }
     SK_PASS
+}
+
+#[inline(always)]
+fn other(split: Split) -> Split {
+    match split {
+        Split::Canary => Split::Active,
+        Split::Active => Split::Canary,
+    }
+}
+
+#[inline(always)]
+fn count_split(split: Split) {
+    if let Some(value) = PROXY_SPLIT.get_ptr_mut(split as u32) {
+        // Safety: this CPU's slot of a per-CPU array, as in `count`.
+        unsafe { *value += 1 };
+    }
 }
 
 #[inline(always)]

@@ -8,6 +8,10 @@ use proxy::{
     config::Config,
     generation::{self, Options, TestHook},
     stats::status,
+    steering::{
+        self, SteeringError,
+        canary::{self, weight_from_percent},
+    },
 };
 
 /// The version, and whether this build reads the tests' fault hook.
@@ -30,7 +34,14 @@ active slot, the old generation closes its listeners (its queue migrates in \
 the kernel), drains and exits.\n\n\
 Signals (HAProxy habits): SIGTTOU stop accepting, SIGTTIN accept again and \
 take traffic back, SIGUSR1 soft-stop (stop accepting, drain, exit), \
-SIGTERM/SIGINT hard stop."
+SIGTERM/SIGINT hard stop.\n\n\
+Canary: `proxy run -c FILE --canary 10` starts a generation that takes 10% \
+of new connections (chosen by flow hash, one client connection stays on one \
+generation) beside the active one; `proxy canary --weight P` changes the \
+share, `proxy promote` makes it active (the old generation drains as in a \
+handover), `proxy abort` sends everything back (the canary drains). The \
+active generation aborts a canary whose error rate is too high \
+([global.canary])."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -56,6 +67,32 @@ enum Cmd {
         /// Log as JSON lines instead of text.
         #[arg(long)]
         log_json: bool,
+        /// Start as a canary: take this share of new connections (percent,
+        /// 0-100, e.g. 10 or 2.5) beside the active generation instead of
+        /// taking over.
+        #[arg(long, value_name = "PERCENT", conflicts_with_all = ["soft_stop", "hard_stop"])]
+        canary: Option<f64>,
+    },
+    /// Change the share of new connections of the running canary.
+    Canary {
+        #[command(flatten)]
+        instance: Instance,
+        /// The new share in percent (0-100; 0 keeps the canary running
+        /// with no new connections).
+        #[arg(long, value_name = "PERCENT")]
+        weight: f64,
+    },
+    /// Make the running canary the active generation; the old one
+    /// soft-stops (drain, hard_stop_after) as in a handover.
+    Promote {
+        #[command(flatten)]
+        instance: Instance,
+    },
+    /// Send every new connection back to the active generation; the canary
+    /// soft-stops.
+    Abort {
+        #[command(flatten)]
+        instance: Instance,
     },
     /// Validate a config: exit 0, or 1 with the reason.
     Check {
@@ -64,19 +101,47 @@ enum Cmd {
     },
     /// Show the generations of an instance and the steering counters.
     Status {
-        /// Take the instance name and bpffs from this config.
-        #[arg(short = 'c', long = "config", conflicts_with = "name")]
-        config: Option<PathBuf>,
-        /// Instance name (global.name).
-        #[arg(long, required_unless_present = "config")]
-        name: Option<String>,
-        /// bpffs mount the instance pins under.
-        #[arg(long, default_value = "/sys/fs/bpf")]
-        bpffs: PathBuf,
+        #[command(flatten)]
+        instance: Instance,
         /// Print JSON.
         #[arg(long)]
         json: bool,
     },
+}
+
+/// Which instance a command is about: from a config, or by name.
+#[derive(clap::Args)]
+struct Instance {
+    /// Take the instance name and bpffs from this config.
+    #[arg(short = 'c', long = "config", conflicts_with = "name")]
+    config: Option<PathBuf>,
+    /// Instance name (global.name).
+    #[arg(long, required_unless_present = "config")]
+    name: Option<String>,
+    /// bpffs mount the instance pins under.
+    #[arg(long, default_value = "/sys/fs/bpf")]
+    bpffs: PathBuf,
+}
+
+impl Instance {
+    /// (name, bpffs).
+    fn resolve(self) -> Result<(String, PathBuf)> {
+        Ok(match self.config {
+            Some(path) => {
+                let cfg = Config::load(&path)?;
+                (cfg.global.name, cfg.global.bpffs)
+            }
+            None => (self.name.expect("clap requires --name"), self.bpffs),
+        })
+    }
+
+    /// The instance's pinned maps, locked for one change.
+    fn maps(self) -> Result<(String, steering::Maps)> {
+        let (name, bpffs) = self.resolve()?;
+        let maps = steering::Maps::open(&steering::pin_dir(&bpffs, &name))
+            .with_context(|| format!("instance {name}"))?;
+        Ok((name, maps))
+    }
 }
 
 /// HAProxy spells them `-sf` and `-st`: accept the single-dash form too.
@@ -119,19 +184,45 @@ fn run(cli: Cli) -> Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Status {
-            config,
-            name,
-            bpffs,
-            json,
-        } => {
-            let (name, bpffs) = match config {
-                Some(path) => {
-                    let cfg = Config::load(&path)?;
-                    (cfg.global.name, cfg.global.bpffs)
-                }
-                None => (name.expect("clap requires --name"), bpffs),
-            };
+        Cmd::Canary { instance, weight } => {
+            let weight_bp = weight_from_percent(weight).map_err(SteeringError::Weight)?;
+            let (name, mut maps) = instance.maps()?;
+            let was = maps.lock()?.set_canary_weight(weight_bp)?;
+            println!(
+                "instance {name}: canary generation {} (slot {}) now takes {}% of new connections \
+                 (was {}%)",
+                was.record.generation,
+                was.canary.slot,
+                canary::percent(weight_bp),
+                canary::percent(was.canary.weight_bp)
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Promote { instance } => {
+            let (name, mut maps) = instance.maps()?;
+            let previous = maps.active_slot()?;
+            let promoted = maps.lock()?.promote_canary(None)?;
+            println!(
+                "instance {name}: canary generation {} (slot {}) promoted: it takes every new \
+                 connection; the generation in slot {} soft-stops",
+                promoted.record.generation,
+                promoted.canary.slot,
+                previous.map_or_else(|| "-".to_string(), |s| s.0.to_string())
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Abort { instance } => {
+            let (name, mut maps) = instance.maps()?;
+            let aborted = maps.lock()?.abort_canary(None)?;
+            println!(
+                "instance {name}: canary generation {} (slot {}) aborted: every new connection \
+                 goes to the active generation; the canary soft-stops",
+                aborted.record.generation, aborted.canary.slot
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Status { instance, json } => {
+            let (name, bpffs) = instance.resolve()?;
             let st = status::read(&bpffs, &name)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&st)?);
@@ -146,7 +237,13 @@ fn run(cli: Cli) -> Result<ExitCode> {
             soft_stop,
             hard_stop,
             log_json,
+            canary,
         } => {
+            let canary = canary
+                .map(weight_from_percent)
+                .transpose()
+                .map_err(|e| SteeringError::Weight(e))
+                .context("--canary")?;
             // Validate completely before touching anything: a bad config
             // exits here and the running generation never notices.
             let cfg = Config::load(&config)?;
@@ -156,6 +253,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 pidfile,
                 soft_stop,
                 hard_stop,
+                canary,
                 hook: TestHook::from_env(),
             };
             opts.validate()?;

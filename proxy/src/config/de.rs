@@ -45,6 +45,10 @@ pub(super) fn de_backlog<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Erro
     in_range(d, 1..=65535, "").map(|n| n as u32)
 }
 
+pub(super) fn de_canary_min_connections<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    in_range(d, 1..=i64::MAX, " connections").map(|n| n as u64)
+}
+
 pub(super) fn de_stats_maxconn<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
     in_range(d, 1..=1024, "")
 }

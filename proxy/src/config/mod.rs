@@ -158,6 +158,59 @@ pub struct Global {
     /// Group for `user` (default: the user's primary group).
     #[serde(default)]
     pub group: Option<String>,
+    /// `[global.canary]`: how this generation, while active, judges a
+    /// canary started beside it (`proxy run --canary`).
+    #[serde(default)]
+    pub canary: CanaryConfig,
+}
+
+/// `[global.canary]`: the active generation compares the canary's error
+/// rate with its own over a sliding window and aborts a canary that does
+/// worse; optionally it promotes one that stayed healthy.
+///
+/// An error is a client connection that ended in an error (upstream connect
+/// or transfer failure, TLS or PROXY header failure, timeout) or an HTTP
+/// response with a 5xx status (the server's or our own 502/504).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CanaryConfig {
+    /// Abort a canary whose error rate is too high (default true).
+    #[serde(default = "default_true")]
+    pub auto_abort: bool,
+    /// The sliding window both error rates are measured over.
+    #[serde(default = "default_canary_window", deserialize_with = "de_duration")]
+    pub window: Duration,
+    /// Canary connections within the window before it is judged at all.
+    #[serde(
+        default = "default_canary_min_connections",
+        deserialize_with = "de_canary_min_connections"
+    )]
+    pub min_connections: u64,
+    /// Abort when the canary's error rate exceeds the active generation's
+    /// times this ...
+    #[serde(default = "default_max_error_ratio")]
+    pub max_error_ratio: f64,
+    /// ... and this absolute rate (0.01 = 1%), so that one error against
+    /// none is not an abort.
+    #[serde(default = "default_min_error_rate")]
+    pub min_error_rate: f64,
+    /// Promote a canary that ran this long without being aborted (and was
+    /// judged at least once); never when absent.
+    #[serde(default, deserialize_with = "de_opt_duration")]
+    pub promote_after: Option<Duration>,
+}
+
+impl Default for CanaryConfig {
+    fn default() -> Self {
+        Self {
+            auto_abort: true,
+            window: default_canary_window(),
+            min_connections: default_canary_min_connections(),
+            max_error_ratio: default_max_error_ratio(),
+            min_error_rate: default_min_error_rate(),
+            promote_after: None,
+        }
+    }
 }
 
 /// How new connections are steered to the active generation's sockets.
@@ -466,6 +519,26 @@ impl Config {
                 )
             })
     }
+}
+
+fn default_true() -> bool {
+    true
+}
+
+fn default_canary_window() -> Duration {
+    Duration::from_secs(30)
+}
+
+fn default_canary_min_connections() -> u64 {
+    100
+}
+
+fn default_max_error_ratio() -> f64 {
+    2.0
+}
+
+fn default_min_error_rate() -> f64 {
+    0.01
 }
 
 fn default_hard_stop_after() -> Duration {

@@ -19,6 +19,40 @@ impl Config {
                     .into(),
             ));
         }
+        let c = &g.canary;
+        if c.window < std::time::Duration::from_secs(1) {
+            return Err((
+                "global.canary.window".into(),
+                "must be at least 1s, e.g. \"30s\": error rates need a few samples".into(),
+            ));
+        }
+        if !c.max_error_ratio.is_finite() || c.max_error_ratio < 1.0 {
+            return Err((
+                "global.canary.max_error_ratio".into(),
+                format!(
+                    "{} is out of range: expected a number of at least 1.0 (how many times the \
+                     active generation's error rate the canary may reach), e.g. 2.0",
+                    c.max_error_ratio
+                ),
+            ));
+        }
+        if !(0.0..=1.0).contains(&c.min_error_rate) {
+            return Err((
+                "global.canary.min_error_rate".into(),
+                format!(
+                    "{} is out of range: expected a fraction from 0.0 to 1.0, e.g. 0.01 for 1%",
+                    c.min_error_rate
+                ),
+            ));
+        }
+        if c.promote_after.is_some_and(|p| p < c.window) {
+            return Err((
+                "global.canary.promote_after".into(),
+                "must be at least global.canary.window: a canary is promoted only after it was \
+                 judged healthy over a whole window"
+                    .into(),
+            ));
+        }
         if g.pidfile.as_ref().is_some_and(|p| p.as_os_str().is_empty()) {
             return Err((
                 "global.pidfile".into(),

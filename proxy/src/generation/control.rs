@@ -17,8 +17,11 @@ use tokio::{
 };
 use tracing::{debug, error, info, warn};
 
-use super::Generation;
-use crate::{steering::Holder, sys};
+use super::{Generation, canary};
+use crate::{
+    steering::{CanaryRole, Holder},
+    sys,
+};
 
 /// How often a generation publishes its heartbeat and looks at the maps.
 pub const TICK: Duration = Duration::from_millis(50);
@@ -38,6 +41,8 @@ pub enum Command {
     /// The generation holding the active slot is gone: take the slot back
     /// if it still reads `seen`.
     RollBack(Option<crate::steering::Slot>),
+    /// A canary: the active slot names us now.
+    Promoted,
 }
 
 /// Installs the signal handlers now (a signal that arrives during startup
@@ -140,8 +145,10 @@ impl Generation {
     /// back (stand by), or the active slot names a generation that died or
     /// stalled (roll back).
     fn observe(&mut self) -> Option<Command> {
-        if self.life.phase() != Phase::Active {
-            return None;
+        match self.life.phase() {
+            Phase::Active => {}
+            Phase::Canary => return self.observe_as_canary(),
+            _ => return None,
         }
         let holder = match self.steering.holder() {
             Ok(h) => h,
@@ -154,6 +161,15 @@ impl Generation {
         match holder {
             Holder::Us => {
                 self.successor_seen = None;
+                if let Some(own) = self.steering.slot() {
+                    canary::tick(
+                        &mut self.steering,
+                        own,
+                        &self.label,
+                        &self.opts.config.global.canary,
+                        &mut self.canary_watch,
+                    );
+                }
                 None
             }
             // Flipped, not yet serving: wait.
@@ -186,6 +202,41 @@ impl Generation {
         }
     }
 
+    /// What the maps say to a canary: promoted (the active slot names us),
+    /// aborted (nothing names us), or alone (the active generation is gone:
+    /// take the active slot, as a rollback would).
+    fn observe_as_canary(&mut self) -> Option<Command> {
+        let label = &self.label;
+        match self.steering.canary_role() {
+            Ok(CanaryRole::Canary) => None,
+            Ok(CanaryRole::Promoted) => Some(Command::Promoted),
+            Ok(CanaryRole::Aborted) => {
+                info!(
+                    "{label}: canary aborted: every new connection goes to the active generation"
+                );
+                Some(Command::SoftStop("canary aborted"))
+            }
+            Ok(CanaryRole::ActiveGone { seen }) => match self.steering.take_over_as_canary(seen) {
+                Ok(true) => {
+                    warn!(
+                        "{label}: the active generation is gone or stalled: the canary takes every \
+                         new connection"
+                    );
+                    Some(Command::Promoted)
+                }
+                Ok(false) => None,
+                Err(e) => {
+                    error!("{label}: taking over from a dead active generation: {e}");
+                    None
+                }
+            },
+            Err(e) => {
+                warn!("{label}: reading the canary state: {e}");
+                None
+            }
+        }
+    }
+
     /// The phase transitions, each through [`Lifecycle::enter`].
     ///
     /// [`Lifecycle::enter`]: super::lifecycle::Lifecycle::enter
@@ -199,6 +250,12 @@ impl Generation {
             }
             Command::SoftStop(why) => {
                 info!("{label}: soft-stop ({why}): closing listeners, draining");
+                if current == Phase::Canary
+                    && let Some(slot) = self.steering.slot()
+                    && let Err(e) = self.steering.abort_canary(slot)
+                {
+                    warn!("{label}: leaving the canary split: {e}");
+                }
                 sys::sd_notify(&format!("STOPPING=1\nSTATUS={label}: draining ({why})"));
                 self.stop_listening();
                 for (l, task) in &self.stats_listeners {
@@ -223,6 +280,15 @@ impl Generation {
                 Err(e) => error!("{label}: SIGTTIN failed, still standing by: {e:#}"),
             },
             Command::RollBack(seen) => self.roll_back(seen),
+            Command::Promoted if current == Phase::Canary => {
+                info!("{label}: promoted: the canary is now the active generation");
+                sys::sd_notify(&format!(
+                    "READY=1\nSTATUS={label}: active (promoted canary)"
+                ));
+                self.successor_seen = None;
+                self.enter(Phase::Active);
+            }
+            Command::Promoted => debug!("{label}: promotion ignored in phase {current:?}"),
             Command::Pause | Command::Resume => {
                 debug!("{label}: signal ignored in phase {current:?}")
             }

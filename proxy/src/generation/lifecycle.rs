@@ -22,7 +22,10 @@ pub struct Conns {
 /// Whether listeners accept in `phase`: from the start (before the flip the
 /// program sends nothing here) until standby or drain.
 pub fn accepts(phase: Phase) -> bool {
-    matches!(phase, Phase::Starting | Phase::Ready | Phase::Active)
+    matches!(
+        phase,
+        Phase::Starting | Phase::Ready | Phase::Active | Phase::Canary
+    )
 }
 
 /// Whether HTTP keep-alive connections close after their next response.
@@ -104,6 +107,7 @@ mod tests {
             (Phase::Active, true, false),
             (Phase::Draining, false, true),
             (Phase::Stopped, false, true),
+            (Phase::Canary, true, false),
         ] {
             life.enter(p, &mut steering, &conns, &registry);
             assert_eq!(*phase.borrow(), p);

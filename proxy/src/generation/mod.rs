@@ -16,6 +16,7 @@
 //! one stopped listening, the old one flips the slot back (rollback).
 
 mod accept;
+pub mod canary;
 pub mod control;
 pub mod lifecycle;
 
@@ -75,6 +76,9 @@ pub struct Options {
     pub soft_stop: Vec<u32>,
     /// PIDs to send SIGTERM (hard stop) once we are active (`-st`).
     pub hard_stop: Vec<u32>,
+    /// Start as a canary taking this share (basis points) of new
+    /// connections beside the active generation, instead of taking over.
+    pub canary: Option<u32>,
     pub hook: Option<TestHook>,
 }
 
@@ -86,6 +90,18 @@ impl Options {
             if pid == 0 || pid == std::process::id() {
                 bail!("-sf/-st: {pid} is not the PID of an old generation");
             }
+        }
+        if self.canary.is_some() && !(self.soft_stop.is_empty() && self.hard_stop.is_empty()) {
+            bail!(
+                "--canary with -sf/-st: a canary runs beside the active generation; stop the \
+                 old one with `proxy promote` instead"
+            );
+        }
+        if self.canary.is_some() && self.config.global.steering == SteeringMode::Reuseport {
+            bail!(
+                "--canary needs eBPF steering (global.steering is \"reuseport\"): without the \
+                 program nothing can split new connections"
+            );
         }
         Ok(())
     }
@@ -111,6 +127,8 @@ pub struct Generation {
     pidfile: Option<PathBuf>,
     /// When we first saw an active successor (the grace starts then).
     successor_seen: Option<Instant>,
+    /// While active: the canary beside us, as we judge it.
+    canary_watch: Option<canary::Watch>,
 }
 
 /// Runs one generation until it has stopped. `commands` is what it obeys
@@ -126,6 +144,19 @@ pub async fn run(opts: Options, commands: mpsc::Receiver<Command>) -> Result<()>
             "claiming a generation slot"
         }
     })?;
+    if opts.canary.is_some() {
+        if let Steering::Reuseport = steering {
+            bail!(
+                "--canary needs eBPF steering, which is unavailable here (see the error above): \
+                 nothing can split new connections"
+            );
+        }
+        if let Err(e) = steering.check_canary() {
+            let mut steering = steering;
+            steering.leave();
+            return Err(e).context("--canary");
+        }
+    }
     let mut generation = Generation::new(opts, steering);
     if let Err(e) = generation.start().await {
         error!("{}: {e:#}", generation.label);
@@ -187,6 +218,7 @@ impl Generation {
             stats_listeners: Vec::new(),
             runtimes: Vec::new(),
             successor_seen: None,
+            canary_watch: None,
         }
     }
 
@@ -318,9 +350,30 @@ impl Generation {
     }
 
     /// The flip (one map write), then active; tells the old processes named
-    /// by `-sf`/`-st`.
+    /// by `-sf`/`-st`. A canary writes its share instead and stays beside
+    /// the active generation.
     fn take_over(&mut self) -> Result<()> {
         let label = self.label.clone();
+        if let Some(weight_bp) = self.opts.canary {
+            self.steering
+                .become_canary(weight_bp)
+                .context("--canary: taking a share of new connections")?;
+            let _ = self.shared.flipped_at.set(Instant::now());
+            self.enter(Phase::Canary);
+            self.shared.sweep.notify_waiters();
+            info!(
+                share_percent = steering::canary::percent(weight_bp),
+                listeners = self.listeners.len(),
+                "{label}: canary: takes {}% of new connections beside the active generation \
+                 (`proxy promote` to make it active, `proxy abort` to stop it)",
+                steering::canary::percent(weight_bp)
+            );
+            sys::sd_notify(&format!(
+                "READY=1\nMAINPID={}\nSTATUS={label}: canary",
+                std::process::id()
+            ));
+            return Ok(());
+        }
         if let Steering::Ebpf(_) = self.steering {
             let previous = self.steering.flip()?;
             let _ = self.shared.flipped_at.set(Instant::now());
@@ -417,6 +470,7 @@ mod tests {
             pidfile: None,
             soft_stop: Vec::new(),
             hard_stop: Vec::new(),
+            canary: None,
             hook: None,
         }
     }

@@ -407,6 +407,7 @@ impl Stage {
         let stats = http::serve(io, upstream, settings.clone(), client_addr, draining).await?;
         let m = &self.metrics;
         m[ListenerCounter::HttpRequests].fetch_add(stats.requests, Relaxed);
+        m[ListenerCounter::Http5xx].fetch_add(stats.server_errors, Relaxed);
         m[ListenerCounter::BodyIn].fetch_add(stats.body_bytes_before, Relaxed);
         m[ListenerCounter::BodyOut].fetch_add(stats.body_bytes_after, Relaxed);
         Ok(Done {

@@ -122,11 +122,28 @@ table! {
             "PROXY errors";
         HttpRequests: "http_requests", Counter, Count, 0, "proxy_listener_http_requests_total",
             "HTTP requests served.", "HTTP requests";
+        Http5xx: "http_5xx", Counter, Count, 0, "proxy_listener_http_5xx_responses_total",
+            "HTTP responses with a 5xx status, the server's or our own (502, 504).", "HTTP 5xx";
         BodyIn: "body_in", Counter, Hidden, 0, "",
             "Response body bytes before compression (http mode).", "";
         BodyOut: "body_out", Counter, Hidden, 0, "",
             "Response body bytes after compression (http mode).", "";
     }
+}
+
+/// The listener counters that, summed over a generation's listeners, give
+/// its connections and its errors (see [`connections_and_errors`]): what a
+/// canary is judged by.
+pub const CONNECTIONS_AND_ERRORS: [u32; 3] = [
+    ListenerCounter::Total as u32,
+    ListenerCounter::Errors as u32,
+    ListenerCounter::Http5xx as u32,
+];
+
+/// (connections, errors) from the sums of [`CONNECTIONS_AND_ERRORS`]: a
+/// connection that ended in an error, and every 5xx response, is an error.
+pub fn connections_and_errors(sums: &[u64]) -> (u64, u64) {
+    (sums[0], sums[1] + sums[2])
 }
 
 /// The figure derived from [`ListenerCounter::BodyIn`] and

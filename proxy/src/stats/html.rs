@@ -75,6 +75,15 @@ th{{background:#eef}} td.l{{text-align:left}} tr.active td{{background:#dfd}} .d
         );
     }
     h.push_str("</table>");
+    if let Some(c) = &v.canary {
+        let _ = write!(
+            h,
+            "<p id=\"canary\" data-generation=\"{}\" data-weight=\"{}\">{}</p>",
+            c.generation,
+            c.weight_percent,
+            esc(&c.line())
+        );
+    }
     h.push_str("<h2>New connections per generation</h2>");
     h.push_str(&chart(v));
     h.push_str("<h2>Listeners</h2>");
@@ -133,14 +142,24 @@ fn chart(v: &View) -> String {
             .iter()
             .map(|&(t, n)| format!("{:.1},{:.1}", x(t), y(n)))
             .collect();
+        let canary = v
+            .canary
+            .as_ref()
+            .is_some_and(|c| c.generation == s.generation);
         let _ = write!(
             svg,
-            "<polyline fill=\"none\" stroke=\"{color}\" stroke-width=\"2\" points=\"{}\"><title>generation {}</title></polyline><text x=\"{:.1}\" y=\"{}\" font-size=\"11\" fill=\"{color}\">gen {}</text>",
+            "<polyline fill=\"none\" stroke=\"{color}\" stroke-width=\"2\"{dash} points=\"{}\"><title>generation {}{role}</title></polyline><text x=\"{:.1}\" y=\"{}\" font-size=\"11\" fill=\"{color}\">gen {}{role}</text>",
             pts.join(" "),
             s.generation,
-            W - 60.0,
+            W - 90.0,
             14 + 12 * i,
-            s.generation
+            s.generation,
+            dash = if canary {
+                " stroke-dasharray=\"6 3\""
+            } else {
+                ""
+            },
+            role = if canary { " (canary)" } else { "" },
         );
     }
     svg.push_str("</svg>");

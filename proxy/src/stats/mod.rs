@@ -134,6 +134,8 @@ pub struct View {
     pub listeners: Vec<Row<ListenerCounter>>,
     pub servers: Vec<Row<ServerCounter>>,
     pub ebpf: Option<ProgramCounters>,
+    /// The canary beside the active generation, if any.
+    pub canary: Option<status::CanaryStatus>,
     pub history_interval_ms: u64,
     pub history: Vec<Series>,
 }
@@ -161,17 +163,19 @@ impl StatsSource {
             let history = maps.history().unwrap_or_default();
             Some((st, totals, history))
         });
-        let (generations, active_slot, ebpf, totals, history, steering) = match from_maps {
+        let (generations, active_slot, ebpf, canary, totals, history, steering) = match from_maps {
             Some((st, totals, history)) => (
                 st.generations,
                 st.active_slot,
                 Some(st.counters),
+                st.canary,
                 totals,
                 history,
                 "ebpf",
             ),
             None => (
                 Vec::new(),
+                None,
                 None,
                 None,
                 self.registry
@@ -192,6 +196,7 @@ impl StatsSource {
             listeners: self.listener_rows(&totals),
             servers: self.server_rows(&totals),
             ebpf,
+            canary,
             history_interval_ms: HISTORY_INTERVAL_MS,
             history: series(&history),
         }

@@ -171,5 +171,39 @@ pub fn prometheus(v: &View) -> String {
             ],
         );
     }
+    if let Some(c) = &v.canary {
+        let canary = format!("slot=\"{}\",generation=\"{}\"", c.slot, c.generation);
+        let one = |value: f64| vec![(canary.clone(), value)];
+        e.family(
+            "proxy_canary_weight_ratio",
+            "gauge",
+            "Share of new connections set for the canary generation (0-1).",
+            one(c.weight_percent / 100.0),
+        );
+        e.family(
+            "proxy_canary_measured_ratio",
+            "gauge",
+            "Share of new connections the program sent to the canary since it started (0-1).",
+            one(c.measured_percent.unwrap_or(0.0) / 100.0),
+        );
+        e.family(
+            "proxy_canary_split_connections_total",
+            "counter",
+            "New connections split since the canary started, by where they went.",
+            vec![
+                (format!("{canary},to=\"canary\""), c.split_canary as f64),
+                (format!("{canary},to=\"active\""), c.split_active as f64),
+            ],
+        );
+        e.family(
+            "proxy_canary_error_ratio",
+            "gauge",
+            "Errors per connection (ended in an error, or a 5xx response) since each started.",
+            vec![
+                (format!("{canary},role=\"canary\""), c.error_rate),
+                (format!("{canary},role=\"active\""), c.active_error_rate),
+            ],
+        );
+    }
     e.out
 }

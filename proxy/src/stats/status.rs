@@ -7,8 +7,9 @@ use std::{fmt::Write, path::Path};
 use proxy_common::{MAX_SLOTS, Phase};
 use serde::Serialize;
 
+use super::counters::{CONNECTIONS_AND_ERRORS, connections_and_errors};
 use crate::{
-    steering::{self, Maps, ProgramCounters, SteeringError},
+    steering::{self, Maps, ProgramCounters, Slot, SteeringError, canary::percent},
     sys,
 };
 
@@ -41,6 +42,100 @@ pub struct Status {
     pub active_slot: Option<u32>,
     pub generations: Vec<GenStatus>,
     pub counters: ProgramCounters,
+    /// The canary beside the active generation, if one is set.
+    pub canary: Option<CanaryStatus>,
+}
+
+/// A canary as `proxy status` and the stats views report it.
+#[derive(Debug, Serialize, Clone)]
+pub struct CanaryStatus {
+    pub slot: u32,
+    pub generation: u64,
+    pub alive: bool,
+    /// The share set in the pinned state, percent.
+    pub weight_percent: f64,
+    /// The share the program measured since the canary started, percent
+    /// (None before any new connection).
+    pub measured_percent: Option<f64>,
+    /// New connections the program sent to the canary and to the active
+    /// slot since the canary started.
+    pub split_canary: u64,
+    pub split_active: u64,
+    /// The canary's connections and errors (connections that ended in an
+    /// error, and 5xx responses) since it started, and its error rate.
+    pub connections: u64,
+    pub errors: u64,
+    pub error_rate: f64,
+    /// The same figures of the active generation, since it started.
+    pub active_connections: u64,
+    pub active_errors: u64,
+    pub active_error_rate: f64,
+}
+
+fn rate(errors: u64, connections: u64) -> f64 {
+    if connections == 0 {
+        0.0
+    } else {
+        errors as f64 / connections as f64
+    }
+}
+
+fn canary_status(maps: &Maps, active: Option<Slot>) -> Result<Option<CanaryStatus>, SteeringError> {
+    let Some(c) = maps.canary()? else {
+        return Ok(None);
+    };
+    let record = maps.record(Slot(c.slot))?;
+    let (split_canary, split_active) = maps.split()?;
+    let figures = |slot: Slot| -> Result<(u64, u64), SteeringError> {
+        Ok(connections_and_errors(
+            &maps.listener_sums(slot, &CONNECTIONS_AND_ERRORS)?,
+        ))
+    };
+    let (connections, errors) = figures(Slot(c.slot))?;
+    let (active_connections, active_errors) = match active {
+        Some(a) => figures(a)?,
+        None => (0, 0),
+    };
+    let decided = split_canary + split_active;
+    Ok(Some(CanaryStatus {
+        slot: c.slot,
+        generation: record.generation,
+        alive: steering::is_alive(&record),
+        weight_percent: percent(c.weight_bp),
+        measured_percent: (decided > 0).then(|| split_canary as f64 * 100.0 / decided as f64),
+        split_canary,
+        split_active,
+        connections,
+        errors,
+        error_rate: rate(errors, connections),
+        active_connections,
+        active_errors,
+        active_error_rate: rate(active_errors, active_connections),
+    }))
+}
+
+impl CanaryStatus {
+    /// One line for operators.
+    pub fn line(&self) -> String {
+        format!(
+            "canary: generation {} (slot {}){}  share {}% set, {} measured ({} of {} new \
+             connections)  error rate {:.2}% ({} of {}) vs active {:.2}% ({} of {})",
+            self.generation,
+            self.slot,
+            if self.alive { "" } else { " DEAD" },
+            self.weight_percent,
+            self.measured_percent
+                .map_or_else(|| "-".to_string(), |m| format!("{m:.1}%")),
+            self.split_canary,
+            self.split_canary + self.split_active,
+            self.error_rate * 100.0,
+            self.errors,
+            self.connections,
+            self.active_error_rate * 100.0,
+            self.active_errors,
+            self.active_connections,
+        )
+    }
 }
 
 pub fn read(bpffs: &Path, name: &str) -> Result<Status, SteeringError> {
@@ -88,6 +183,7 @@ pub fn from_maps(maps: &Maps, name: &str) -> Result<Status, SteeringError> {
         active_slot: active.map(|s| s.0),
         generations,
         counters,
+        canary: canary_status(maps, active)?,
     })
 }
 
@@ -126,6 +222,9 @@ pub fn render(status: &Status) -> String {
     }
     if status.generations.is_empty() {
         let _ = writeln!(out, "  (no generations)");
+    }
+    if let Some(canary) = &status.canary {
+        let _ = writeln!(out, "{}", canary.line());
     }
     let c = &status.counters;
     let _ = writeln!(

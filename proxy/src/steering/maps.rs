@@ -13,10 +13,11 @@ use aya::{
     util::nr_cpus,
 };
 use proxy_common::{
-    ALL_MAPS, COUNTER_ENTRIES, Counter, GenRecord, GroupKey, HISTORY_LEN, HistorySample,
+    ALL_MAPS, COUNTER_ENTRIES, Canary, Counter, GenRecord, GroupKey, HISTORY_LEN, HistorySample,
     MAP_COUNTERS, MAP_GENS, MAP_GROUPS, MAP_HISTORY, MAP_METRICS, MAP_OBJECTS, MAP_SOCKS,
-    MAP_STATE, MAX_GROUPS, MAX_OBJECTS, MAX_SLOTS, MetricKey, NO_SLOT, ObjectName, Published,
-    RETIRED_SLOT, STATE_ACTIVE_SLOT, STATE_GEN_SEQ, STATE_HISTORY_CURSOR, sock_index,
+    MAP_SPLIT, MAP_STATE, MAX_GROUPS, MAX_OBJECTS, MAX_SLOTS, MetricKey, NO_SLOT, ObjectName,
+    Published, RETIRED_SLOT, SPLIT_ENTRIES, STATE_ACTIVE_SLOT, STATE_CANARY, STATE_GEN_SEQ,
+    STATE_HISTORY_CURSOR, Split, sock_index,
 };
 
 use super::{Group, Result, Slot, SteeringError, map_err};
@@ -32,6 +33,7 @@ pub struct Maps {
     metrics: HashMap<MapData, MetricKey, u64>,
     objects: HashMap<MapData, ObjectName, u32>,
     history: Array<MapData, HistorySample>,
+    split: PerCpuArray<MapData, u64>,
     /// Object numbers already looked up or allocated.
     object_ids: StdHashMap<ObjectName, u32>,
 }
@@ -86,6 +88,8 @@ impl Maps {
                 .map_err(conv(MAP_OBJECTS))?,
             object_ids: StdHashMap::new(),
             history: Array::try_from(Map::Array(pin(MAP_HISTORY)?)).map_err(conv(MAP_HISTORY))?,
+            split: PerCpuArray::try_from(Map::PerCpuArray(pin(MAP_SPLIT)?))
+                .map_err(conv(MAP_SPLIT))?,
         })
     }
 
@@ -115,6 +119,52 @@ impl Maps {
             .get(&STATE_ACTIVE_SLOT, 0)
             .map_err(map_err("reading the active slot"))?;
         Ok((v < MAX_SLOTS as u64).then_some(Slot(v as u32)))
+    }
+
+    /// The canary slot and its share, if one is set.
+    pub fn canary(&self) -> Result<Option<Canary>> {
+        let v = self
+            .state
+            .get(&STATE_CANARY, 0)
+            .map_err(map_err("reading the canary"))?;
+        Ok(Canary::decode(v))
+    }
+
+    /// New connections the program sent to the canary and to the active
+    /// slot since the canary started: (canary, active).
+    pub fn split(&self) -> Result<(u64, u64)> {
+        let sum = |s: Split| -> Result<u64> {
+            Ok(self
+                .split
+                .get(&(s as u32), 0)
+                .map_err(map_err("reading the canary split"))?
+                .iter()
+                .sum())
+        };
+        Ok((sum(Split::Canary)?, sum(Split::Active)?))
+    }
+
+    /// Sums of `counters` (indexes of the listener table) over the
+    /// listeners that `slot` publishes.
+    pub fn listener_sums(&self, slot: Slot, counters: &[u32]) -> Result<Vec<u64>> {
+        let mut listeners = std::collections::HashSet::new();
+        for entry in self.objects.iter() {
+            let (name, id) = entry.map_err(map_err("reading object names"))?;
+            if name.name.starts_with(b"listener/") {
+                listeners.insert(id);
+            }
+        }
+        let mut sums = vec![0u64; counters.len()];
+        for entry in self.metrics.iter() {
+            let (key, value) = entry.map_err(map_err("reading metrics"))?;
+            if key.slot != slot.0 || !listeners.contains(&key.object) {
+                continue;
+            }
+            if let Some(i) = counters.iter().position(|&c| c == key.counter) {
+                sums[i] += value;
+            }
+        }
+        Ok(sums)
     }
 
     pub fn record(&self, slot: Slot) -> Result<GenRecord> {
@@ -355,6 +405,40 @@ impl Locked<'_> {
         Ok(true)
     }
 
+    /// Sets (or with None clears) the canary: one map write. A new canary
+    /// starts the split counters from zero first.
+    pub fn set_canary(&mut self, canary: Option<Canary>) -> Result<()> {
+        let previous = self.maps.canary()?;
+        if let Some(c) = canary
+            && previous.map(|p| p.slot) != Some(c.slot)
+        {
+            self.reset_split()?;
+        }
+        self.maps
+            .state
+            .set(STATE_CANARY, canary.map_or(0, Canary::encode), 0)
+            .map_err(map_err("writing the canary"))
+    }
+
+    fn reset_split(&mut self) -> Result<()> {
+        let cpus = nr_cpus().map_err(|(_, source)| SteeringError::Io {
+            what: "counting possible CPUs".into(),
+            source,
+        })?;
+        for i in 0..SPLIT_ENTRIES {
+            let zeros =
+                PerCpuValues::try_from(vec![0u64; cpus]).map_err(|source| SteeringError::Io {
+                    what: "sizing per-CPU values".into(),
+                    source,
+                })?;
+            self.maps
+                .split
+                .set(i, zeros, 0)
+                .map_err(map_err("resetting the canary split"))?;
+        }
+        Ok(())
+    }
+
     /// Clears the active slot if it is `slot` (the last generation leaves).
     pub fn clear_active(&mut self, slot: Slot) -> Result<()> {
         if self.maps.active_slot()? == Some(slot) {
@@ -412,6 +496,9 @@ impl Locked<'_> {
                 .map_err(map_err("resetting the slot's counters"))?;
         }
         self.retire_metrics(slot)?;
+        // A canary entry left by the slot's dead owner must not send a share
+        // of the traffic to a generation that did not ask for it.
+        self.clear_canary_of(slot)?;
         self.maps.write_record(slot, &record)?;
         Ok((slot, record))
     }

@@ -8,9 +8,11 @@
 //! instance's pin folder, which works across PID namespaces because it is a
 //! lock on the shared bpffs inode.
 
+pub mod canary;
 mod maps;
 mod program;
 
+pub use canary::LiveCanary;
 pub use maps::{Locked, Maps, ProgramCounters, Totals};
 pub use program::ensure_pinned;
 
@@ -80,9 +82,23 @@ pub enum SteeringError {
     NoFreeObject,
     #[error("no pinned state for instance at {0} (is a generation running with eBPF steering?)")]
     NotFound(PathBuf),
+    #[error(
+        "no active generation: a canary takes a share of the traffic of a running active \
+         generation; start this one without --canary"
+    )]
+    NoActiveForCanary,
+    #[error(
+        "generation {generation} (slot {slot}) is already the canary of this instance: promote \
+         it (`proxy promote`) or abort it (`proxy abort`) first"
+    )]
+    CanaryExists { generation: u64, slot: u32 },
+    #[error("no canary generation is running in this instance (see `proxy status`)")]
+    NoCanary,
+    #[error("canary share: {0}")]
+    Weight(String),
 }
 
-type Result<T> = std::result::Result<T, SteeringError>;
+pub type Result<T> = std::result::Result<T, SteeringError>;
 
 fn map_err(what: impl Into<String>) -> impl FnOnce(aya::maps::MapError) -> SteeringError {
     let what = what.into();
@@ -162,6 +178,18 @@ pub struct Pinned {
     metrics_at: Instant,
     history_at: Instant,
     last_phase: Phase,
+}
+
+/// What the pinned maps say to a canary generation.
+pub enum CanaryRole {
+    /// Still the canary.
+    Canary,
+    /// The active slot names us: promoted.
+    Promoted,
+    /// Neither the active slot nor the canary entry names us: aborted.
+    Aborted,
+    /// The active generation is gone: `seen` is the active slot as read.
+    ActiveGone { seen: Option<Slot> },
 }
 
 /// What the pinned maps say about the generation holding the active slot,
@@ -308,6 +336,103 @@ impl Steering {
         Ok(previous)
     }
 
+    /// Checks, before anything is bound, that we may start as a canary.
+    pub fn check_canary(&self) -> Result<()> {
+        let Steering::Ebpf(p) = self else {
+            return Ok(());
+        };
+        match p.maps.canary_refusal(p.slot)? {
+            Some(refusal) => Err(refusal),
+            None => Ok(()),
+        }
+    }
+
+    /// Instead of the flip: every new connection whose flow hash falls in
+    /// `weight_bp` now comes to us (one map write), the rest stays with
+    /// the active generation.
+    pub fn become_canary(&mut self, weight_bp: u32) -> Result<()> {
+        let Some(p) = self.pinned() else {
+            return Ok(());
+        };
+        let slot = p.slot;
+        p.maps.lock()?.start_canary(slot, weight_bp)
+    }
+
+    /// What the maps say of us, a canary.
+    pub fn canary_role(&self) -> Result<CanaryRole> {
+        let Steering::Ebpf(p) = self else {
+            return Ok(CanaryRole::Canary);
+        };
+        let active = p.maps.active_slot()?;
+        if active == Some(p.slot) {
+            return Ok(CanaryRole::Promoted);
+        }
+        if p.maps.canary()?.is_none_or(|c| c.slot != p.slot.0) {
+            return Ok(CanaryRole::Aborted);
+        }
+        let holder_alive = match active {
+            Some(a) => is_alive(&p.maps.record(a)?),
+            None => false,
+        };
+        Ok(if holder_alive {
+            CanaryRole::Canary
+        } else {
+            CanaryRole::ActiveGone { seen: active }
+        })
+    }
+
+    /// A canary whose active generation is gone takes the active slot (if
+    /// it still reads `seen`) and leaves the canary entry. True when it did.
+    pub fn take_over_as_canary(&mut self, seen: Option<Slot>) -> Result<bool> {
+        let Some(p) = self.pinned() else {
+            return Ok(false);
+        };
+        let slot = p.slot;
+        let mut locked = p.maps.lock()?;
+        if !locked.flip(slot, Some(seen))? {
+            return Ok(false);
+        }
+        locked.clear_canary_of(slot)?;
+        Ok(true)
+    }
+
+    /// The canary entry of the instance (alive or not), with its record.
+    pub fn canary(&self) -> Result<Option<LiveCanary>> {
+        let Steering::Ebpf(p) = self else {
+            return Ok(None);
+        };
+        let Some(canary) = p.maps.canary()? else {
+            return Ok(None);
+        };
+        let record = p.maps.record(Slot(canary.slot))?;
+        Ok(Some(LiveCanary { canary, record }))
+    }
+
+    /// Sums of listener counters (indexes of the listener table) that
+    /// `slot` published.
+    pub fn listener_sums(&self, slot: Slot, counters: &[u32]) -> Result<Vec<u64>> {
+        match self {
+            Steering::Ebpf(p) => p.maps.listener_sums(slot, counters),
+            Steering::Reuseport => Ok(vec![0; counters.len()]),
+        }
+    }
+
+    /// Aborts the canary in `slot` (no-op if it is no longer the canary).
+    pub fn abort_canary(&mut self, slot: Slot) -> Result<bool> {
+        let Some(p) = self.pinned() else {
+            return Ok(false);
+        };
+        p.maps.lock()?.clear_canary_of(slot)
+    }
+
+    /// Promotes the canary in `slot` (an error if it no longer is one).
+    pub fn promote_canary(&mut self, slot: Slot) -> Result<()> {
+        let Some(p) = self.pinned() else {
+            return Ok(());
+        };
+        p.maps.lock()?.promote_canary(Some(slot)).map(|_| ())
+    }
+
     /// Takes the active slot back if it still reads `seen` (a rollback
     /// never undoes a newer flip). True when it flipped.
     pub fn roll_back(&mut self, seen: Option<Slot>) -> Result<bool> {
@@ -387,6 +512,7 @@ impl Steering {
         let _ = p.maps.write_record(p.slot, &p.record);
         if let Ok(mut locked) = p.maps.lock() {
             let _ = locked.clear_active(p.slot);
+            let _ = locked.clear_canary_of(p.slot);
         }
     }
 }

@@ -112,6 +112,8 @@ where
 pub struct ConnStats {
     /// Requests answered, including the 502s and other local answers.
     pub requests: u64,
+    /// Responses with a 5xx status (the server's, or our 502/504).
+    pub server_errors: u64,
     /// Upstream connections opened (1 when keep-alive held all the way).
     pub upstream_connects: u64,
     /// Responses sent gzip-compressed.
@@ -305,6 +307,7 @@ fn error_chain(e: &(dyn StdError + 'static)) -> String {
 #[derive(Default)]
 struct BodyCounters {
     requests: AtomicU64,
+    server_errors: AtomicU64,
     upstream_connects: AtomicU64,
     compressed_responses: AtomicU64,
     body_bytes_before: AtomicU64,
@@ -315,6 +318,7 @@ impl BodyCounters {
     fn snapshot(&self) -> ConnStats {
         ConnStats {
             requests: self.requests.load(Ordering::Relaxed),
+            server_errors: self.server_errors.load(Ordering::Relaxed),
             upstream_connects: self.upstream_connects.load(Ordering::Relaxed),
             compressed_responses: self.compressed_responses.load(Ordering::Relaxed),
             body_bytes_before: self.body_bytes_before.load(Ordering::Relaxed),
@@ -387,6 +391,9 @@ impl<U: Upstream> ConnState<U> {
                 }
             }
         };
+        if resp.status().is_server_error() {
+            self.counters.server_errors.fetch_add(1, Ordering::Relaxed);
+        }
         if *self.draining.borrow() {
             resp.headers_mut()
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));
