@@ -57,4 +57,4 @@ pub use process::wait_until;
 pub use proxy::Proxy;
 pub use sandbox::{Sandbox, report};
 pub use signals::Signal;
-pub use status::{GenStatus, Status};
+pub use status::{CanaryStatus, GenStatus, Status};

@@ -187,6 +187,49 @@ impl Proxy {
         id
     }
 
+    /// Starts `proxy run -c config --canary percent` and waits until it is
+    /// the live canary of the instance (its log says so and status shows it).
+    pub fn start_canary(sb: &Sandbox, config: &Path, percent: &str, timeout: Duration) -> Proxy {
+        let mut p = Proxy::start_args(sb, config, &["--canary", percent], &[]);
+        let deadline = Instant::now() + timeout;
+        let id = loop {
+            if let Some(id) = parse_gen_id(&p.log(), ": canary: takes") {
+                break id;
+            }
+            if let Some(status) = p.try_exit() {
+                panic!(
+                    "{} exited with {status} before becoming a canary; log:\n{}",
+                    p.label,
+                    p.log()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} did not log `: canary: takes` within {timeout:?}; log:\n{}",
+                p.label,
+                p.log()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        sb.wait_status(
+            &format!(
+                "{} (generation {}) to be the canary",
+                p.label, id.generation
+            ),
+            Duration::from_secs(5),
+            |st| {
+                st.canary
+                    .as_ref()
+                    .is_some_and(|c| c.generation == id.generation && c.alive)
+                    && st
+                        .generation(id.generation)
+                        .is_some_and(|g| g.state == "canary")
+            },
+        );
+        p.id = Some(id);
+        p
+    }
+
     /// The generation number (after [`Proxy::wait_active`]).
     pub fn generation(&self) -> u64 {
         self.id.expect("wait_active() first").generation

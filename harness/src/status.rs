@@ -18,6 +18,27 @@ pub struct Status {
     pub active_slot: Option<u32>,
     pub generations: Vec<GenStatus>,
     pub counters: Counters,
+    /// The canary beside the active generation, if one is set.
+    #[serde(default)]
+    pub canary: Option<CanaryStatus>,
+}
+
+/// The `canary` object of `proxy status --json`.
+#[derive(Clone, Debug, Deserialize)]
+pub struct CanaryStatus {
+    pub slot: u32,
+    pub generation: u64,
+    pub alive: bool,
+    pub weight_percent: f64,
+    pub measured_percent: Option<f64>,
+    pub split_canary: u64,
+    pub split_active: u64,
+    pub connections: u64,
+    pub errors: u64,
+    pub error_rate: f64,
+    pub active_connections: u64,
+    pub active_errors: u64,
+    pub active_error_rate: f64,
 }
 
 #[derive(Clone, Debug, Deserialize)]
