@@ -190,7 +190,19 @@ impl Proxy {
     /// Starts `proxy run -c config --canary percent` and waits until it is
     /// the live canary of the instance (its log says so and status shows it).
     pub fn start_canary(sb: &Sandbox, config: &Path, percent: &str, timeout: Duration) -> Proxy {
-        let mut p = Proxy::start_args(sb, config, &["--canary", percent], &[]);
+        Self::start_canary_wrapped(sb, &[], config, percent, timeout)
+    }
+
+    /// Like [`Proxy::start_canary`], run by `wrapper` (see
+    /// [`Proxy::start_wrapped`]).
+    pub fn start_canary_wrapped(
+        sb: &Sandbox,
+        wrapper: &[&str],
+        config: &Path,
+        percent: &str,
+        timeout: Duration,
+    ) -> Proxy {
+        let mut p = Self::spawn(sb, wrapper, config, &["--canary", percent], &[]);
         let deadline = Instant::now() + timeout;
         let id = loop {
             if let Some(id) = parse_gen_id(&p.log(), ": canary: takes") {

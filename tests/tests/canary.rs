@@ -436,6 +436,106 @@ fn a_canary_that_dies_leaves_the_split_at_once() {
     assert!(active.expect_exit(Duration::from_secs(10)).success());
 }
 
+/// `unshare(1)` with a new PID namespace (as in separate_pid_namespaces).
+const NEW_PIDNS: &[&str] = &["unshare", "--pid", "--fork", "--kill-child"];
+
+/// A canary in its own PID namespace (a container without `--pid=host`):
+/// it cannot see the active generation's PID nor be seen, yet it takes its
+/// share, is promoted by `proxy promote --name` through the pinned maps, and
+/// the old generation drains and exits; the stats views show the canary.
+#[test]
+fn canary_across_pid_namespaces_and_in_the_stats_views() {
+    let (sb, rt) = Sandbox::with_runtime("canary_pidns");
+    let _backend = Backend::start(&rt, Duration::ZERO);
+    let stats = "[stats]\nbind = \"127.0.0.1:8404\"\n";
+    let cfg = sb.write_file(
+        "proxy.toml",
+        &config_text(&sb, &ProxyConfig::draining("10s"), "", stats),
+    );
+    let mut active = Proxy::start(&sb, &cfg, &[]);
+    active.wait_active(&sb, Duration::from_secs(10));
+    let mut canary =
+        Proxy::start_canary_wrapped(&sb, NEW_PIDNS, &cfg, "25", Duration::from_secs(10));
+    let st = sb.status();
+    let rec = st.generation(canary.generation()).expect("canary record");
+    assert!(
+        rec.pid <= 2 && rec.pid != canary.pid,
+        "the canary records its PID in its own namespace: {rec:?}"
+    );
+    let load = Load::start(&rt, LoadSpec::new(RATE, Duration::from_secs(30)));
+    load.wait_ok(1500, Duration::from_secs(10));
+
+    // The views, served by whichever generation the program picks.
+    let json = proxy_harness::http_get::http_get_ok(
+        "127.0.0.1:8404",
+        "/stats.json",
+        Duration::from_secs(5),
+    )
+    .0;
+    let v: serde_json::Value = serde_json::from_str(&json.body).expect("stats.json parses");
+    assert_eq!(
+        v["canary"]["generation"].as_u64(),
+        Some(canary.generation()),
+        "{v:#}"
+    );
+    assert_eq!(v["canary"]["weight_percent"].as_f64(), Some(25.0), "{v:#}");
+    let metrics =
+        proxy_harness::http_get::http_get_ok("127.0.0.1:8404", "/metrics", Duration::from_secs(5))
+            .0;
+    let metrics = metrics.body;
+    let weight = format!(
+        "proxy_canary_weight_ratio{{instance=\"{}\",slot=\"{}\",generation=\"{}\"}} 0.25",
+        sb.name,
+        canary.slot(),
+        canary.generation()
+    );
+    assert!(metrics.contains(&weight), "no {weight:?} in:\n{metrics}");
+    let page =
+        proxy_harness::http_get::http_get_ok("127.0.0.1:8404", "/", Duration::from_secs(5)).0;
+    let page = page.body;
+    assert!(
+        page.contains("id=\"canary\"") && page.contains("share 25% set"),
+        "{page}"
+    );
+
+    let out = sb.run_proxy_cmd(
+        &[
+            "promote",
+            "--name",
+            &sb.name,
+            "--bpffs",
+            sb.bpffs.to_str().unwrap(),
+        ],
+        Duration::from_secs(10),
+    );
+    assert!(out.status.success(), "{}{}", out.stdout, out.stderr);
+    let exit = active.expect_exit(Duration::from_secs(15));
+    assert!(
+        exit.success(),
+        "old generation: {exit}; log:\n{}",
+        active.log()
+    );
+    sb.wait_status(
+        "the namespaced canary to serve",
+        Duration::from_secs(5),
+        |st| st.is_serving(canary.generation()),
+    );
+    let after = load.ok();
+    load.wait_ok(after + 1500, Duration::from_secs(10));
+    let load_report = load.finish(&rt);
+    report(
+        &sb,
+        &format!(
+            "canary in its own PID namespace, promoted by name: {} connections, ok={} failed={}",
+            load_report.started, load_report.ok, load_report.failed
+        ),
+    );
+    load_report.assert_clean("load across a namespaced canary's promotion");
+    // unshare ignores SIGTERM and forwards nothing: SIGKILL it, and
+    // --kill-child takes the proxy with it.
+    canary.kill();
+}
+
 /// The canary's backend: answers every request with a 502.
 const BAD_BACKEND_ADDR: &str = "127.0.0.1:9002";
 

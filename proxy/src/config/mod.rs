@@ -1146,6 +1146,54 @@ connect_timeout = "500ms"
     }
 
     #[test]
+    fn canary_settings_have_defaults_and_ranges() {
+        let c = parse(MINIMAL).unwrap().global.canary;
+        assert!(c.auto_abort);
+        assert_eq!(c.window, Duration::from_secs(30));
+        assert_eq!((c.min_connections, c.max_error_ratio), (100, 2.0));
+        assert_eq!((c.min_error_rate, c.promote_after), (0.01, None));
+        let with = |table: &str| format!("{MINIMAL}\n[global.canary]\n{table}\n");
+        let c = parse(&with(
+            "window = \"10s\"\npromote_after = \"5m\"\nmax_error_ratio = 1.5",
+        ))
+        .unwrap()
+        .global
+        .canary;
+        assert_eq!(c.promote_after, Some(Duration::from_secs(300)));
+        assert_eq!(c.max_error_ratio, 1.5);
+        for (table, key, needle) in [
+            ("window = \"100ms\"", "global.canary.window", "at least 1s"),
+            (
+                "max_error_ratio = 0.5",
+                "global.canary.max_error_ratio",
+                "at least 1.0",
+            ),
+            (
+                "min_error_rate = 2.0",
+                "global.canary.min_error_rate",
+                "0.0 to 1.0",
+            ),
+            (
+                "min_connections = 0",
+                "global.canary.min_connections",
+                "out of range",
+            ),
+            (
+                "window = \"1m\"\npromote_after = \"10s\"",
+                "global.canary.promote_after",
+                "at least global.canary.window",
+            ),
+            (
+                "max_errors = 3",
+                "global.canary.max_errors",
+                "unknown field",
+            ),
+        ] {
+            assert_err(&with(table), key, needle);
+        }
+    }
+
+    #[test]
     fn interpolation_set() {
         let c = parse_env(
             &with_server("${HOST}:${PORT}"),

@@ -102,11 +102,12 @@ impl Watch {
         }
     }
 
-    /// The canary's and our error rates over the current window, for views.
-    pub fn window(&self) -> Option<(Figures, Figures)> {
-        let (_, c0, a0) = self.samples.front()?;
-        let (_, c1, a1) = self.samples.back()?;
-        Some((c1.since(*c0), a1.since(*a0)))
+    /// The canary's and our figures over the current window, and how long
+    /// the samples span (shorter than the window while it fills).
+    pub fn window(&self) -> Option<(Figures, Figures, Duration)> {
+        let (t0, c0, a0) = self.samples.front()?;
+        let (t1, c1, a1) = self.samples.back()?;
+        Some((c1.since(*c0), a1.since(*a0), t1.duration_since(*t0)))
     }
 }
 
@@ -185,7 +186,7 @@ pub fn tick(
     while w.samples.len() > 1 && now.duration_since(w.samples[1].0) >= cfg.window {
         w.samples.pop_front();
     }
-    let Some((canary_window, active_window)) = w.window() else {
+    let Some((canary_window, active_window, span)) = w.window() else {
         return Action::None;
     };
     match judge(cfg, canary_window, active_window) {
@@ -206,12 +207,14 @@ pub fn tick(
                         active_errors = af.errors,
                         active_connections = af.connections,
                         "{label}: canary generation {} ABORTED automatically: error rate {:.2}% \
-                         ({} of {} connections in the last {:?}) against the active generation's \
-                         {:.2}% ({} of {}); limits: max_error_ratio {}, min_error_rate {:.2}%",
+                         ({} of {} connections in the last {:.1?}, window {:?}) against the \
+                         active generation's {:.2}% ({} of {}); limits: max_error_ratio {}, \
+                         min_error_rate {:.2}%",
                         w.generation,
                         cf.rate() * 100.0,
                         cf.errors,
                         cf.connections,
+                        span,
                         cfg.window,
                         af.rate() * 100.0,
                         af.errors,
@@ -244,14 +247,14 @@ pub fn tick(
                     active_error_rate = af.rate(),
                     active_connections = af.connections,
                     "{label}: canary generation {} PROMOTED after {:?} (promote_after): error \
-                     rate {:.2}% ({} of {} connections in the last {:?}) against ours {:.2}% \
+                     rate {:.2}% ({} of {} connections in the last {:.1?}) against ours {:.2}% \
                      ({} of {})",
                     w.generation,
                     after,
                     cf.rate() * 100.0,
                     cf.errors,
                     cf.connections,
-                    cfg.window,
+                    span,
                     af.rate() * 100.0,
                     af.errors,
                     af.connections,
