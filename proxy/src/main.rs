@@ -242,7 +242,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let canary = canary
                 .map(weight_from_percent)
                 .transpose()
-                .map_err(|e| SteeringError::Weight(e))
+                .map_err(SteeringError::Weight)
                 .context("--canary")?;
             // Validate completely before touching anything: a bad config
             // exits here and the running generation never notices.
