@@ -727,3 +727,59 @@ fn a_canary_whose_backend_answers_502_is_aborted_automatically() {
     active.signal(Signal::Usr1);
     assert!(active.expect_exit(Duration::from_secs(10)).success());
 }
+
+/// `promote_after`: a canary judged healthy over a window and running that
+/// long is promoted by the active generation itself, which then drains.
+#[test]
+fn a_healthy_canary_is_promoted_after_promote_after() {
+    let (sb, rt) = Sandbox::with_runtime("canary_promote_after");
+    let _backend = Backend::start(&rt, Duration::ZERO);
+    let judge = "[global.canary]\nwindow = \"1s\"\nmin_connections = 20\npromote_after = \"2s\"\n";
+    let cfg = sb.write_file(
+        "proxy.toml",
+        &config_text(&sb, &ProxyConfig::draining("10s"), "", judge),
+    );
+    let mut active = Proxy::start(&sb, &cfg, &[]);
+    active.wait_active(&sb, Duration::from_secs(10));
+    let load = Load::start(&rt, LoadSpec::new(1000.0, Duration::from_secs(30)));
+    load.wait_ok(500, Duration::from_secs(10));
+    let started = Instant::now();
+    let mut canary = Proxy::start_canary(&sb, &cfg, "50", Duration::from_secs(10));
+    let exit = active.expect_exit(Duration::from_secs(20));
+    let promoted_after = started.elapsed();
+    assert!(
+        exit.success(),
+        "old generation: {exit}; log:\n{}",
+        active.log()
+    );
+    let line = active
+        .log()
+        .lines()
+        .find(|l| l.contains("PROMOTED after 2s (promote_after)"))
+        .map(str::to_string)
+        .unwrap_or_else(|| panic!("no promotion logged:\n{}", active.log()));
+    assert!(line.contains("error rate 0.00%"), "{line}");
+    sb.wait_status(
+        "the promoted canary to serve",
+        Duration::from_secs(5),
+        |st| st.is_serving(canary.generation()) && st.canary.is_none(),
+    );
+    let after = load.ok();
+    load.wait_ok(after + 500, Duration::from_secs(10));
+    let load_report = load.finish(&rt);
+    report(
+        &sb,
+        &format!(
+            "promote_after 2s: old generation gone {promoted_after:.2?} after the canary started; \
+             {} connections, ok={} failed={}",
+            load_report.started, load_report.ok, load_report.failed
+        ),
+    );
+    load_report.assert_clean("load across an automatic promotion");
+    assert!(
+        promoted_after >= Duration::from_secs(2),
+        "promoted after {promoted_after:?}, before promote_after"
+    );
+    canary.signal(Signal::Usr1);
+    assert!(canary.expect_exit(Duration::from_secs(10)).success());
+}
