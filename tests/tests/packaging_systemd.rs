@@ -1,11 +1,13 @@
-//! Checks of `packaging/systemd/` with the real tools, and of its unit and
+//! Checks of `packaging/systemd/` with the real tools, and of its units and
 //! script with real generations: `systemd-analyze verify` and `security
-//! --offline` on the template unit; the settings the upgrade relies on; a
-//! real systemd booted with `systemd-nspawn` running the unit,
-//! `proxy-upgrade`, a crash and a stop; `shellcheck` of `proxy-upgrade` and
-//! a run of it through a stand-in `systemctl`; generations under exactly
-//! the unit's capability bounding set (`setpriv`), and traced with `strace`
-//! against its `SystemCallFilter=` and `RestrictAddressFamilies=`.
+//! --offline` on both template units; the settings the upgrade relies on;
+//! the canary unit's hardening against the generation unit's; a real
+//! systemd booted with `systemd-nspawn` running the units, `proxy-upgrade`
+//! (an upgrade, a canary promoted, a canary aborted), a crash and a stop;
+//! `shellcheck` of `proxy-upgrade` and runs of it through a stand-in
+//! `systemctl`; generations under exactly the unit's capability bounding
+//! set (`setpriv`), and traced with `strace` against its
+//! `SystemCallFilter=` and `RestrictAddressFamilies=`.
 //!
 //! The tests that run generations need root, like the other integration
 //! tests. A missing tool fails its test and names the package to install;
@@ -36,6 +38,18 @@ use serde_json::Value;
 
 fn unit_path() -> PathBuf {
     packaging("systemd/proxy@.service")
+}
+
+fn canary_unit_path() -> PathBuf {
+    packaging("systemd/proxy-canary@.service")
+}
+
+/// Both template units: (file name, path).
+fn units() -> [(&'static str, PathBuf); 2] {
+    [
+        ("proxy@.service", unit_path()),
+        ("proxy-canary@.service", canary_unit_path()),
+    ]
 }
 
 /// `(section, key, value)` of every setting of a unit file, in order.
@@ -72,19 +86,25 @@ fn unit_value(settings: &[(String, String, String)], section: &str, key: &str) -
     assert_eq!(
         values.len(),
         1,
-        "[{section}] {key}= must be set exactly once in {}: {values:?}",
-        unit_path().display()
+        "[{section}] {key}= must be set exactly once: {values:?}"
     );
     values[0].clone()
 }
 
-/// A copy of the unit whose `/usr/local/bin/proxy` is the built binary, so
-/// that systemd-analyze checks real executables.
-fn unit_copy() -> (tempfile::TempDir, PathBuf) {
+/// A unit's text with its binaries (`/usr/local/bin/proxy`, and the
+/// canary's `/usr/local/bin/proxy.canary`) at `bin`.
+fn unit_text_with_binary(path: &Path, bin: &str) -> String {
+    read(path)
+        .replace("/usr/local/bin/proxy.canary", bin)
+        .replace("/usr/local/bin/proxy", bin)
+}
+
+/// A copy of a unit whose binary is the built one, so that systemd-analyze
+/// checks real executables.
+fn unit_copy(name: &str, path: &Path) -> (tempfile::TempDir, PathBuf) {
     let dir = tempfile::tempdir().expect("creating a temporary folder");
-    let bin = proxy_bin();
-    let text = read(&unit_path()).replace("/usr/local/bin/proxy", &bin.display().to_string());
-    let copy = dir.path().join("proxy@.service");
+    let text = unit_text_with_binary(path, &proxy_bin().display().to_string());
+    let copy = dir.path().join(name);
     fs::write(&copy, text).expect("writing the unit copy");
     (dir, copy)
 }
@@ -94,65 +114,174 @@ fn systemd_analyze() -> PathBuf {
 }
 
 #[test]
-fn systemd_unit_passes_systemd_analyze_verify() {
+fn systemd_units_pass_systemd_analyze_verify() {
     let analyze = systemd_analyze();
-    let (dir, copy) = unit_copy();
-    let out = run(
-        Command::new(&analyze)
-            .args(["verify", "--man=no"])
-            .arg(&copy),
-        Duration::from_secs(60),
-    );
-    // verify exits 0 on mere warnings (an unknown key, a value it cannot
-    // parse and ignores): any word about our unit is a failure.
-    let ours: Vec<&str> = out
-        .stderr
-        .lines()
-        .chain(out.stdout.lines())
-        .filter(|l| l.contains("proxy@") || l.contains(&*dir.path().to_string_lossy()))
-        .collect();
-    assert!(
-        out.status.success() && ours.is_empty(),
-        "systemd-analyze verify {}:\n{}",
-        unit_path().display(),
-        out.text()
-    );
+    for (name, path) in units() {
+        let (dir, copy) = unit_copy(name, &path);
+        let out = run(
+            Command::new(&analyze)
+                .args(["verify", "--man=no"])
+                .arg(&copy),
+            Duration::from_secs(60),
+        );
+        // verify exits 0 on mere warnings (an unknown key, a value it
+        // cannot parse and ignores): any word about our unit is a failure.
+        let prefix = name.trim_end_matches(".service");
+        let ours: Vec<&str> = out
+            .stderr
+            .lines()
+            .chain(out.stdout.lines())
+            .filter(|l| l.contains(prefix) || l.contains(&*dir.path().to_string_lossy()))
+            .collect();
+        assert!(
+            out.status.success() && ours.is_empty(),
+            "systemd-analyze verify {}:\n{}",
+            path.display(),
+            out.text()
+        );
 
-    // The check is real: a unit whose binary does not exist fails it.
-    let broken = dir.path().join("broken@.service");
-    fs::write(
-        &broken,
-        read(&copy).replace(&proxy_bin().display().to_string(), "/nonexistent/bin/proxy"),
-    )
-    .unwrap();
-    let out = run(
-        Command::new(&analyze)
-            .args(["verify", "--man=no"])
-            .arg(&broken),
-        Duration::from_secs(60),
-    );
-    assert!(
-        !out.status.success() && out.stderr.contains("/nonexistent/bin/proxy"),
-        "systemd-analyze verify accepted a unit whose ExecStart does not exist:\n{}",
-        out.text()
-    );
+        // The check is real: a unit whose binary does not exist fails it.
+        let broken = dir.path().join("broken@.service");
+        fs::write(
+            &broken,
+            read(&copy).replace(&proxy_bin().display().to_string(), "/nonexistent/bin/proxy"),
+        )
+        .unwrap();
+        let out = run(
+            Command::new(&analyze)
+                .args(["verify", "--man=no"])
+                .arg(&broken),
+            Duration::from_secs(60),
+        );
+        assert!(
+            !out.status.success() && out.stderr.contains("/nonexistent/bin/proxy"),
+            "systemd-analyze verify accepted a copy of {name} whose ExecStart does not exist:\n{}",
+            out.text()
+        );
+    }
 }
 
 #[test]
-fn systemd_unit_hardening_exposure_stays_low() {
+fn systemd_units_hardening_exposure_stays_low() {
     let analyze = systemd_analyze();
-    let (_dir, copy) = unit_copy();
-    // --threshold is on the 0..100 scale; the printout divides by ten.
-    let out = run(
-        Command::new(analyze)
-            .args(["security", "--offline=yes", "--no-pager", "--threshold=40"])
-            .arg(&copy),
-        Duration::from_secs(60),
+    for (name, path) in units() {
+        let (_dir, copy) = unit_copy(name, &path);
+        // --threshold is on the 0..100 scale; the printout divides by ten.
+        let out = run(
+            Command::new(&analyze)
+                .args(["security", "--offline=yes", "--no-pager", "--threshold=40"])
+                .arg(&copy),
+            Duration::from_secs(60),
+        );
+        assert!(
+            out.status.success(),
+            "systemd-analyze security rates {name} above 4.0 (hardening lost?):\n{}",
+            out.text()
+        );
+    }
+}
+
+/// The canary unit is the generation unit with a canary's start: every
+/// setting is the same (privileges, hardening, notifications, stop,
+/// timeouts) but the few that make it a canary, and those are as the
+/// README describes.
+#[test]
+fn systemd_canary_unit_is_the_generation_unit_with_a_canary_start() {
+    let unit = unit_settings(&read(&unit_path()));
+    let canary = unit_settings(&read(&canary_unit_path()));
+    // What may differ: the description, the start, the restart policy, the
+    // canary's own environment file, and [Install] (a canary never starts
+    // at boot).
+    let differs = |(section, key, _): &&(String, String, String)| {
+        section == "Install"
+            || matches!(
+                (section.as_str(), key.as_str()),
+                ("Unit", "Description")
+                    | (
+                        "Service",
+                        "ExecStartPre" | "ExecStart" | "Restart" | "RestartSec" | "EnvironmentFile"
+                    )
+            )
+    };
+    let shared = |s: &[(String, String, String)]| -> BTreeSet<(String, String, String)> {
+        s.iter().filter(|x| !differs(x)).cloned().collect()
+    };
+    let (unit_shared, canary_shared) = (shared(&unit), shared(&canary));
+    assert!(
+        unit_shared.len() > 30,
+        "the comparison must cover the hardening: {unit_shared:?}"
+    );
+    assert_eq!(
+        unit_shared.difference(&canary_shared).collect::<Vec<_>>(),
+        Vec::<&(String, String, String)>::new(),
+        "settings of proxy@.service that proxy-canary@.service lacks or sets otherwise"
+    );
+    assert_eq!(
+        canary_shared.difference(&unit_shared).collect::<Vec<_>>(),
+        Vec::<&(String, String, String)>::new(),
+        "settings of proxy-canary@.service that proxy@.service does not have"
+    );
+    for key in [
+        "CapabilityBoundingSet",
+        "SystemCallFilter",
+        "ReadWritePaths",
+    ] {
+        assert_eq!(
+            unit_value(&unit, "Service", key),
+            unit_value(&canary, "Service", key)
+        );
+    }
+
+    let svc = "Service";
+    let exec = unit_value(&canary, svc, "ExecStart");
+    let words: Vec<&str> = exec.split_whitespace().collect();
+    assert_eq!(
+        &words[..4],
+        [
+            "/usr/local/bin/proxy.canary",
+            "run",
+            "-c",
+            "${PROXY_CONFIG}"
+        ],
+        "the canary runs its own binary (the installed one stays the active's) on the \
+         instance's config: {exec}"
     );
     assert!(
-        out.status.success(),
-        "systemd-analyze security rates the unit above 4.0 (hardening lost?):\n{}",
-        out.text()
+        exec.ends_with(" --canary %i"),
+        "the instance name is the share it starts with: {exec}"
+    );
+    assert!(
+        !exec.contains("-sf") && !exec.contains("-st"),
+        "the proxy refuses --canary with -sf/-st: {exec}"
+    );
+    let pidfile = words[words.iter().position(|w| *w == "-p").expect("-p") + 1];
+    assert!(
+        pidfile.starts_with("/run/proxy/") && !pidfile.contains("%i"),
+        "a pidfile of its own in the shared runtime folder: {pidfile}"
+    );
+    assert_eq!(
+        unit_value(&canary, svc, "ExecStartPre"),
+        "/usr/local/bin/proxy.canary check -c ${PROXY_CONFIG}",
+        "the canary's binary checks the canary's config"
+    );
+    assert_eq!(
+        unit_value(&canary, svc, "Restart"),
+        "no",
+        "a failed canary must not take its share again"
+    );
+    assert!(
+        !canary.iter().any(|(s, _, _)| s == "Install"),
+        "a canary starts only beside a running active generation, never at boot"
+    );
+    // The canary's environment file comes after the shared one: it wins.
+    let files = unit_values(&canary, svc, "EnvironmentFile");
+    assert_eq!(
+        files,
+        [
+            unit_values(&unit, svc, "EnvironmentFile"),
+            vec!["-/etc/default/proxy-canary".to_string()]
+        ]
+        .concat()
     );
 }
 
@@ -274,10 +403,13 @@ fn systemd_upgrade_script_passes_shellcheck() {
     shellcheck(&script, None);
 }
 
-/// A stand-in for `systemctl` that runs `proxy@COLOR.service` the way the
-/// unit does (`proxy run -c $PROXY_CONFIG -p DIR/COLOR.pid`, `KillSignal=
-/// SIGUSR1`, `Type=notify`: start returns once the generation is active)
-/// and answers what `proxy-upgrade` asks. Every call goes to calls.log.
+/// A stand-in for `systemctl` that runs `proxy@COLOR.service` and
+/// `proxy-canary@PERCENT.service` the way the units do (`proxy run -c
+/// $PROXY_CONFIG -p DIR/COLOR.pid`; `proxy.canary run -c CONFIG -p
+/// DIR/canary.pid --canary PERCENT` with CONFIG from the canary's
+/// environment file if it names one; `KillSignal=SIGUSR1`; `Type=notify`:
+/// start returns once the generation is active, or the canary) and answers
+/// what `proxy-upgrade` asks. Every call goes to calls.log.
 const FAKE_SYSTEMCTL: &str = r#"#!/usr/bin/env bash
 set -euo pipefail
 dir=${FAKE_SYSTEMD:?}
@@ -312,19 +444,45 @@ show)
     *) echo "fake systemctl: property $2?" >&2; exit 2 ;;
     esac
     ;;
+list-units)
+    pattern=${!#}
+    for f in "$dir"/*.mainpid; do
+        [[ -e $f ]] || continue
+        u=${f##*/}
+        u=${u%.mainpid}
+        # shellcheck disable=SC2053 # a glob, as systemctl matches it
+        [[ $u == $pattern ]] || continue
+        echo "$u loaded $(state "$u") running fake"
+    done
+    ;;
 start)
     unit=$1
     [[ $(state "$unit") == inactive ]] || exit 0
     rm -f "$dir/$unit.stopping"
     instance=${unit#*@}
     instance=${instance%.service}
-    "$PROXY_BIN" run -c "$PROXY_CONFIG" -p "$dir/$instance.pid" </dev/null >>"$dir/$unit.log" 2>&1 &
+    case $unit in
+    *-canary@*)
+        config=$PROXY_CONFIG
+        if [[ -r ${PROXY_CANARY_DEFAULTS:-} ]]; then
+            c=$(sed -n 's/^PROXY_CONFIG=//p' "$PROXY_CANARY_DEFAULTS" | tail -n 1)
+            config=${c:-$config}
+        fi
+        "$PROXY_BIN.canary" run -c "$config" -p "$dir/canary.pid" --canary "$instance" \
+            </dev/null >>"$dir/$unit.log" 2>&1 &
+        ready='.state == "canary"'
+        ;;
+    *)
+        "$PROXY_BIN" run -c "$PROXY_CONFIG" -p "$dir/$instance.pid" </dev/null >>"$dir/$unit.log" 2>&1 &
+        ready='.active'
+        ;;
+    esac
     pid=$!
     echo "$pid" >"$dir/$unit.mainpid"
     for _ in $(seq 200); do
         alive "$pid" || { echo "fake systemctl: $unit exited" >&2; exit 1; }
         if "$PROXY_BIN" status -c "$PROXY_CONFIG" --json 2>/dev/null |
-            jq -e --argjson pid "$pid" 'any(.generations[]; .pid == $pid and .active and .alive)' >/dev/null; then
+            jq -e --argjson pid "$pid" "any(.generations[]; .pid == \$pid and .alive and $ready)" >/dev/null; then
             exit 0
         fi
         sleep 0.05
@@ -377,76 +535,146 @@ impl FakeUnits {
     fn calls(&self) -> String {
         fs::read_to_string(self.dir.join("calls.log")).unwrap_or_default()
     }
+
+    /// Waits until `unit`'s process has exited.
+    fn wait_gone(&self, unit: &str) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.main_pid(unit).is_some() {
+            assert!(
+                Instant::now() < deadline,
+                "{unit} did not drain and exit; log:\n{}",
+                self.log(unit)
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
 }
 
 impl Drop for FakeUnits {
     fn drop(&mut self) {
-        for unit in ["proxy@blue.service", "proxy@green.service"] {
-            if let Some(pid) = self.main_pid(unit) {
+        let Ok(entries) = fs::read_dir(&self.dir) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if let Some(unit) = name.strip_suffix(".mainpid")
+                && let Some(pid) = self.main_pid(unit)
+            {
                 let _ = signal(pid, Signal::Kill);
             }
         }
     }
 }
 
-#[test]
-fn systemd_upgrade_script_hands_over_between_real_generations() {
-    let sb = Sandbox::new("pkg-upgrade");
-    require_tool("jq", "apt-get install jq");
-    let script = packaging("systemd/proxy-upgrade");
+/// `proxy-upgrade` against real generations in a sandbox, through the
+/// stand-in `systemctl`, with our own copy of the binary (`--binary` and a
+/// promotion replace it) and of the config.
+struct FakeSystemd {
+    units: FakeUnits,
+    bin_dir: PathBuf,
+    bin: PathBuf,
+    config: PathBuf,
+    /// The canary's environment file (`/etc/default/proxy-canary`); absent
+    /// unless the test writes it.
+    canary_defaults: PathBuf,
+    path: String,
+}
 
-    // Our own copy of the binary: --binary replaces it.
-    let bin_dir = sb.dir.join("bin");
-    fs::create_dir(&bin_dir).unwrap();
-    let bin = bin_dir.join("proxy");
-    fs::copy(proxy_bin(), &bin).expect("copying the proxy binary");
-    let systemctl = bin_dir.join("systemctl");
-    fs::write(&systemctl, FAKE_SYSTEMCTL).unwrap();
-    fs::set_permissions(&systemctl, fs::Permissions::from_mode(0o755)).unwrap();
-    let state = sb.dir.join("systemd");
-    fs::create_dir(&state).unwrap();
-    let units = FakeUnits {
-        dir: state.clone(),
-        bin: bin.clone(),
-    };
-    let config = sb.write_file("proxy.toml", &handover_config(&sb, ""));
-    let path = format!(
-        "{}:{}",
-        bin_dir.display(),
-        std::env::var("PATH").unwrap_or_default()
-    );
-    let upgrade = |args: &[&str]| -> Out {
+impl FakeSystemd {
+    fn new(sb: &Sandbox) -> Self {
+        require_tool("jq", "apt-get install jq");
+        let bin_dir = sb.dir.join("bin");
+        fs::create_dir(&bin_dir).unwrap();
+        let bin = bin_dir.join("proxy");
+        fs::copy(proxy_bin(), &bin).expect("copying the proxy binary");
+        let systemctl = bin_dir.join("systemctl");
+        fs::write(&systemctl, FAKE_SYSTEMCTL).unwrap();
+        fs::set_permissions(&systemctl, fs::Permissions::from_mode(0o755)).unwrap();
+        let state = sb.dir.join("systemd");
+        fs::create_dir(&state).unwrap();
+        let config = sb.write_file("proxy.toml", &handover_config(sb, ""));
+        let path = format!(
+            "{}:{}",
+            bin_dir.display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
+        FakeSystemd {
+            units: FakeUnits {
+                dir: state,
+                bin: bin.clone(),
+            },
+            bin_dir,
+            bin,
+            config,
+            canary_defaults: sb.dir.join("default-proxy-canary"),
+            path,
+        }
+    }
+
+    fn state(&self) -> &Path {
+        &self.units.dir
+    }
+
+    fn upgrade(&self, args: &[&str]) -> Out {
         run(
             Command::new("bash")
-                .arg(&script)
-                .args(["--timeout", "20"])
+                .arg(packaging("systemd/proxy-upgrade"))
                 .args(args)
-                .env("PATH", &path)
-                .env("PROXY_BIN", &bin)
-                .env("PROXY_CONFIG", &config)
+                .args(["--timeout", "20"])
+                .env("PATH", &self.path)
+                .env("PROXY_BIN", &self.bin)
+                .env("PROXY_CONFIG", &self.config)
                 .env("PROXY_DEFAULTS", "/nonexistent")
-                .env("FAKE_SYSTEMD", &state)
+                .env("PROXY_CANARY_DEFAULTS", &self.canary_defaults)
+                .env("FAKE_SYSTEMD", self.state())
                 .env("NO_COLOR", "1"),
             Duration::from_secs(90),
         )
-    };
-    let serving_pid = |sb: &Sandbox| sb.status().active_generation().map(|g| (g.pid, g.alive));
+    }
+
+    /// `proxy-upgrade args` must succeed; its output.
+    fn upgrade_ok(&self, args: &[&str], what: &str) -> Out {
+        let out = self.upgrade(args);
+        assert!(out.status.success(), "{what}:\n{}", out.text());
+        out
+    }
+
+    /// The main PID of a unit that must be running.
+    fn running(&self, unit: &str, out: &Out) -> u32 {
+        self.units
+            .main_pid(unit)
+            .unwrap_or_else(|| panic!("{unit} is not running:\n{}", out.text()))
+    }
+
+    fn assert_called(&self, calls: &[&str]) {
+        let log = self.units.calls();
+        for call in calls {
+            assert!(log.contains(call), "no `systemctl {call}`; calls:\n{log}");
+        }
+    }
+}
+
+fn serving_pid(sb: &Sandbox) -> Option<(u32, bool)> {
+    sb.status().active_generation().map(|g| (g.pid, g.alive))
+}
+
+#[test]
+fn systemd_upgrade_script_hands_over_between_real_generations() {
+    let sb = Sandbox::new("pkg-upgrade");
+    let fake = FakeSystemd::new(&sb);
+    let units = &fake.units;
+    let state = fake.state();
+    let config = &fake.config;
 
     // 1. Nothing runs: it starts blue.
-    let out = upgrade(&[]);
-    assert!(out.status.success(), "first start:\n{}", out.text());
-    let blue = units
-        .main_pid("proxy@blue.service")
-        .unwrap_or_else(|| panic!("proxy@blue is not running:\n{}", out.text()));
+    let out = fake.upgrade_ok(&[], "first start");
+    let blue = fake.running("proxy@blue.service", &out);
     assert_eq!(serving_pid(&sb), Some((blue, true)), "{}", out.text());
     fs::write(state.join("proxy@blue.service.enabled"), "").unwrap();
 
     // 2. Blue -> green, waiting for blue's drain.
-    let out = upgrade(&["--wait-drained"]);
-    assert!(out.status.success(), "blue -> green:\n{}", out.text());
-    let green = units
-        .main_pid("proxy@green.service")
-        .unwrap_or_else(|| panic!("proxy@green is not running:\n{}", out.text()));
+    let out = fake.upgrade_ok(&["--wait-drained"], "blue -> green");
+    let green = fake.running("proxy@green.service", &out);
     assert_eq!(serving_pid(&sb), Some((green, true)), "{}", out.text());
     assert!(
         units.main_pid("proxy@blue.service").is_none(),
@@ -458,28 +686,22 @@ fn systemd_upgrade_script_hands_over_between_real_generations() {
         blue_log.contains("soft-stop (replaced)") && !blue_log.contains("soft-stop (SIGUSR1)"),
         "blue must have let go by itself, on seeing the flip, not on the stop signal; log:\n{blue_log}"
     );
-    let calls = units.calls();
-    for call in [
+    fake.assert_called(&[
         "start proxy@green.service",
         "stop --no-block proxy@blue.service",
         "enable --quiet proxy@green.service",
         "disable --quiet proxy@blue.service",
-    ] {
-        assert!(
-            calls.contains(call),
-            "no `systemctl {call}`; calls:\n{calls}"
-        );
-    }
+    ]);
     assert!(state.join("proxy@green.service.enabled").exists());
     assert!(!state.join("proxy@blue.service.enabled").exists());
 
     // 3. A broken config: nothing changes.
     let broken = sb.write_file(
         "broken.toml",
-        &read(&config).replace("hard_stop_after = \"5s\"", "hard_stop_after = \"soon\""),
+        &read(config).replace("hard_stop_after = \"5s\"", "hard_stop_after = \"soon\""),
     );
     let starts_before = units.calls().matches("start ").count();
-    let out = upgrade(&["--config", broken.to_str().unwrap()]);
+    let out = fake.upgrade(&["--config", broken.to_str().unwrap()]);
     assert!(
         !out.status.success() && out.stderr.contains("nothing changed"),
         "a broken config must stop the upgrade:\n{}",
@@ -489,22 +711,202 @@ fn systemd_upgrade_script_hands_over_between_real_generations() {
     assert_eq!(serving_pid(&sb), Some((green, true)));
 
     // 4. Green -> blue with a "new" binary, which replaces ours atomically.
-    let out = upgrade(&["--binary", proxy_bin().to_str().unwrap()]);
-    assert!(out.status.success(), "green -> blue:\n{}", out.text());
-    assert!(bin_dir.join("proxy.previous").is_file());
-    let blue = units
-        .main_pid("proxy@blue.service")
-        .unwrap_or_else(|| panic!("proxy@blue is not running:\n{}", out.text()));
+    let out = fake.upgrade_ok(
+        &["--binary", proxy_bin().to_str().unwrap()],
+        "green -> blue",
+    );
+    assert!(fake.bin_dir.join("proxy.previous").is_file());
+    let blue = fake.running("proxy@blue.service", &out);
     assert_eq!(serving_pid(&sb), Some((blue, true)), "{}", out.text());
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while units.main_pid("proxy@green.service").is_some() {
+    units.wait_gone("proxy@green.service");
+}
+
+/// A "new version" of the proxy: the binary with bytes appended (the
+/// loader ignores them), so that it runs the same and is another file.
+fn new_version(sb: &Sandbox, name: &str) -> PathBuf {
+    let path = sb.dir.join(name);
+    let mut bytes = fs::read(proxy_bin()).expect("reading the proxy binary");
+    bytes.extend_from_slice(format!("\n{name}\n").as_bytes());
+    fs::write(&path, bytes).unwrap();
+    fs::set_permissions(&path, fs::Permissions::from_mode(0o755)).unwrap();
+    path
+}
+
+/// `proxy-upgrade canary|promote|abort` against real generations: a
+/// canary of a new binary and a config of its own starts beside blue, its
+/// share changes, a plain upgrade is refused meanwhile, the promotion
+/// installs its binary and config and hands over to green; a second canary
+/// is aborted.
+#[test]
+fn systemd_upgrade_script_runs_canaries_between_real_generations() {
+    let sb = Sandbox::new("pkg-canary");
+    let fake = FakeSystemd::new(&sb);
+    let units = &fake.units;
+    let state = fake.state();
+    let canary_of = |sb: &Sandbox| {
+        sb.status()
+            .canary
+            .map(|c| (c.generation, c.weight_percent, c.alive))
+    };
+    let generation_of = |sb: &Sandbox, pid: u32| {
+        sb.status()
+            .generations
+            .iter()
+            .filter(|g| g.pid == pid && g.alive)
+            .map(|g| (g.generation, g.state.clone()))
+            .max()
+    };
+
+    // Nothing runs: a canary is refused (by the proxy: no active generation).
+    let out = fake.upgrade(&["canary", "10"]);
+    assert!(
+        !out.status.success() && out.stderr.contains("did not start"),
+        "a canary without an active generation:\n{}",
+        out.text()
+    );
+    assert!(
+        units
+            .log("proxy-canary@10.service")
+            .contains("no active generation"),
+        "log:\n{}",
+        units.log("proxy-canary@10.service")
+    );
+
+    let out = fake.upgrade_ok(&[], "first start");
+    let blue = fake.running("proxy@blue.service", &out);
+    fs::write(state.join("proxy@blue.service.enabled"), "").unwrap();
+
+    // 1. A canary of a new binary, with a config of its own (the canary's
+    // environment file names it).
+    let original = fs::read(&fake.bin).unwrap();
+    let next = new_version(&sb, "proxy-next");
+    let canary_config = sb.write_file(
+        "proxy-next.toml",
+        &read(&fake.config).replace("hard_stop_after = \"5s\"", "hard_stop_after = \"6s\""),
+    );
+    fs::write(
+        &fake.canary_defaults,
+        format!("PROXY_CONFIG={}\n", canary_config.display()),
+    )
+    .unwrap();
+    let out = fake.upgrade_ok(
+        &["canary", "10", "--binary", next.to_str().unwrap()],
+        "canary 10",
+    );
+    let canary = fake.running("proxy-canary@10.service", &out);
+    let (canary_gen, st) = generation_of(&sb, canary).expect("the canary's record");
+    assert_eq!(st, "canary");
+    assert_eq!(canary_of(&sb), Some((canary_gen, 10.0, true)));
+    assert_eq!(serving_pid(&sb), Some((blue, true)), "blue keeps serving");
+    assert_eq!(
+        fs::read(fake.bin_dir.join("proxy.canary")).unwrap(),
+        fs::read(&next).unwrap(),
+        "the canary runs the new binary"
+    );
+    assert_eq!(
+        fs::read(&fake.bin).unwrap(),
+        original,
+        "the installed binary stays the active generation's"
+    );
+    assert!(
+        fs::read_link(format!("/proc/{canary}/exe"))
+            .unwrap()
+            .ends_with("proxy.canary"),
+        "the canary unit runs proxy.canary"
+    );
+
+    // 2. A new share: one map write, same canary.
+    fake.upgrade_ok(&["canary", "25"], "canary 25");
+    assert_eq!(canary_of(&sb), Some((canary_gen, 25.0, true)));
+
+    // 3. While it runs: no plain upgrade, no second canary.
+    let starts_before = units.calls().matches("start ").count();
+    let out = fake.upgrade(&[]);
+    assert!(
+        !out.status.success() && out.stderr.contains("a canary runs"),
+        "a plain upgrade during a canary must be refused:\n{}",
+        out.text()
+    );
+    let out = fake.upgrade(&["canary", "5", "--binary", next.to_str().unwrap()]);
+    assert!(
+        !out.status.success() && out.stderr.contains("a canary runs already"),
+        "a second canary must be refused:\n{}",
+        out.text()
+    );
+    assert_eq!(units.calls().matches("start ").count(), starts_before);
+    assert_eq!(canary_of(&sb), Some((canary_gen, 25.0, true)));
+
+    // 4. Promotion: the canary takes over from blue, its binary and config
+    // become the installed ones, green takes over from it.
+    let out = fake.upgrade_ok(&["promote", "--wait-drained"], "promote");
+    let green = fake.running("proxy@green.service", &out);
+    assert_eq!(serving_pid(&sb), Some((green, true)), "{}", out.text());
+    assert_eq!(canary_of(&sb), None);
+    for unit in ["proxy@blue.service", "proxy-canary@10.service"] {
         assert!(
-            Instant::now() < deadline,
-            "green did not drain and exit; log:\n{}",
-            units.log("proxy@green.service")
+            units.main_pid(unit).is_none(),
+            "{unit} still runs after promote --wait-drained:\n{}",
+            out.text()
         );
-        std::thread::sleep(Duration::from_millis(20));
     }
+    assert_eq!(fs::read(&fake.bin).unwrap(), fs::read(&next).unwrap());
+    assert_eq!(
+        fs::read(fake.bin_dir.join("proxy.previous")).unwrap(),
+        original
+    );
+    assert_eq!(read(&fake.config), read(&canary_config));
+    assert!(fake.config.with_extension("toml.previous").is_file());
+    let canary_log = units.log("proxy-canary@10.service");
+    assert!(
+        canary_log.contains("promoted: the canary is now the active generation")
+            && canary_log.contains("soft-stop (replaced)"),
+        "the canary must have been promoted, then replaced by green; log:\n{canary_log}"
+    );
+    assert!(
+        units
+            .log("proxy@blue.service")
+            .contains("soft-stop (replaced)"),
+        "blue must have let go on the promotion; log:\n{}",
+        units.log("proxy@blue.service")
+    );
+    fake.assert_called(&[
+        "stop --no-block proxy@blue.service",
+        "start proxy@green.service",
+        "stop --no-block proxy-canary@10.service",
+        "enable --quiet proxy@green.service",
+        "disable --quiet proxy@blue.service",
+    ]);
+
+    // 5. A canary of the installed binary (a config change), aborted.
+    let out = fake.upgrade_ok(&["canary", "2.5"], "canary 2.5");
+    let canary = fake.running("proxy-canary@2.5.service", &out);
+    let (canary_gen, _) = generation_of(&sb, canary).expect("the canary's record");
+    assert_eq!(canary_of(&sb), Some((canary_gen, 2.5, true)));
+    assert_eq!(
+        fs::read(fake.bin_dir.join("proxy.canary")).unwrap(),
+        fs::read(&fake.bin).unwrap()
+    );
+    let out = fake.upgrade_ok(&["abort", "--wait-drained"], "abort");
+    assert!(units.main_pid("proxy-canary@2.5.service").is_none());
+    assert_eq!(canary_of(&sb), None);
+    assert_eq!(serving_pid(&sb), Some((green, true)), "{}", out.text());
+    let log = units.log("proxy-canary@2.5.service");
+    assert!(
+        log.contains("canary aborted") && log.contains("generation stopped"),
+        "log:\n{log}"
+    );
+    fake.assert_called(&["stop --no-block proxy-canary@2.5.service"]);
+
+    // 6. Nothing left to abort or promote.
+    let out = fake.upgrade_ok(&["abort"], "abort again");
+    assert!(out.stderr.contains("nothing to abort"), "{}", out.text());
+    let out = fake.upgrade(&["promote"]);
+    assert!(
+        !out.status.success() && out.stderr.contains("nothing to promote"),
+        "{}",
+        out.text()
+    );
+    assert_eq!(serving_pid(&sb), Some((green, true)));
 }
 
 /// The system calls of each `systemd-analyze syscall-filter` group, nested
@@ -707,8 +1109,9 @@ fn unit_syscall_filter_allows_what_the_proxy_calls() {
 
 /// A systemd booted in a container (`systemd-nspawn` of this machine's own
 /// /usr, volatile, private network, a private bpffs on /sys/fs/bpf) runs the
-/// unit and the upgrade script for real: Type=notify, the hardening with
-/// eBPF, the handover, the bookkeeping, KillSignal=SIGUSR1.
+/// units and the upgrade script for real: Type=notify, the hardening with
+/// eBPF, the handover, a canary promoted and one aborted, the bookkeeping,
+/// KillSignal=SIGUSR1.
 struct Container {
     nspawn: std::process::Child,
     leader: u32,
@@ -781,7 +1184,15 @@ fn systemd_unit_runs_an_upgrade_under_real_systemd() {
     let unit = dir.path().join("proxy@.service");
     fs::write(
         &unit,
-        read(&unit_path()).replace("/usr/local/bin/proxy", "/opt/proxy/proxy"),
+        unit_text_with_binary(&unit_path(), "/opt/proxy/proxy"),
+    )
+    .unwrap();
+    // The canary's binary is /opt/proxy/proxy.canary, which proxy-upgrade
+    // installs there.
+    let canary_unit = dir.path().join("proxy-canary@.service");
+    fs::write(
+        &canary_unit,
+        read(&canary_unit_path()).replace("/usr/local/bin/proxy", "/opt/proxy/proxy"),
     )
     .unwrap();
     let config = dir.path().join("proxy.toml");
@@ -832,6 +1243,11 @@ servers = ["127.0.0.1:9000"]
             "--bind-ro",
             &unit,
             "/etc/systemd/system/proxy@.service",
+        ))
+        .arg(bind(
+            "--bind-ro",
+            &canary_unit,
+            "/etc/systemd/system/proxy-canary@.service",
         ))
         .arg(bind("--bind-ro", &config, "/etc/proxy/proxy.toml"))
         .args(["--bind-ro=/etc/passwd", "--bind-ro=/etc/group", "--"])
@@ -961,28 +1377,97 @@ servers = ["127.0.0.1:9000"]
         "blue must let go on seeing the flip; journal:\n{blue_log}"
     );
 
+    // A canary beside green (Type=notify: ready once it took its share),
+    // promoted: it takes over from green, and blue from it.
+    let upgrade = |c: &Container, args: &[&str]| {
+        let mut all = vec![
+            "env",
+            "PROXY_BIN=/opt/proxy/proxy",
+            "bash",
+            "/opt/proxy/proxy-upgrade",
+        ];
+        all.extend_from_slice(args);
+        c.exec_ok(&all)
+    };
+    upgrade(&c, &["canary", "10"]);
+    let canary: u64 = c.show("proxy-canary@10", "MainPID").parse().unwrap();
+    let json = c.exec_ok(&[
+        "/opt/proxy/proxy",
+        "status",
+        "-c",
+        "/etc/proxy/proxy.toml",
+        "--json",
+    ]);
+    let st: Value = serde_json::from_str(&json).expect("status JSON");
+    let canary_gen = st["generations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|g| g["pid"] == canary && g["alive"] == true)
+        .unwrap_or_else(|| panic!("no live generation of proxy-canary@10: {st:#}"));
+    assert_eq!(canary_gen["state"], "canary", "{st:#}");
+    assert_eq!(
+        st["canary"]["generation"], canary_gen["generation"],
+        "{st:#}"
+    );
+    assert_eq!(st["canary"]["weight_percent"], 10.0, "{st:#}");
+    assert_eq!(serving_pid(&c), green);
+    curl(&c, "8080");
+    upgrade(&c, &["promote", "--wait-drained"]);
+    let blue: u64 = c.show("proxy@blue", "MainPID").parse().unwrap();
+    assert_eq!(serving_pid(&c), blue);
+    curl(&c, "8080");
+    for unit in ["proxy@green", "proxy-canary@10"] {
+        assert_eq!(c.show(unit, "ActiveState"), "inactive", "{unit}");
+        assert_eq!(c.show(unit, "Result"), "success", "{unit}");
+    }
+    assert_eq!(c.show("proxy@green", "NRestarts"), "0");
+    assert_eq!(c.show("proxy@blue", "UnitFileState"), "enabled");
+    assert_eq!(c.show("proxy@green", "UnitFileState"), "disabled");
+    let canary_log = c.exec_ok(&["journalctl", "--no-pager", "-u", "proxy-canary@10"]);
+    assert!(
+        canary_log.contains(&format!("proxy.canary[{canary}]"))
+            && canary_log.contains("promoted: the canary is now the active generation")
+            && canary_log.contains("soft-stop (replaced)"),
+        "the canary must be promoted, then replaced by blue; journal:\n{canary_log}"
+    );
+
+    // A canary aborted: it drains and its unit ends cleanly; blue serves.
+    upgrade(&c, &["canary", "5"]);
+    assert_eq!(c.show("proxy-canary@5", "ActiveState"), "active");
+    upgrade(&c, &["abort", "--wait-drained"]);
+    assert_eq!(c.show("proxy-canary@5", "ActiveState"), "inactive");
+    assert_eq!(c.show("proxy-canary@5", "Result"), "success");
+    let canary_log = c.exec_ok(&["journalctl", "--no-pager", "-u", "proxy-canary@5"]);
+    assert!(
+        canary_log.contains("canary aborted"),
+        "journal:\n{canary_log}"
+    );
+    assert_eq!(serving_pid(&c), blue);
+    curl(&c, "8080");
+
     // A crash restarts (Restart=on-failure), and the restart takes over.
-    c.exec_ok(&["kill", "-KILL", &green.to_string()]);
+    c.exec_ok(&["kill", "-KILL", &blue.to_string()]);
     let deadline = Instant::now() + Duration::from_secs(20);
     let restarted = loop {
-        let pid: u64 = c.show("proxy@green", "MainPID").parse().unwrap();
-        if pid != 0 && pid != green && serving_pid(&c) == pid {
+        let pid: u64 = c.show("proxy@blue", "MainPID").parse().unwrap();
+        if pid != 0 && pid != blue && serving_pid(&c) == pid {
             break pid;
         }
-        assert!(Instant::now() < deadline, "green was not restarted");
+        assert!(Instant::now() < deadline, "blue was not restarted");
         std::thread::sleep(Duration::from_millis(100));
     };
     curl(&c, "8080");
 
     // `systemctl stop` soft-stops (KillSignal=SIGUSR1).
-    c.exec_ok(&["systemctl", "stop", "proxy@green"]);
-    assert_eq!(c.show("proxy@green", "Result"), "success");
-    let green_log = c.exec_ok(&["journalctl", "--no-pager", "-u", "proxy@green"]);
+    c.exec_ok(&["systemctl", "stop", "proxy@blue"]);
+    assert_eq!(c.show("proxy@blue", "Result"), "success");
+    let blue_log = c.exec_ok(&["journalctl", "--no-pager", "-u", "proxy@blue"]);
     assert!(
-        green_log.contains(&format!("proxy[{restarted}]"))
-            && green_log.contains("soft-stop (SIGUSR1)")
-            && !green_log.contains("hard stop"),
-        "systemctl stop must soft-stop; journal:\n{green_log}"
+        blue_log.contains(&format!("proxy[{restarted}]"))
+            && blue_log.contains("soft-stop (SIGUSR1)")
+            && !blue_log.contains("hard stop"),
+        "systemctl stop must soft-stop; journal:\n{blue_log}"
     );
 }
 
