@@ -1,9 +1,11 @@
 //! Checks of `packaging/kubernetes/`: `yamllint`, `kubernetes-validate
-//! --strict`, the handover fields read with PyYAML, `proxy check` of the
+//! --strict` of both manifests, the handover fields read with PyYAML, the
+//! canary DaemonSet against the stable one, `proxy check` of the
 //! ConfigMap's config, `shellcheck` of its scripts, the entrypoint's
 //! semantics with stand-in children, the entrypoint and readiness probe
-//! around two real generations in separate PID namespaces, generations
-//! under the pod's capabilities.
+//! around real generations in separate PID namespaces (a handover; a
+//! canary promoted, aborted and refused), generations under the pod's
+//! capabilities.
 //!
 //! The tests that run generations need root, like the other integration
 //! tests. A missing tool fails its test and names the package to install;
@@ -24,7 +26,7 @@ use proxy_harness::{
         Out, cap_name, duration, handover_config, handover_within_capabilities, packaging,
         proxy_check, read, require_tool, run, run_ok, shellcheck, toml_string,
     },
-    procfs::first_child,
+    procfs::{children, first_child},
     proxy::proxy_bin,
     signals::signal,
 };
@@ -32,6 +34,15 @@ use serde_json::Value;
 
 fn daemonset_path() -> PathBuf {
     packaging("kubernetes/daemonset.yaml")
+}
+
+fn canary_daemonset_path() -> PathBuf {
+    packaging("kubernetes/canary-daemonset.yaml")
+}
+
+/// Both manifests.
+fn manifests() -> [PathBuf; 2] {
+    [daemonset_path(), canary_daemonset_path()]
 }
 
 /// A Python with PyYAML: Debian's python3-yaml, or the PyPI one.
@@ -50,19 +61,24 @@ fn python_with_yaml() -> PathBuf {
     panic!("no python3 with PyYAML: apt-get install python3-yaml");
 }
 
-/// The documents of the manifest, parsed by PyYAML.
-fn daemonset_docs() -> Vec<Value> {
+/// The documents of a manifest, parsed by PyYAML.
+fn manifest_docs(path: &Path) -> Vec<Value> {
     let out = run_ok(
         Command::new(python_with_yaml())
             .args([
                 "-c",
                 "import json, sys, yaml; json.dump(list(yaml.safe_load_all(open(sys.argv[1]))), sys.stdout)",
             ])
-            .arg(daemonset_path()),
-        "parsing daemonset.yaml with PyYAML",
+            .arg(path),
+        &format!("parsing {} with PyYAML", path.display()),
     );
     let docs: Vec<Value> = serde_json::from_str(&out.stdout).expect("PyYAML's JSON");
     docs.into_iter().filter(|d| !d.is_null()).collect()
+}
+
+/// The documents of daemonset.yaml.
+fn daemonset_docs() -> Vec<Value> {
+    manifest_docs(&daemonset_path())
 }
 
 fn doc(docs: &[Value], kind: &str) -> Value {
@@ -80,41 +96,169 @@ fn configmap_file(key: &str) -> String {
 }
 
 #[test]
-fn daemonset_passes_yamllint() {
+fn manifests_pass_yamllint() {
     let yamllint = require_tool("yamllint", "apt-get install yamllint");
-    run_ok(
-        Command::new(yamllint)
-            .args([
-                "--strict",
-                "-d",
-                "{extends: default, rules: {line-length: {max: 120}}}",
-            ])
-            .arg(daemonset_path()),
-        "yamllint daemonset.yaml",
-    );
+    for path in manifests() {
+        run_ok(
+            Command::new(&yamllint)
+                .args([
+                    "--strict",
+                    "-d",
+                    "{extends: default, rules: {line-length: {max: 120}}}",
+                ])
+                .arg(&path),
+            &format!("yamllint {}", path.display()),
+        );
+    }
 }
 
 #[test]
-fn daemonset_validates_against_kubernetes_schemas() {
+fn manifests_validate_against_kubernetes_schemas() {
     let validate = require_tool(
         "kubernetes-validate",
         "pip install kubernetes-validate (kubeconform and kubeval are not Debian or PyPI packages)",
     );
     // 1.30: the oldest with securityContext.appArmorProfile; and the newest.
-    for version in [Some("1.30.0"), None] {
-        let mut cmd = Command::new(&validate);
-        cmd.args(["--strict", "--quiet"]);
-        if let Some(v) = version {
-            cmd.args(["-k", v]);
+    for path in manifests() {
+        for version in [Some("1.30.0"), None] {
+            let mut cmd = Command::new(&validate);
+            cmd.args(["--strict", "--quiet"]);
+            if let Some(v) = version {
+                cmd.args(["-k", v]);
+            }
+            run_ok(
+                cmd.arg(&path),
+                &format!(
+                    "kubernetes-validate --strict {} (Kubernetes {})",
+                    path.display(),
+                    version.unwrap_or("latest")
+                ),
+            );
         }
-        run_ok(
-            cmd.arg(daemonset_path()),
-            &format!(
-                "kubernetes-validate --strict (Kubernetes {})",
-                version.unwrap_or("latest")
-            ),
+    }
+}
+
+/// The canary DaemonSet is the stable one's pod with a canary start, on
+/// the nodes an operator labels: the same host network, bpffs, ConfigMap
+/// (so the same instance name), entrypoint, probe, capabilities and
+/// resources; `--canary P` added; pods neither DaemonSet selects from the
+/// other; never two canaries on a node.
+#[test]
+fn canary_daemonset_is_the_stable_pod_with_a_canary_start() {
+    let docs = manifest_docs(&canary_daemonset_path());
+    assert_eq!(
+        docs.iter().map(|d| d["kind"].clone()).collect::<Vec<_>>(),
+        ["DaemonSet"],
+        "only the DaemonSet: a ConfigMap here would overwrite the stable one's on apply"
+    );
+    let canary = &docs[0];
+    let stable = doc(&daemonset_docs(), "DaemonSet");
+    assert_ne!(canary["metadata"]["name"], stable["metadata"]["name"]);
+
+    // Selectors: neither DaemonSet may claim the other's pods.
+    let selects = |ds: &Value, pod_of: &Value| {
+        let labels = &pod_of["spec"]["template"]["metadata"]["labels"];
+        ds["spec"]["selector"]["matchLabels"]
+            .as_object()
+            .expect("matchLabels")
+            .iter()
+            .all(|(k, v)| labels[k] == *v)
+    };
+    assert!(selects(canary, canary) && selects(&stable, &stable));
+    assert!(
+        !selects(&stable, canary) && !selects(canary, &stable),
+        "the selectors overlap: the stable DaemonSet would count canary pods as its own"
+    );
+
+    // One canary per node: a new canary pod only once the old one is gone.
+    let rolling = &canary["spec"]["updateStrategy"]["rollingUpdate"];
+    assert_eq!(canary["spec"]["updateStrategy"]["type"], "RollingUpdate");
+    assert_eq!(
+        rolling["maxSurge"], 0,
+        "a surge canary beside the old one would be refused"
+    );
+    assert_eq!(rolling["maxUnavailable"], 1);
+
+    // The pod: the stable one's but for the node selector and the
+    // container's image and args.
+    let mut canary_pod = canary["spec"]["template"]["spec"].clone();
+    let mut stable_pod = stable["spec"]["template"]["spec"].clone();
+    let stable_nodes = stable_pod
+        .as_object_mut()
+        .unwrap()
+        .remove("nodeSelector")
+        .expect("the stable nodeSelector");
+    let canary_nodes = canary_pod
+        .as_object_mut()
+        .unwrap()
+        .remove("nodeSelector")
+        .expect("a canary nodeSelector");
+    for (k, v) in stable_nodes.as_object().unwrap() {
+        assert_eq!(
+            canary_nodes[k], *v,
+            "the canary runs where the stable pod runs"
         );
     }
+    assert!(
+        canary_nodes.as_object().unwrap().len() > stable_nodes.as_object().unwrap().len(),
+        "a node label chooses the canary's nodes: {canary_nodes}"
+    );
+    let take = |pod: &mut Value, key: &str| -> Value {
+        pod["containers"][0]
+            .as_object_mut()
+            .expect("a container")
+            .remove(key)
+            .unwrap_or_else(|| panic!("no container {key}"))
+    };
+    let (stable_args, canary_args) = (take(&mut stable_pod, "args"), take(&mut canary_pod, "args"));
+    take(&mut stable_pod, "image");
+    take(&mut canary_pod, "image");
+    assert_eq!(
+        canary_pod, stable_pod,
+        "the canary pod must be the stable pod (host network, bpffs, ConfigMap, entrypoint, \
+         probe, security context) but for nodeSelector, image and args"
+    );
+    let stable_args: Vec<&str> = stable_args
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    let canary_args: Vec<&str> = canary_args
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    assert_eq!(
+        canary_args[..stable_args.len()],
+        stable_args[..],
+        "the canary runs the stable command line ..."
+    );
+    let extra = &canary_args[stable_args.len()..];
+    assert_eq!(extra.len(), 2, "... plus --canary PERCENT: {canary_args:?}");
+    assert_eq!(extra[0], "--canary");
+    let share: f64 = extra[1].parse().expect("a share in percent");
+    assert!(share > 0.0 && share < 100.0, "share {share}");
+
+    // Spelled out: the same bpffs and the same instance (config).
+    let volume = |pod: &Value, name: &str| {
+        pod["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["name"] == name)
+            .unwrap_or_else(|| panic!("no volume {name}"))
+            .clone()
+    };
+    assert_eq!(
+        volume(&canary_pod, "bpffs")["hostPath"]["path"],
+        "/sys/fs/bpf"
+    );
+    assert_eq!(
+        volume(&canary_pod, "config")["configMap"]["name"],
+        doc(&daemonset_docs(), "ConfigMap")["metadata"]["name"]
+    );
 }
 
 #[test]
@@ -396,6 +540,431 @@ fn pod_entrypoint_idles_after_handover_and_soft_stops_on_sigterm() {
     );
 }
 
+/// The entrypoint of a canary pod (`--canary` among its arguments) with
+/// stand-in children: a failed canary is not restarted (the kubelet would
+/// put its share back on the failing version): the entrypoint idles until
+/// SIGTERM; so does an ended one (aborted).
+#[test]
+fn pod_entrypoint_keeps_a_failed_canary_down() {
+    let dir = tempfile::tempdir().unwrap();
+    let (entry, _) = pod_scripts(dir.path());
+    for (child, canary_arg, says) in [
+        (
+            "exit 3",
+            "--canary",
+            "the canary generation failed (exit status 3)",
+        ),
+        ("exit 0", "--canary=2.5", "the canary generation ended"),
+    ] {
+        let log = dir.path().join("canary.log");
+        // `sh -c CHILD --canary 10`: the stand-in ignores its $0 and $1.
+        let mut c = Command::new("/bin/sh")
+            .arg(&entry)
+            .args(["/bin/sh", "-c", child, canary_arg, "10"])
+            .env("PROXY_PIDFILE", dir.path().join("proxy.pid"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("starting the entrypoint");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !read(&log).contains("idling until this pod is deleted") {
+            assert!(
+                c.try_wait().unwrap().is_none(),
+                "the entrypoint of a canary that ended ({child}) must not exit; log:\n{}",
+                read(&log)
+            );
+            assert!(
+                Instant::now() < deadline,
+                "no idle message; log:\n{}",
+                read(&log)
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(read(&log).contains(says), "log:\n{}", read(&log));
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(
+            c.try_wait().unwrap().is_none(),
+            "the canary entrypoint exited ({child}); log:\n{}",
+            read(&log)
+        );
+        // The child is ours, unreaped.
+        signal(c.id(), Signal::Term).expect("signalling the entrypoint");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let status = loop {
+            if let Some(status) = c.try_wait().unwrap() {
+                break status;
+            }
+            assert!(Instant::now() < deadline, "no exit at SIGTERM");
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        assert!(
+            status.success(),
+            "idle canary entrypoint at SIGTERM: {status}"
+        );
+    }
+}
+
+/// The readiness probe of the pod whose PID 1 is `init`, run as the kubelet
+/// would: inside the pod's PID namespace.
+fn probe(ready: &Path, config: &Path, init: u32, pidfile: &Path) -> Out {
+    run(
+        Command::new("nsenter")
+            .args(["--target", &init.to_string(), "--pid", "--", "/bin/sh"])
+            .arg(ready)
+            .env("PROXY_PIDFILE", pidfile)
+            .env("PROXY_CONFIG", config)
+            .env("PROXY_BIN", proxy_bin())
+            .env("NO_COLOR", "1"),
+        Duration::from_secs(10),
+    )
+}
+
+/// Waits (bounded) until the probe of `init` says `want`.
+fn wait_ready(
+    sb: &Sandbox,
+    (ready, config): (&Path, &Path),
+    init: u32,
+    pidfile: &Path,
+    want: bool,
+    what: &str,
+) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let out = probe(ready, config, init, pidfile);
+        if out.status.success() == want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: the readiness probe still says {}; last run:\n{}\nstatus: {:#?}",
+            if want { "not ready" } else { "ready" },
+            out.text(),
+            sb.try_status()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A pod of canary-daemonset.yaml: the ConfigMap's entrypoint as PID 1 of
+/// its own PID namespace, running `proxy run -c CONFIG --canary PERCENT`
+/// with a pod-local pidfile. Killed (by PID, our child) on drop.
+struct CanaryPod {
+    child: std::process::Child,
+    log: PathBuf,
+    pidfile: PathBuf,
+}
+
+impl CanaryPod {
+    fn start(sb: &Sandbox, entry: &Path, config: &Path, name: &str, percent: &str) -> Self {
+        let run = sb.dir.join(name);
+        fs::create_dir(&run).unwrap();
+        let pidfile = run.join("proxy.pid");
+        let log = sb.dir.join(format!("{name}.log"));
+        let child = Command::new("unshare")
+            .args(["--pid", "--fork", "--kill-child", "/bin/sh"])
+            .arg(entry)
+            .arg(&sb.bin)
+            .args(["run", "-c"])
+            .arg(config)
+            .args(["--canary", percent])
+            .env("PROXY_PIDFILE", &pidfile)
+            .env("NO_COLOR", "1")
+            .env("PROXY_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("starting a canary pod");
+        CanaryPod {
+            child,
+            log,
+            pidfile,
+        }
+    }
+
+    fn log(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The pod's PID 1 (the entrypoint's shell).
+    fn init(&self) -> u32 {
+        first_child(self.child.id(), Duration::from_secs(5))
+    }
+
+    /// Waits (bounded) until the log says `what`; the pod must not exit.
+    fn wait_log(&mut self, what: &str) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !self.log().contains(what) {
+            assert!(
+                self.child.try_wait().unwrap().is_none(),
+                "the canary pod exited; log:\n{}",
+                self.log()
+            );
+            assert!(
+                Instant::now() < deadline,
+                "no `{what}` in the canary pod's log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Pod deletion: SIGTERM to PID 1; its exit status.
+    fn delete(&mut self) -> std::process::ExitStatus {
+        // init is our sandbox's process, inside our unreaped child.
+        signal(self.init(), Signal::Term).expect("signalling the canary pod");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the canary pod did not exit at SIGTERM; log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for CanaryPod {
+    fn drop(&mut self) {
+        // Our child, unreaped: its PID is still ours.
+        if let Ok(None) = self.child.try_wait() {
+            for pid in children(self.child.id()) {
+                let _ = signal(pid, Signal::Kill);
+            }
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// The canary procedure of packaging/kubernetes/README.md with real
+/// generations, each "pod" in its own PID namespace on one network
+/// namespace and bpffs: a canary pod beside the stable pod (both ready), a
+/// share change, `proxy promote` (the stable pod idles, not ready; the
+/// canary is ready as the active generation), the stable DaemonSet's surge
+/// pod taking over from the promoted canary (which idles), pod deletions;
+/// then a canary aborted (it idles, not ready) and a second canary refused
+/// (its pod idles instead of crash-looping).
+#[test]
+fn pod_scripts_follow_a_canary_promotion_and_abort() {
+    let sb = Sandbox::new("pkg-pod-canary");
+    require_tool("jq", "apt-get install jq");
+    require_tool("nsenter", "apt-get install util-linux");
+    require_tool("unshare", "apt-get install util-linux");
+    let (entry, ready) = pod_scripts(&sb.dir);
+    let config = sb.write_file(
+        "proxy.toml",
+        &handover_config(&sb, "pidfile = \"${PROXY_PIDFILE}\"\n"),
+    );
+    let scripts = (ready.as_path(), config.as_path());
+    let entry_str = entry.to_str().unwrap().to_string();
+    let stable_pod = |name: &str| -> (Proxy, PathBuf) {
+        let run = sb.dir.join(name);
+        fs::create_dir(&run).unwrap();
+        let pidfile = run.join("proxy.pid");
+        let p = Proxy::start_wrapped(
+            &sb,
+            &[
+                "unshare",
+                "--pid",
+                "--fork",
+                "--kill-child",
+                "/bin/sh",
+                &entry_str,
+            ],
+            &config,
+            &[("PROXY_PIDFILE", pidfile.to_str().unwrap())],
+        );
+        (p, pidfile)
+    };
+    // `kubectl exec POD -- proxy COMMAND --name edge ...`: any process that
+    // sees the host's bpffs.
+    let admin = |args: &[&str]| {
+        let bpffs = sb.bpffs.to_str().unwrap();
+        let mut all = vec![args[0], "--name", &sb.name, "--bpffs", bpffs];
+        all.extend_from_slice(&args[1..]);
+        let out = sb.run_proxy_cmd(&all, Duration::from_secs(10));
+        assert!(
+            out.status.success(),
+            "proxy {all:?}: {}{}",
+            out.stdout,
+            out.stderr
+        );
+    };
+    let wait_canary = |what: &str, want: &dyn Fn(&proxy_harness::Status) -> bool| {
+        sb.wait_status(what, Duration::from_secs(10), want);
+    };
+
+    // The stable pod serves.
+    let (mut a, a_pidfile) = stable_pod("pod-a");
+    let a_gen = a.wait_active(&sb, Duration::from_secs(10)).generation;
+    let a_init = pod_init(&a);
+    wait_ready(
+        &sb,
+        scripts,
+        a_init,
+        &a_pidfile,
+        true,
+        "stable pod A serving",
+    );
+
+    // A canary pod beside it: both ready.
+    let mut c = CanaryPod::start(&sb, &entry, &config, "pod-c", "10");
+    wait_canary("pod C to be the canary", &|st| {
+        st.canary.as_ref().is_some_and(|k| {
+            k.alive
+                && k.generation > a_gen
+                && k.weight_percent == 10.0
+                && st
+                    .generation(k.generation)
+                    .is_some_and(|g| g.state == "canary")
+        })
+    });
+    let c_gen = sb.status().canary.expect("the canary").generation;
+    let c_init = c.init();
+    wait_ready(&sb, scripts, c_init, &c.pidfile, true, "canary pod C");
+    wait_ready(
+        &sb,
+        scripts,
+        a_init,
+        &a_pidfile,
+        true,
+        "pod A beside the canary",
+    );
+    assert!(sb.status().is_serving(a_gen));
+
+    // A new share, from any pod.
+    admin(&["canary", "--weight", "30"]);
+    wait_canary("the canary's share to be 30%", &|st| {
+        st.canary
+            .as_ref()
+            .is_some_and(|k| k.generation == c_gen && k.weight_percent == 30.0)
+    });
+
+    // Promote: C is the active generation; A's generation hands over and
+    // drains, and its container idles (not ready) instead of exiting.
+    admin(&["promote"]);
+    wait_ready(&sb, scripts, c_init, &c.pidfile, true, "promoted canary C");
+    wait_ready(
+        &sb,
+        scripts,
+        a_init,
+        &a_pidfile,
+        false,
+        "pod A after the promotion",
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !a.log().contains("idling until this pod is deleted") {
+        assert!(
+            a.try_exit().is_none(),
+            "pod A's entrypoint exited after the promotion (the kubelet would restart the old \
+             version); log:\n{}",
+            a.log()
+        );
+        assert!(
+            Instant::now() < deadline,
+            "pod A's generation did not hand over to the promoted canary; log:\n{}",
+            a.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        a.log().contains("soft-stop (replaced)"),
+        "log:\n{}",
+        a.log()
+    );
+    let st = sb.status();
+    assert!(st.is_serving(c_gen) && st.canary.is_none(), "{st:#?}");
+
+    // The stable DaemonSet rolled to the canary's image: its surge pod B
+    // takes over from C as in any handover; C's container idles.
+    let (mut b, b_pidfile) = stable_pod("pod-b");
+    let b_gen = b.wait_active(&sb, Duration::from_secs(10)).generation;
+    let b_init = pod_init(&b);
+    wait_ready(&sb, scripts, b_init, &b_pidfile, true, "stable pod B");
+    wait_ready(
+        &sb,
+        scripts,
+        c_init,
+        &c.pidfile,
+        false,
+        "pod C replaced by B",
+    );
+    c.wait_log("the canary generation ended");
+    assert!(
+        c.log().contains("soft-stop (replaced)"),
+        "log:\n{}",
+        c.log()
+    );
+
+    // Old pods deleted (the stable one by the rollout, the canary DaemonSet
+    // by the operator): both exit 0 at SIGTERM.
+    signal(a_init, Signal::Term).expect("signalling pod A");
+    let status = a.expect_exit(Duration::from_secs(5));
+    assert!(status.success(), "idle pod A at SIGTERM: {status}");
+    let status = c.delete();
+    assert!(status.success(), "idle canary pod C at SIGTERM: {status}");
+    assert!(sb.status().is_serving(b_gen));
+
+    // A canary aborted: it leaves the split and drains; its pod idles, not
+    // ready. A second canary meanwhile is refused, and its pod idles too.
+    let mut d = CanaryPod::start(&sb, &entry, &config, "pod-d", "5");
+    wait_canary("pod D to be the canary", &|st| {
+        st.canary
+            .as_ref()
+            .is_some_and(|k| k.alive && k.generation > b_gen)
+    });
+    let d_gen = sb.status().canary.expect("the canary").generation;
+    let d_init = d.init();
+    wait_ready(&sb, scripts, d_init, &d.pidfile, true, "canary pod D");
+    let mut e = CanaryPod::start(&sb, &entry, &config, "pod-e", "5");
+    e.wait_log("the canary generation failed (exit status 1)");
+    assert!(
+        e.log().contains("already the canary of this instance"),
+        "log:\n{}",
+        e.log()
+    );
+    assert_eq!(
+        sb.status().canary.map(|k| k.generation),
+        Some(d_gen),
+        "the refused canary must leave the running one alone"
+    );
+    admin(&["abort"]);
+    wait_ready(&sb, scripts, d_init, &d.pidfile, false, "aborted canary D");
+    d.wait_log("the canary generation ended");
+    assert!(d.log().contains("canary aborted"), "log:\n{}", d.log());
+    let st = sb.status();
+    assert!(st.is_serving(b_gen) && st.canary.is_none(), "{st:#?}");
+    wait_ready(
+        &sb,
+        scripts,
+        b_init,
+        &b_pidfile,
+        true,
+        "pod B after the abort",
+    );
+    for (pod, name) in [(&mut d, "D"), (&mut e, "E")] {
+        let status = pod.delete();
+        assert!(
+            status.success(),
+            "idle canary pod {name} at SIGTERM: {status}"
+        );
+    }
+
+    signal(b_init, Signal::Term).expect("signalling pod B");
+    let status = b.expect_exit(Duration::from_secs(10));
+    assert!(
+        status.success() && b.log().contains("soft-stop (SIGUSR1)"),
+        "SIGTERM must soft-stop pod B's generation ({status}); log:\n{}",
+        b.log()
+    );
+}
+
 /// Two "pods" (the ConfigMap's entrypoint in PID namespaces of their own,
 /// as PID 1, with a pod-local pidfile) on one network namespace and bpffs:
 /// the readiness probe follows the handover, the old pod idles after its
@@ -430,35 +999,9 @@ fn pod_scripts_follow_a_handover_between_real_generations() {
         );
         (p, pidfile)
     };
-    // The probe, run as the kubelet would: inside the pod's PID namespace.
-    let probe = |init: u32, pidfile: &Path| -> Out {
-        run(
-            Command::new("nsenter")
-                .args(["--target", &init.to_string(), "--pid", "--", "/bin/sh"])
-                .arg(&ready)
-                .env("PROXY_PIDFILE", pidfile)
-                .env("PROXY_CONFIG", &config)
-                .env("PROXY_BIN", proxy_bin())
-                .env("NO_COLOR", "1"),
-            Duration::from_secs(10),
-        )
-    };
+    let scripts = (ready.as_path(), config.as_path());
     let wait_probe = |init: u32, pidfile: &Path, want: bool, what: &str| {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let out = probe(init, pidfile);
-            if out.status.success() == want {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{what}: the readiness probe still says {}; last run:\n{}\nstatus: {:#?}",
-                if want { "not ready" } else { "ready" },
-                out.text(),
-                sb.try_status()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        wait_ready(&sb, scripts, init, pidfile, want, what)
     };
 
     let (mut a, a_pidfile) = pod("pod-a");
