@@ -136,7 +136,7 @@ impl Sandbox {
     }
 
     /// Hands `child` to the guard, which kills it on drop if still running.
-    pub(crate) fn adopt(&self, child: Child) -> Arc<Mutex<Child>> {
+    pub fn adopt(&self, child: Child) -> Arc<Mutex<Child>> {
         let child = Arc::new(Mutex::new(child));
         self.children
             .lock()
@@ -218,7 +218,7 @@ fn enter_private_netns() {
 
 /// Sets a per-namespace sysctl of this thread's network namespace, and
 /// checks from a child process (which inherits the namespace) that it took.
-fn write_sysctl(key: &str, value: &str) {
+pub fn write_sysctl(key: &str, value: &str) {
     let path = Path::new("/proc/sys").join(key);
     fs::write(&path, value).unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
     let normalize = |s: &str| s.split_whitespace().collect::<Vec<_>>().join(" ");

@@ -26,6 +26,18 @@ const DEBIAN: &[(&str, &str)] = &[
     ("yamllint", "the DaemonSet"),
     ("python3-yaml", "packaging checks"),
     ("strace", "the privilege drop test"),
+    (
+        "haproxy",
+        "the handover lab's baselines (and its smoke test)",
+    ),
+    ("nftables", "the handover lab's held final ACKs"),
+];
+
+/// What the handover lab drives besides our proxy.
+const LAB: &[(&str, &str)] = &[
+    ("haproxy", "the -sf and -x baselines"),
+    ("nftables", "holding final ACKs in the migration paths"),
+    ("iproute2", "network namespaces"),
 ];
 
 /// Python packages (PyPI names), with what needs them.
@@ -63,6 +75,22 @@ const SOURCES: [Source; 2] = [
         install: pip_install,
     },
 ];
+
+/// Installs whatever of [`LAB`] is missing (`cargo xtask experiment`).
+pub fn ensure_lab_tools() -> Result<()> {
+    let missing: Vec<&str> = LAB
+        .iter()
+        .filter(|(pkg, _)| !deb_installed(pkg))
+        .map(|(pkg, why)| {
+            eprintln!("xtask: installing Debian package {pkg} ({why})");
+            *pkg
+        })
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    apt_install(&missing)
+}
 
 /// Installs whatever of [`DEBIAN`] and [`PYTHON`] is missing.
 pub fn ensure_test_tools() -> Result<()> {

@@ -66,6 +66,15 @@ enum Cmd {
         #[arg(last = true)]
         args: Vec<OsString>,
     },
+    /// The handover lab (root): handover scenarios against our eBPF
+    /// steering, plain SO_REUSEPORT (with and without tcp_migrate_req) and
+    /// HAProxy -sf / -x reloads under an open-loop load; tables and plots.
+    /// Installs HAProxy when missing. See `cargo xtask experiment -- --help`.
+    Experiment {
+        /// Arguments for proxy-lab, e.g. `-- --mode ebpf,haproxy-x --scenario rolling,hung-old`.
+        #[arg(last = true)]
+        args: Vec<OsString>,
+    },
     /// The soak (root, about 4 minutes): 100 handovers of the full chain
     /// (TLS + gzip + UNIX + PROXY v2) under a mixed load with a backend that
     /// hangs now and then; prints its figures. SOAK_HANDOVERS=N for fewer.
@@ -146,6 +155,23 @@ fn run(cli: Cli) -> Result<()> {
                 .run("the soak")
         }
         Cmd::Certs => certs::run(&ws.join("certs")),
+        Cmd::Experiment { args } => {
+            let proxy = build_all(&ws, &[])?;
+            require_root("experiment")?;
+            deps::ensure_lab_tools()?;
+            cargo(&ws)
+                .args([
+                    "run",
+                    "--release",
+                    "--package",
+                    "proxy-lab",
+                    "--",
+                    "--proxy",
+                ])
+                .arg(&proxy)
+                .args(&args)
+                .run("proxy-lab")
+        }
         Cmd::Bench { args } => {
             let proxy = build_all(&ws, &[])?;
             require_root("bench")?;
