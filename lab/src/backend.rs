@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
-    net::{TcpListener, TcpStream},
+    net::TcpStream,
     runtime::Runtime,
     task::JoinHandle,
 };
@@ -36,7 +36,18 @@ fn chunk(id: u64, i: u64) -> Vec<u8> {
 
 /// Serves on `addr` until the runtime is dropped.
 pub fn start(rt: &Runtime, addr: &str) -> std::io::Result<JoinHandle<()>> {
-    let listener = rt.block_on(TcpListener::bind(addr))?;
+    let addr: std::net::SocketAddr = addr.parse().map_err(|e| {
+        std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("{addr}: {e}"))
+    })?;
+    // A long queue: the origin's overflows must not be counted against the
+    // contenders.
+    let listener = {
+        let _guard = rt.enter();
+        let socket = tokio::net::TcpSocket::new_v4()?;
+        socket.set_reuseaddr(true)?;
+        socket.bind(addr)?;
+        socket.listen(4096)?
+    };
     Ok(rt.spawn(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else {
