@@ -9,6 +9,7 @@
 mod backend;
 mod kernel;
 mod load;
+mod migrate;
 mod modes;
 mod records;
 mod report;
@@ -118,7 +119,30 @@ fn main() -> ExitCode {
     }
 }
 
+/// Thousands of connections in flight (and more when a contender stalls
+/// and they wait for their deadline): raise the open-file limit as far as
+/// root may.
+fn raise_nofile() {
+    let want = libc::rlimit {
+        rlim_cur: 1 << 20,
+        rlim_max: 1 << 20,
+    };
+    // Safety: setrlimit reads the struct we pass.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &want) } != 0 {
+        let mut cur = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // Safety: getrlimit writes the struct we pass.
+        unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut cur) };
+        cur.rlim_cur = cur.rlim_max;
+        // Safety: as above.
+        unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &cur) };
+    }
+}
+
 fn run(cli: Cli) -> Result<()> {
+    raise_nofile();
     if let Some(dir) = &cli.report {
         let summary = report::build(dir)?;
         print!("{}", report::markdown(&summary));

@@ -20,11 +20,12 @@ use proxy_harness::{Sandbox, certs::make_cert, config::BACKEND_ADDR, config::PRO
 use crate::{
     backend, kernel,
     load::{Load, Mix, Target},
+    migrate,
     modes::{Contender, Gen, Mode, Setup},
     records::{self, Event, GenSample, KernelFigures, Kind, RunInfo},
 };
 
-#[derive(Copy, Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
 pub enum Scenario {
     Rolling,
     HungOld,
@@ -32,16 +33,23 @@ pub enum Scenario {
     KillDraining,
     ManyGenerations,
     Canary,
+    /// One of the kernel selftest's four migration paths (no load: a few
+    /// clients set up for the path).
+    Migrate(migrate::Path),
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 6] = [
+    pub const ALL: [Scenario; 10] = [
         Scenario::Rolling,
         Scenario::HungOld,
         Scenario::DiesAfterFlip,
         Scenario::KillDraining,
         Scenario::ManyGenerations,
         Scenario::Canary,
+        Scenario::Migrate(migrate::Path::Established),
+        Scenario::Migrate(migrate::Path::Fastopen),
+        Scenario::Migrate(migrate::Path::SynackTimer),
+        Scenario::Migrate(migrate::Path::FinalAck),
     ];
 
     pub fn name(self) -> &'static str {
@@ -52,6 +60,7 @@ impl Scenario {
             Scenario::KillDraining => "kill-draining",
             Scenario::ManyGenerations => "many-generations",
             Scenario::Canary => "canary",
+            Scenario::Migrate(path) => path.name(),
         }
     }
 
@@ -78,6 +87,7 @@ impl Scenario {
             Scenario::Canary => {
                 "ours with eBPF only: a 10% canary, promoted; then a second canary, aborted"
             }
+            Scenario::Migrate(path) => path.help(),
         }
     }
 }
@@ -132,6 +142,15 @@ struct Events {
 }
 
 impl Events {
+    fn count(&self, event: &str) -> usize {
+        self.list
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter(|e| e.event == event)
+            .count()
+    }
+
     fn push(&self, event: &str, detail: impl fmt::Display) {
         self.list
             .lock()
@@ -163,6 +182,19 @@ pub fn run(mode: Mode, scenario: Scenario, s: &Settings, dir: &Path) -> Result<R
         interval_ms: s.interval.as_millis() as u64,
         ..RunInfo::default()
     };
+    if let Scenario::Migrate(path) = scenario {
+        let outcome = migrate::run(path, mode, &s.proxy_bin)?;
+        info.handovers = 1;
+        info.kernel = outcome.kernel;
+        info.notes = outcome.notes;
+        info.skipped = outcome.skipped;
+        if info.skipped.is_none() {
+            records::write_conns(&dir.join("conns.csv"), &outcome.records)?;
+            records::write_events(&dir.join("events.csv"), &outcome.events)?;
+        }
+        records::write_run(&dir.join("run.json"), &info)?;
+        return Ok(info);
+    }
     if scenario == Scenario::Canary && mode != Mode::Ebpf {
         info.skipped = Some(
             "a canary needs kernel steering: no reload of this contender can split new \
@@ -209,7 +241,16 @@ pub fn run(mode: Mode, scenario: Scenario, s: &Settings, dir: &Path) -> Result<R
     let before = kernel::snapshot();
     let sampling = Arc::new(AtomicBool::new(true));
     let samples = Arc::new(Mutex::new(Vec::new()));
+    /// Stops the sampler however the scope ends (a panic included: the
+    /// scope waits for its threads).
+    struct StopOnDrop<'f>(&'f AtomicBool);
+    impl Drop for StopOnDrop<'_> {
+        fn drop(&mut self) {
+            self.0.store(false, Ordering::Relaxed);
+        }
+    }
     let notes = std::thread::scope(|scope| -> Result<BTreeMap<String, String>> {
+        let _stop = StopOnDrop(&sampling);
         if mode == Mode::Ebpf {
             let (sampling, samples, sb) = (sampling.clone(), samples.clone(), &sb);
             scope.spawn(move || sample(sb, t0, &sampling, &samples));
@@ -322,7 +363,25 @@ impl Run<'_> {
 
     fn hand_over(&mut self) -> Result<()> {
         self.events.push("handover", label(&self.current));
-        let next = self.contender.hand_over(&self.current)?;
+        let next = self.contender.hand_over(&self.current).map_err(|e| {
+            let status = self
+                .sb
+                .run_proxy_cmd(
+                    &[
+                        "status",
+                        "--name",
+                        &self.sb.name,
+                        "--bpffs",
+                        &self.sb.bpffs.display().to_string(),
+                    ],
+                    Duration::from_secs(5),
+                )
+                .stdout;
+            e.context(format!(
+                "handover {} failed; status:\n{status}",
+                self.events.count("handover")
+            ))
+        })?;
         self.events.push("ready", label(&next));
         let old = std::mem::replace(&mut self.current, next);
         self.old.push(old);
@@ -407,6 +466,8 @@ impl Run<'_> {
                 }
             }
             Scenario::Canary => self.canary(s)?,
+            // Dispatched by run() before any load starts.
+            Scenario::Migrate(_) => {}
         }
         Ok(())
     }

@@ -156,3 +156,41 @@ fn a_tiny_experiment_writes_records_a_table_and_plots() {
     assert!(out.join("summary.md").is_file() && out.join("ebpf/rolling/connect.svg").is_file());
     let _ = Duration::ZERO;
 }
+
+#[test]
+fn the_kernel_migration_paths_prove_themselves_with_the_program_counter() {
+    let dir = tempfile::tempdir().expect("a temporary folder");
+    let out = dir.path().join("out");
+    let proxy = proxy_bin();
+    lab(&[
+        "--proxy",
+        proxy.to_str().unwrap(),
+        "--mode",
+        "ebpf,reuseport",
+        "--scenario",
+        "migrate-established,migrate-final-ack",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let summary: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("summary.json")).unwrap()).unwrap();
+    for run in summary["runs"].as_array().expect("runs") {
+        let (mode, scenario) = (
+            run["mode"].as_str().unwrap(),
+            run["scenario"].as_str().unwrap(),
+        );
+        let clients = run["connections"].as_u64().unwrap();
+        assert!(clients > 0, "{mode}/{scenario}: {run:#}");
+        if mode == "ebpf" {
+            assert_eq!(run["ok"].as_u64(), Some(clients), "{run:#}");
+            assert_eq!(
+                run["notes"]["migrated_in_new_slot"].as_str(),
+                Some(clients.to_string().as_str()),
+                "the program counted every migration: {run:#}"
+            );
+        } else {
+            // Without the program nor tcp_migrate_req, the queue is reset.
+            assert_eq!(run["ok"].as_u64(), Some(0), "{run:#}");
+        }
+    }
+}

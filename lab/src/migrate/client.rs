@@ -123,7 +123,9 @@ impl Failure {
     fn class(&self) -> Class {
         match self {
             Failure::Connect(e) if e.kind() == ErrorKind::ConnectionRefused => Class::Refused,
-            Failure::Connect(e) if e.kind() == ErrorKind::TimedOut => Class::Timeout,
+            Failure::Connect(e) | Failure::BeforeRequest(e) if e.kind() == ErrorKind::TimedOut => {
+                Class::Timeout
+            }
             Failure::Connect(_) | Failure::BeforeRequest(_) => Class::ResetBeforeRequest,
             Failure::AfterRequest(e) if e.kind() == ErrorKind::UnexpectedEof => Class::Truncated,
             Failure::AfterRequest(_) => Class::ResetAfterRequest,
