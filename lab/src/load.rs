@@ -30,6 +30,11 @@ use crate::{
 pub const KEEPALIVE_REQUESTS: u64 = 5;
 pub const KEEPALIVE_THINK: Duration = Duration::from_millis(50);
 
+/// What a stream connection gets beyond the deadline: its response takes
+/// this long.
+pub const STREAM_EXTRA: Duration =
+    Duration::from_millis(backend::STREAM_GAP.as_millis() as u64 * backend::STREAM_CHUNKS);
+
 /// The mix: weights per kind.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Mix(pub Vec<(Kind, u32)>);
@@ -166,24 +171,29 @@ async fn generate(
     std::mem::take(&mut *records.lock().unwrap_or_else(|p| p.into_inner()))
 }
 
-/// How far an exchange got before it failed.
-enum Failure {
+/// How far an exchange got before it failed (the migration paths' clients
+/// classify the same way).
+pub enum Failure {
     Connect(std::io::Error),
     BeforeRequest(std::io::Error),
     AfterRequest(std::io::Error),
     Truncated,
+    Timeout,
 }
 
-fn classify(f: Failure) -> Class {
-    match f {
-        Failure::Connect(e) if e.kind() == ErrorKind::ConnectionRefused => Class::Refused,
-        Failure::Connect(e) | Failure::BeforeRequest(e) if e.kind() == ErrorKind::TimedOut => {
-            Class::Timeout
+impl Failure {
+    pub fn class(&self) -> Class {
+        match self {
+            Failure::Connect(e) if e.kind() == ErrorKind::ConnectionRefused => Class::Refused,
+            Failure::Connect(e) | Failure::BeforeRequest(e) if e.kind() == ErrorKind::TimedOut => {
+                Class::Timeout
+            }
+            Failure::Connect(_) | Failure::BeforeRequest(_) => Class::ResetBeforeRequest,
+            Failure::AfterRequest(e) if e.kind() == ErrorKind::UnexpectedEof => Class::Truncated,
+            Failure::AfterRequest(_) => Class::ResetAfterRequest,
+            Failure::Truncated => Class::Truncated,
+            Failure::Timeout => Class::Timeout,
         }
-        Failure::Connect(_) | Failure::BeforeRequest(_) => Class::ResetBeforeRequest,
-        Failure::AfterRequest(e) if e.kind() == ErrorKind::UnexpectedEof => Class::Truncated,
-        Failure::AfterRequest(_) => Class::ResetAfterRequest,
-        Failure::Truncated => Class::Truncated,
     }
 }
 
@@ -193,14 +203,14 @@ async fn one(kind: Kind, id: u64, target: &Target, t0: Instant) -> ConnRecord {
     let mut connect_us = None;
     let limit = target.conn_timeout
         + if kind == Kind::Stream {
-            backend::STREAM_GAP * backend::STREAM_CHUNKS as u32
+            STREAM_EXTRA
         } else {
             Duration::ZERO
         };
     let work = exchange(kind, id, target, &mut connect_us, started);
     let class = match tokio::time::timeout(limit, work).await {
         Ok(Ok(())) => Class::Ok,
-        Ok(Err(f)) => classify(f),
+        Ok(Err(f)) => f.class(),
         Err(_) => Class::Timeout,
     };
     ConnRecord {

@@ -122,7 +122,7 @@ fn main() -> ExitCode {
 /// Thousands of connections in flight (and more when a contender stalls
 /// and they wait for their deadline): raise the open-file limit as far as
 /// root may.
-fn raise_nofile() {
+fn raise_nofile() -> u64 {
     let want = libc::rlimit {
         rlim_cur: 1 << 20,
         rlim_max: 1 << 20,
@@ -139,10 +139,17 @@ fn raise_nofile() {
         // Safety: as above.
         unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &cur) };
     }
+    let mut now = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // Safety: getrlimit writes the struct we pass.
+    unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut now) };
+    now.rlim_cur
 }
 
 fn run(cli: Cli) -> Result<()> {
-    raise_nofile();
+    let nofile = raise_nofile();
     if let Some(dir) = &cli.report {
         let summary = report::build(dir)?;
         print!("{}", report::markdown(&summary));
@@ -152,6 +159,26 @@ fn run(cli: Cli) -> Result<()> {
         bail!(
             "--rate {}: expected 0 < rate <= 50000 new connections/s",
             cli.rate
+        );
+    }
+    // A contender that stalls keeps every connection of the deadline in
+    // flight, one descriptor each in this process.
+    let streams =
+        cli.mix.has(records::Kind::Stream) || cli.scenarios.contains(&Scenario::ManyGenerations);
+    let longest = cli.conn_timeout
+        + if streams {
+            load::STREAM_EXTRA
+        } else {
+            Duration::ZERO
+        };
+    let worst = cli.rate * longest.as_secs_f64();
+    if worst > nofile.saturating_sub(2048) as f64 {
+        bail!(
+            "--rate {} with --conn-timeout {:?} may keep {worst:.0} connections in flight when a \
+             contender stalls, more than this process's open-file limit ({nofile}) allows: \
+             lower --conn-timeout or --rate",
+            cli.rate,
+            cli.conn_timeout
         );
     }
     let proxy_bin = cli

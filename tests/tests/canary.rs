@@ -219,27 +219,36 @@ fn canary_takes_its_share_and_follows_changes_under_load() {
     active.expect_exit(Duration::from_secs(10));
 }
 
-#[test]
-fn promote_under_load_drains_the_old_generation() {
-    let (sb, rt) = Sandbox::with_runtime("canary_promote");
+/// `proxy promote` or `proxy abort` under load: the generation that leaves
+/// (the old active one, or the canary) drains and exits, the other serves
+/// every new connection, and no connection fails.
+fn decide_under_load(test: &str, decision: &str, percent: &str) {
+    let (sb, rt) = Sandbox::with_runtime(test);
     let _backend = Backend::start(&rt, Duration::ZERO);
-    let (cfg, mut active, mut canary) = active_and_canary(&sb, "10");
+    let (cfg, active, canary) = active_and_canary(&sb, percent);
+    let promote = decision == "promote";
+    let (mut leaving, mut staying) = if promote {
+        (active, canary)
+    } else {
+        (canary, active)
+    };
     let load = Load::start(&rt, LoadSpec::new(RATE, Duration::from_secs(30)));
     load.wait_ok(2000, Duration::from_secs(10));
 
-    let out = admin(&sb, "promote", &cfg, &[]);
-    assert!(out.contains("promoted"), "{out}");
+    let out = admin(&sb, decision, &cfg, &[]);
+    let done = if promote { "promoted" } else { "aborted" };
+    assert!(out.contains(done), "{out}");
     let st = sb.wait_status(
-        "the promoted canary to be the active generation",
+        "the staying generation to be the only one steered to",
         Duration::from_secs(5),
-        |st| st.is_serving(canary.generation()) && st.canary.is_none(),
+        |st| st.is_serving(staying.generation()) && st.canary.is_none(),
     );
-    assert_eq!(st.active_slot, Some(canary.slot()));
-    let exit = active.expect_exit(Duration::from_secs(15));
+    assert_eq!(st.active_slot, Some(staying.slot()));
+    let exit = leaving.expect_exit(Duration::from_secs(15));
     assert!(
         exit.success(),
-        "old generation: {exit}; log:\n{}",
-        active.log()
+        "leaving generation: {exit}; log:\n{}",
+        leaving.log()
     );
     let after = load.ok();
     load.wait_ok(after + 2000, Duration::from_secs(10));
@@ -247,77 +256,49 @@ fn promote_under_load_drains_the_old_generation() {
     report(
         &sb,
         &format!(
-            "canary promote: {} connections, ok={} failed={}",
-            load_report.started, load_report.ok, load_report.failed
+            "canary {decision}: {} connections, ok={} failed={}; the leaving generation accepted {}",
+            load_report.started,
+            load_report.ok,
+            load_report.failed,
+            leaving.final_accepted()
         ),
     );
-    load_report.assert_clean("load across a canary promotion");
+    load_report.assert_clean(&format!("load across a canary {decision}"));
     assert!(
-        canary
-            .log()
-            .contains("promoted: the canary is now the active generation"),
-        "{}",
-        canary.log()
+        leaving.final_accepted() > 0,
+        "both generations served first"
     );
+    if promote {
+        assert!(
+            staying
+                .log()
+                .contains("promoted: the canary is now the active generation"),
+            "{}",
+            staying.log()
+        );
+    }
     let st = settled(
         &sb,
-        &[canary.generation()],
-        load_report.started - active.final_accepted(),
+        &[staying.generation()],
+        load_report.started - leaving.final_accepted(),
     );
     assert_eq!(
-        active.final_accepted() + accepted(&st, canary.generation()),
+        leaving.final_accepted() + accepted(&st, staying.generation()),
         load_report.started,
         "every connection accepted by one of the two generations"
     );
-    canary.signal(Signal::Usr1);
-    assert!(canary.expect_exit(Duration::from_secs(10)).success());
+    staying.signal(Signal::Usr1);
+    assert!(staying.expect_exit(Duration::from_secs(10)).success());
+}
+
+#[test]
+fn promote_under_load_drains_the_old_generation() {
+    decide_under_load("canary_promote", "promote", "10");
 }
 
 #[test]
 fn abort_under_load_drains_the_canary() {
-    let (sb, rt) = Sandbox::with_runtime("canary_abort");
-    let _backend = Backend::start(&rt, Duration::ZERO);
-    let (cfg, mut active, mut canary) = active_and_canary(&sb, "30");
-    let load = Load::start(&rt, LoadSpec::new(RATE, Duration::from_secs(30)));
-    load.wait_ok(2000, Duration::from_secs(10));
-
-    let out = admin(&sb, "abort", &cfg, &[]);
-    assert!(out.contains("aborted"), "{out}");
-    let exit = canary.expect_exit(Duration::from_secs(15));
-    assert!(exit.success(), "canary: {exit}; log:\n{}", canary.log());
-    let st = sb.status();
-    assert!(st.canary.is_none(), "{st:#?}");
-    assert!(st.is_serving(active.generation()), "{st:#?}");
-    let after = load.ok();
-    load.wait_ok(after + 2000, Duration::from_secs(10));
-    let load_report = load.finish(&rt);
-    report(
-        &sb,
-        &format!(
-            "canary abort: {} connections, ok={} failed={}; the canary accepted {}",
-            load_report.started,
-            load_report.ok,
-            load_report.failed,
-            canary.final_accepted()
-        ),
-    );
-    load_report.assert_clean("load across a canary abort");
-    assert!(
-        canary.final_accepted() > 0,
-        "the canary served a share first"
-    );
-    let st = settled(
-        &sb,
-        &[active.generation()],
-        load_report.started - canary.final_accepted(),
-    );
-    assert_eq!(
-        canary.final_accepted() + accepted(&st, active.generation()),
-        load_report.started,
-        "every connection accepted by one of the two generations"
-    );
-    active.signal(Signal::Usr1);
-    assert!(active.expect_exit(Duration::from_secs(10)).success());
+    decide_under_load("canary_abort", "abort", "30");
 }
 
 #[test]

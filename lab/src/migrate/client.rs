@@ -28,6 +28,7 @@ use tokio::{
 
 use crate::{
     backend,
+    load::Failure,
     records::{Class, ConnRecord, Kind},
 };
 
@@ -107,31 +108,6 @@ impl Clients {
             .collect();
         records.sort_by_key(|r| r.start_us);
         records
-    }
-}
-
-/// How far a client got before it failed.
-enum Failure {
-    Connect(io::Error),
-    BeforeRequest(io::Error),
-    AfterRequest(io::Error),
-    Truncated,
-    Timeout,
-}
-
-impl Failure {
-    fn class(&self) -> Class {
-        match self {
-            Failure::Connect(e) if e.kind() == ErrorKind::ConnectionRefused => Class::Refused,
-            Failure::Connect(e) | Failure::BeforeRequest(e) if e.kind() == ErrorKind::TimedOut => {
-                Class::Timeout
-            }
-            Failure::Connect(_) | Failure::BeforeRequest(_) => Class::ResetBeforeRequest,
-            Failure::AfterRequest(e) if e.kind() == ErrorKind::UnexpectedEof => Class::Truncated,
-            Failure::AfterRequest(_) => Class::ResetAfterRequest,
-            Failure::Truncated => Class::Truncated,
-            Failure::Timeout => Class::Timeout,
-        }
     }
 }
 

@@ -332,6 +332,18 @@ impl Maps {
     }
 }
 
+/// A zero for every possible CPU: how a per-CPU counter is reset.
+fn per_cpu_zeros() -> Result<PerCpuValues<u64>> {
+    let cpus = nr_cpus().map_err(|(_, source)| SteeringError::Io {
+        what: "counting possible CPUs".into(),
+        source,
+    })?;
+    PerCpuValues::try_from(vec![0u64; cpus]).map_err(|source| SteeringError::Io {
+        what: "sizing per-CPU values".into(),
+        source,
+    })
+}
+
 impl Locked<'_> {
     /// Moves the counters published under `slot` into the retired totals
     /// (gauges are dropped), so that a new owner of the slot starts at zero
@@ -421,19 +433,10 @@ impl Locked<'_> {
     }
 
     fn reset_split(&mut self) -> Result<()> {
-        let cpus = nr_cpus().map_err(|(_, source)| SteeringError::Io {
-            what: "counting possible CPUs".into(),
-            source,
-        })?;
         for i in 0..SPLIT_ENTRIES {
-            let zeros =
-                PerCpuValues::try_from(vec![0u64; cpus]).map_err(|source| SteeringError::Io {
-                    what: "sizing per-CPU values".into(),
-                    source,
-                })?;
             self.maps
                 .split
-                .set(i, zeros, 0)
+                .set(i, per_cpu_zeros()?, 0)
                 .map_err(map_err("resetting the canary split"))?;
         }
         Ok(())
@@ -480,19 +483,10 @@ impl Locked<'_> {
             .set(STATE_GEN_SEQ, seq, 0)
             .map_err(map_err("writing the generation sequence"))?;
         record.generation = seq;
-        let cpus = nr_cpus().map_err(|(_, source)| SteeringError::Io {
-            what: "counting possible CPUs".into(),
-            source,
-        })?;
         for counter in [Counter::Selected(slot.0), Counter::Migrated(slot.0)] {
-            let zeros =
-                PerCpuValues::try_from(vec![0u64; cpus]).map_err(|source| SteeringError::Io {
-                    what: "sizing per-CPU values".into(),
-                    source,
-                })?;
             self.maps
                 .counters
-                .set(counter.index(), zeros, 0)
+                .set(counter.index(), per_cpu_zeros()?, 0)
                 .map_err(map_err("resetting the slot's counters"))?;
         }
         self.retire_metrics(slot)?;
