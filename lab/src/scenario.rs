@@ -77,8 +77,8 @@ impl Scenario {
                  follows one interval later where the old one did not take the traffic back"
             }
             Scenario::KillDraining => {
-                "the old generation is SIGKILLed right after its successor serves, while it \
-                 drains with connections queued"
+                "the old generation is SIGKILLed while it drains: handover_grace + 50 ms after \
+                 its successor serves (ours has closed its listeners then; HAProxy got -sf)"
             }
             Scenario::ManyGenerations => {
                 "handovers faster than the drain (streams in the mix keep old generations busy): \
@@ -269,7 +269,7 @@ pub fn run(mode: Mode, scenario: Scenario, s: &Settings, dir: &Path) -> Result<R
         };
         let acted = run.act(scenario, s);
         std::thread::sleep(s.settle);
-        let conns = load.finish(&rt);
+        let (conns, shed) = load.finish(&rt);
         sampling.store(false, Ordering::Relaxed);
         acted?;
         run.finish(s);
@@ -277,6 +277,9 @@ pub fn run(mode: Mode, scenario: Scenario, s: &Settings, dir: &Path) -> Result<R
         records::write_conns(&dir.join("conns.csv"), &conns)?;
         run.notes
             .insert("max_generations_alive".into(), run.max_alive.to_string());
+        if shed > 0 {
+            run.notes.insert("shed_by_client".into(), shed.to_string());
+        }
         Ok(run.notes)
     })?;
     let after = kernel::snapshot();
@@ -364,19 +367,14 @@ impl Run<'_> {
     fn hand_over(&mut self) -> Result<()> {
         self.events.push("handover", label(&self.current));
         let next = self.contender.hand_over(&self.current).map_err(|e| {
-            let status = self
-                .sb
-                .run_proxy_cmd(
-                    &[
-                        "status",
-                        "--name",
-                        &self.sb.name,
-                        "--bpffs",
-                        &self.sb.bpffs.display().to_string(),
-                    ],
-                    Duration::from_secs(5),
-                )
-                .stdout;
+            let status = if self.contender.mode == Mode::Ebpf {
+                self.sb
+                    .try_status()
+                    .map(|st| format!("{st:#?}"))
+                    .unwrap_or_else(|e| e)
+            } else {
+                String::new()
+            };
             e.context(format!(
                 "handover {} failed; status:\n{status}",
                 self.events.count("handover")
@@ -458,8 +456,11 @@ impl Run<'_> {
                 for _ in 0..s.handovers {
                     self.until(next);
                     next += s.interval;
+                    let replaced = self.current.pid;
                     self.hand_over()?;
-                    if let Some(old) = self.old.last_mut() {
+                    self.until(Instant::now() + s.handover_grace + Duration::from_millis(50));
+                    // Unless it has drained and exited already.
+                    if let Some(old) = self.old.iter().find(|g| g.pid == replaced) {
                         old.signal(libc::SIGKILL);
                         self.events.push("kill", label(old));
                     }
