@@ -1270,8 +1270,13 @@ servers = ["127.0.0.1:9000"]
     };
     let deadline = Instant::now() + Duration::from_secs(60);
     c.leader = loop {
-        if let Some(pid) = children(nspawn_pid).first() {
-            break *pid;
+        // The container's init once it runs systemd: before its exec, the
+        // child is still a copy of nspawn, and a command entered there
+        // would not reach the container's systemd.
+        if let Some(pid) = children(nspawn_pid).into_iter().find(|&pid| {
+            fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "systemd")
+        }) {
+            break pid;
         }
         if let Ok(Some(status)) = c.nspawn.try_wait() {
             panic!(
