@@ -47,7 +47,7 @@ impl Bodies {
 
 /// A product catalogue page of at least `min_len` bytes (closed properly,
 /// so a little over).
-fn catalogue_page(min_len: usize) -> String {
+pub fn catalogue_page(min_len: usize) -> String {
     const ADJECTIVES: [&str; 8] = [
         "Lightweight",
         "Durable",

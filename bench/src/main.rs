@@ -1,71 +1,62 @@
-//! `proxy-bench`: how much the proxy's data-path stages cost.
-//!
-//! One run, isolated in its own network namespace with its own bpffs, starts
-//! an in-process HTTP backend and a layer-4 responder, starts the proxy in
-//! the topology the product ships (gzip and TLS stages in front of an
-//! application frontend on UNIX sockets with PROXY v2, plus a plain layer-4
-//! listener and a one-hop HTTP listener), then measures each path and prints
-//! it next to the same measurement against the backend reached directly.
-//! Figures are printed, never asserted; only wrong bytes or a proxy that does
-//! not start or dies make it fail.
+//! `proxy-bench`: where the proxy stands against HAProxy and nginx
+//! ([`peers`], the default), and what its data-path stages cost against the
+//! backend reached directly ([`stages`], `--stages`).
 //!
 //! ```sh
-//! cargo run --release -p proxy-bench -- --proxy target/release/proxy [--seconds 5] [--connections 32]
+//! cargo xtask bench                       # the peer comparison (about 5 minutes)
+//! cargo xtask bench -- --quick            # one short run of every row (under 3 minutes)
+//! cargo xtask bench -- --stages --seconds 3
 //! ```
+//!
+//! Figures are printed and written, never asserted.
 
 mod backend;
 mod client;
+mod peers;
+mod stages;
 mod stats;
 
-use std::{net::SocketAddr, path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
+use std::{path::PathBuf, process::ExitCode};
 
-use anyhow::{Context, Result, anyhow, bail, ensure};
+use anyhow::Result;
 use clap::Parser;
-use proxy_harness::{
-    Proxy, Sandbox,
-    certs::{TestCert, make_cert},
-    config::toml_str,
-    process::tail,
-    tls::trusting,
-};
-use tokio::net::TcpListener;
-use tokio_rustls::TlsConnector;
-
-use crate::{
-    backend::Bodies,
-    client::{Dialer, Encoding, HttpTarget},
-    stats::Row,
-};
-
-/// The proxy's listeners: fixed ports are safe inside the private namespace.
-const L4_PORT: u16 = 7000;
-const COMP_PORT: u16 = 7080;
-const HOP_PORT: u16 = 7081;
-const TLS_PORT: u16 = 7443;
-/// Each measurement is preceded by this much unmeasured load, so that
-/// connection setup, pools and caches are warm when timing starts.
-const WARMUP: Duration = Duration::from_millis(500);
 
 #[derive(Parser)]
 #[command(
     name = "proxy-bench",
-    about = "Measure the proxy's stages against the backend reached directly"
+    about = "Measure the proxy against HAProxy and nginx (default), or its stages against the \
+             backend reached directly (--stages)"
 )]
 struct Args {
     /// The proxy binary (`cargo xtask build` makes target/release/proxy).
     #[arg(long)]
     proxy: PathBuf,
-    /// How long each measurement runs.
-    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=300))]
-    seconds: u64,
-    /// Concurrent clients per measurement.
+    /// How long each measurement runs (default: 5, or 2 with --quick).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=300))]
+    seconds: Option<u64>,
+    /// Runs of every row against every contender; the table shows the
+    /// median and the spread (default: 2, or 1 with --quick).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=20))]
+    runs: Option<u64>,
+    /// Short measurements, one run: the whole comparison in under 3 minutes.
+    #[arg(long)]
+    quick: bool,
+    /// Where the results folder (`<UTC time>/results.{json,md}`) is made
+    /// (default: bench/out in the workspace).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Measure the proxy's stages against the backend reached directly
+    /// instead of the peers.
+    #[arg(long)]
+    stages: bool,
+    /// --stages: concurrent clients per measurement.
     #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u64).range(1..=1024))]
     connections: u64,
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    match run(&args) {
+    match run(args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("proxy-bench: error: {e:#}");
@@ -74,325 +65,20 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(args: &Args) -> Result<()> {
-    ensure!(
-        args.proxy.is_file(),
-        "{} is not a file (build it with `cargo xtask build`)",
-        args.proxy.display()
-    );
-    // Still single-threaded here: the sandbox enters its namespace before
-    // the runtime creates its threads, so that they all live in it.
-    let sb = Sandbox::with_proxy("bench", args.proxy.clone());
-    let result = (|| {
-        let cert = make_cert(&sb.dir, "localhost", &["localhost"]);
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build()
-            .context("starting the tokio runtime")?;
-        let result = (|| {
-            let bodies = Bodies::new();
-            let (http_addr, echo_addr) = rt.block_on(start_servers(&bodies))?;
-            let config = sb.write_file(
-                "proxy.toml",
-                &proxy_config(&sb, http_addr, echo_addr, &cert),
-            );
-            let mut proxy = Proxy::start(&sb, &config, &[]);
-            proxy.wait_active(&sb, Duration::from_secs(15));
-            let servers = Servers {
-                bodies,
-                http: http_addr,
-                echo: echo_addr,
-            };
-            rt.block_on(async {
-                tokio::select! {
-                    r = bench(args, &mut proxy, &servers, &cert) => r,
-                    _ = tokio::signal::ctrl_c() => Err(anyhow!("interrupted")),
-                }
-            })
-        })();
-        rt.shutdown_timeout(Duration::from_secs(2));
-        result
-    })();
-    // Kill the proxy, unmount, remove the folder: whatever happened above.
-    drop(sb);
-    result
-}
-
-/// The in-process servers: the HTTP backend and the layer-4 responder.
-struct Servers {
-    bodies: Bodies,
-    http: SocketAddr,
-    echo: SocketAddr,
-}
-
-/// Binds and starts the HTTP backend and the layer-4 responder on
-/// ephemeral ports; returns their addresses.
-async fn start_servers(bodies: &Bodies) -> Result<(SocketAddr, SocketAddr)> {
-    let http = TcpListener::bind("127.0.0.1:0").await?;
-    let echo = TcpListener::bind("127.0.0.1:0").await?;
-    let addrs = (http.local_addr()?, echo.local_addr()?);
-    tokio::spawn(backend::serve_http(http, bodies.clone()));
-    tokio::spawn(backend::serve_echo(echo));
-    Ok(addrs)
-}
-
-/// An error (with the end of its log) if the proxy has exited.
-fn check_alive(proxy: &mut Proxy) -> Result<()> {
-    if let Some(status) = proxy.try_exit() {
-        bail!(
-            "the proxy exited ({status})\n--- proxy log ---\n{}",
-            tail(&proxy.log(), 30)
-        );
+fn run(args: Args) -> Result<()> {
+    if args.stages {
+        return stages::run(&stages::Args {
+            proxy: args.proxy,
+            seconds: args.seconds.unwrap_or(5),
+            connections: args.connections,
+        });
     }
-    Ok(())
-}
-
-/// Everything that runs on the runtime once the proxy serves: the
-/// measurements.
-async fn bench(args: &Args, proxy: &mut Proxy, servers: &Servers, cert: &TestCert) -> Result<()> {
-    let seconds = Duration::from_secs(args.seconds);
-    let conns = usize::try_from(args.connections)?;
-    let bodies = &servers.bodies;
-    let (http_addr, echo_addr) = (servers.http, servers.echo);
-
-    let local = |port| SocketAddr::from(([127, 0, 0, 1], port));
-    let tls = TlsConnector::from(trusting(&cert.der, &["http/1.1"], true));
-    let tls_full = TlsConnector::from(trusting(&cert.der, &["http/1.1"], false));
-    let target = |dialer: Dialer, path, accept_gzip, expect| {
-        let original = match path {
-            "/text" => bodies.text.clone(),
-            _ => bodies.small.clone(),
-        };
-        Arc::new(HttpTarget {
-            dialer,
-            path,
-            accept_gzip,
-            expect,
-            original,
-        })
-    };
-    let direct = Dialer::Tcp(http_addr);
-    let hop = Dialer::Tcp(local(HOP_PORT));
-    let comp = Dialer::Tcp(local(COMP_PORT));
-    let tls_dialer = |connector| Dialer::Tls {
-        addr: local(TLS_PORT),
-        connector,
-    };
-    use Encoding::{Gzip, Identity};
-    // (label, target): the first of each group is the direct peer.
-    let text_targets = [
-        (
-            "direct    GET /text",
-            target(direct.clone(), "/text", false, Identity),
-        ),
-        ("http1hop  GET /text", target(hop, "/text", false, Identity)),
-        (
-            "comp      GET /text gzip",
-            target(comp.clone(), "/text", true, Gzip),
-        ),
-        (
-            "comp      GET /text identity",
-            target(comp.clone(), "/text", false, Identity),
-        ),
-        (
-            "tls       GET /text",
-            target(tls_dialer(tls), "/text", false, Identity),
-        ),
-    ];
-    // Accept-Encoding is sent as browsers do; the body is below min_size,
-    // so the stage must pass it through.
-    let small_targets = [
-        (
-            "direct    GET /small",
-            target(direct, "/small", false, Identity),
-        ),
-        (
-            "comp      GET /small (gzip accepted)",
-            target(comp, "/small", true, Identity),
-        ),
-    ];
-    let handshake_target = target(tls_dialer(tls_full), "/small", false, Identity);
-
-    println!(
-        "proxy-bench: {} s per measurement, {} concurrent clients, /text body {} bytes, \
-         /small body {} bytes",
-        args.seconds,
-        conns,
-        bodies.text.len(),
-        bodies.small.len()
-    );
-
-    // Correctness first: every path must deliver the backend's bytes.
-    for (label, t) in text_targets.iter().chain(&small_targets) {
-        let reply = client::fetch_once(t)
-            .await
-            .with_context(|| format!("probing {}", label.trim()))?;
-        client::check(t, &reply, true).with_context(|| format!("probing {}", label.trim()))?;
-    }
-    let gzip_target = &text_targets[2].1;
-    let gz = client::fetch_once(gzip_target).await?;
-    client::check(gzip_target, &gz, true)?;
-    let plain = client::gunzip(&gz.body)?;
-    if plain != bodies.text {
-        bail!("the gzip body via comp does not decompress to the original /text body");
-    }
-    let compression_ratio = gz.body.len() as f64 / bodies.text.len() as f64;
-    println!(
-        "compression via comp (level 1): {} -> {} body bytes on the wire, ratio {:.3}; \
-         decompressed body matches the original",
-        bodies.text.len(),
-        gz.body.len(),
-        compression_ratio
-    );
-
-    let mut rows = Vec::new();
-    for group in [&text_targets[..], &small_targets[..]] {
-        let mut peer = None;
-        for (label, t) in group {
-            eprintln!("measuring {} ...", label.trim());
-            client::keepalive(t.clone(), conns, WARMUP)
-                .await
-                .with_context(|| format!("warming up {}", label.trim()))?;
-            let mut s = client::keepalive(t.clone(), conns, seconds)
-                .await
-                .with_context(|| format!("measuring {}", label.trim()))?;
-            check_alive(proxy)?;
-            // The direct peer is the first of its group: its ratio is 1.
-            let peer = *peer.get_or_insert(s.rate());
-            rows.push(Row::from_sample(label, "req/s", &mut s, Some(peer)));
-        }
-    }
-
-    let mut peer = None;
-    for (label, addr) in [
-        ("direct    new TCP conns (echo)", echo_addr),
-        ("l4        new TCP conns", local(L4_PORT)),
-    ] {
-        eprintln!("measuring {} ...", label.trim());
-        client::l4_connections(addr, conns, WARMUP)
-            .await
-            .with_context(|| format!("warming up {}", label.trim()))?;
-        let mut s = client::l4_connections(addr, conns, seconds)
-            .await
-            .with_context(|| format!("measuring {}", label.trim()))?;
-        check_alive(proxy)?;
-        let peer = *peer.get_or_insert(s.rate());
-        rows.push(Row::from_sample(label, "conn/s", &mut s, Some(peer)));
-    }
-
-    let label = "tls       new TLS conns (full handshake + GET /small)";
-    eprintln!("measuring {} ...", label.trim());
-    let mut s = client::tls_connections(handshake_target, conns, seconds)
-        .await
-        .with_context(|| format!("measuring {}", label.trim()))?;
-    check_alive(proxy)?;
-    rows.push(Row::from_sample(label, "conn/s", &mut s, None));
-
-    println!();
-    print!("{}", stats::render(&rows));
-    // A proxy that answered everything may still have complained: say so,
-    // since a warning per connection would also explain a low figure.
-    let log = proxy.log();
-    let complaints: Vec<&str> = log
-        .lines()
-        .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
-        .collect();
-    if !complaints.is_empty() {
-        println!(
-            "\nthe proxy logged {} warning/error lines; the first ones:\n{}",
-            complaints.len(),
-            complaints[..complaints.len().min(5)].join("\n")
-        );
-    }
-    println!(
-        "\nratio: figure / the direct figure of the same group (the direct backend for \
-         HTTP, the direct responder for new TCP conns; '-': no direct peer).\n\
-         p50/p99: latency per request (keep-alive) or per connection, seen by the client.\n\
-         compression ratio (gzip body / identity body) for /text: {compression_ratio:.3}\n\
-         new-connection runs stop after {} connections.",
-        client::MAX_NEW_CONNECTIONS_PER_RUN
-    );
-    Ok(())
-}
-
-/// The proxy config: the topology the product ships, with the run's paths
-/// and backend ports.
-fn proxy_config(sb: &Sandbox, http: SocketAddr, echo: SocketAddr, cert: &TestCert) -> String {
-    let path = |p: &std::path::Path| toml_str(&p.display().to_string());
-    let unix = |file: &str| toml_str(&format!("unix:{}", sb.dir.join(file).display()));
-    format!(
-        r#"[global]
-name = {name}
-bpffs = {bpffs}
-steering = "ebpf"
-hard_stop_after = "5s"
-
-# plain layer 4
-[[listener]]
-name = "l4"
-bind = ["127.0.0.1:{L4_PORT}"]
-backend = "echo"
-
-# gzip stage -> unix + PROXY v2 -> app
-[[listener]]
-name = "comp"
-bind = ["127.0.0.1:{COMP_PORT}"]
-mode = "http"
-cpus = [1]
-backend = "app0"
-[listener.compression]
-level = 1
-min_size = 256
-
-# TLS stage -> unix + PROXY v2 -> app
-[[listener]]
-name = "tls"
-bind = ["127.0.0.1:{TLS_PORT}"]
-mode = "tcp"
-cpus = [1]
-backend = "app1"
-[listener.tls]
-certs = [{bundle}]
-alpn = ["http/1.1"]
-
-# the application frontend on UNIX sockets
-[[listener]]
-name = "app"
-bind = [{app0}, {app1}]
-mode = "http"
-accept_proxy = true
-cpus = [0]
-backend = "web"
-
-# the same frontend reachable directly over TCP (one hop, no gzip)
-[[listener]]
-name = "http1hop"
-bind = ["127.0.0.1:{HOP_PORT}"]
-mode = "http"
-backend = "web"
-
-[[backend]]
-name = "echo"
-servers = ["{echo}"]
-
-[[backend]]
-name = "app0"
-servers = [{app0}]
-send_proxy_v2 = true
-
-[[backend]]
-name = "app1"
-servers = [{app1}]
-send_proxy_v2 = true
-
-[[backend]]
-name = "web"
-servers = ["{http}"]
-"#,
-        name = toml_str(&sb.name),
-        bpffs = path(&sb.bpffs),
-        bundle = path(&cert.bundle),
-        app0 = unix("app0.sock"),
-        app1 = unix("app1.sock"),
-    )
+    let quick = args.quick;
+    peers::run(&peers::Args {
+        proxy: args.proxy,
+        seconds: args.seconds.unwrap_or(if quick { 2 } else { 5 }),
+        runs: usize::try_from(args.runs.unwrap_or(if quick { 1 } else { 2 }))?,
+        quick,
+        out: args.out.unwrap_or_else(peers::default_out),
+    })
 }

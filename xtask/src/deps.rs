@@ -40,6 +40,16 @@ const LAB: &[(&str, &str)] = &[
     ("iproute2", "network namespaces"),
 ];
 
+/// What `cargo xtask bench` drives besides our proxy.
+const BENCH: &[(&str, &str)] = &[
+    ("haproxy", "the peer HAProxy"),
+    ("nginx", "the peer nginx and the origin"),
+    ("wrk", "the HTTP load"),
+    ("openssl", "the RSA and ECDSA certificates"),
+    ("util-linux", "taskset"),
+    ("iproute2", "network namespaces"),
+];
+
 /// Python packages (PyPI names), with what needs them.
 const PYTHON: &[(&str, &str)] = &[
     ("prometheus-client", "parsing /metrics as Prometheus does"),
@@ -78,7 +88,16 @@ const SOURCES: [Source; 2] = [
 
 /// Installs whatever of [`LAB`] is missing (`cargo xtask experiment`).
 pub fn ensure_lab_tools() -> Result<()> {
-    let missing: Vec<&str> = LAB
+    ensure_debian(LAB)
+}
+
+/// Installs whatever of [`BENCH`] is missing (`cargo xtask bench`).
+pub fn ensure_bench_tools() -> Result<()> {
+    ensure_debian(BENCH)
+}
+
+fn ensure_debian(packages: &[(&str, &str)]) -> Result<()> {
+    let missing: Vec<&str> = packages
         .iter()
         .filter(|(pkg, _)| !deb_installed(pkg))
         .map(|(pkg, why)| {

@@ -59,10 +59,11 @@ enum Cmd {
         #[arg(last = true)]
         args: Vec<OsString>,
     },
-    /// Measure requests/s through each stage and new connections/s, next to
-    /// the backend reached directly, and the gzip ratio (root).
+    /// Measure the proxy against HAProxy and nginx (CPU per request,
+    /// latency, memory; installs them when missing), or with `-- --stages`
+    /// its stages against the backend reached directly (root).
     Bench {
-        /// Arguments for proxy-bench, e.g. `-- --seconds 10`.
+        /// Arguments for proxy-bench, e.g. `-- --quick` or `-- --seconds 10`.
         #[arg(last = true)]
         args: Vec<OsString>,
     },
@@ -175,6 +176,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Bench { args } => {
             let proxy = build_all(&ws, &[])?;
             require_root("bench")?;
+            deps::ensure_bench_tools()?;
             cargo(&ws)
                 .args([
                     "run",

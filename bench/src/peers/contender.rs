@@ -1,0 +1,535 @@
+//! The processes of a peer run: the origin (nginx), and the three
+//! contenders (HAProxy, nginx, our proxy) configured for the same work, each
+//! pinned to CPU 0 with one thread or worker; and what `/proc` says about
+//! them (CPU time, resident memory).
+
+use std::{
+    fs,
+    path::Path,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+use proxy_harness::{Proxy, Sandbox, config::toml_str, procfs};
+use serde::Serialize;
+
+/// The CPU the contenders and the origin run on; the load runs on
+/// [`LOAD_CPU`].
+pub const SERVER_CPU: usize = 0;
+pub const LOAD_CPU: usize = 1;
+
+/// The origin's port (fixed: the run has its own network namespace).
+pub const ORIGIN_PORT: u16 = 8000;
+
+/// The three contenders, in the order of the tables.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    Haproxy,
+    Nginx,
+    Proxy,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 3] = [Kind::Haproxy, Kind::Nginx, Kind::Proxy];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Kind::Haproxy => "HAProxy",
+            Kind::Nginx => "nginx",
+            Kind::Proxy => "proxy",
+        }
+    }
+
+    /// Whether this is one of the peers we are compared with.
+    pub fn is_peer(self) -> bool {
+        self != Kind::Proxy
+    }
+
+    /// The contender's first port; its listeners are at fixed offsets
+    /// ([`Listener`]).
+    fn base_port(self) -> u16 {
+        match self {
+            Kind::Haproxy => 8100,
+            Kind::Nginx => 8200,
+            Kind::Proxy => 8300,
+        }
+    }
+
+    pub fn port(self, l: Listener) -> u16 {
+        self.base_port() + l as u16
+    }
+}
+
+/// The listeners every contender has, all forwarding to the origin.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Listener {
+    /// Plain HTTP/1.1.
+    Http = 0,
+    /// HTTP with gzip (level 1 where the contender has levels).
+    Gzip = 1,
+    /// TLS (ECDSA P-256 certificate), then HTTP.
+    TlsEcdsa = 2,
+    /// TLS (RSA 2048 certificate), then HTTP.
+    TlsRsa = 3,
+}
+
+/// The files the configs name: document root and certificates.
+pub struct Files<'a> {
+    pub dir: &'a Path,
+    pub www: &'a Path,
+    pub ecdsa: &'a Path,
+    pub rsa: &'a Path,
+}
+
+/// A started process tree that the sandbox's guard kills on drop.
+pub struct Running {
+    pub kind: Option<Kind>,
+    /// The process we started (for nginx, the master; its worker is a child).
+    pub pid: u32,
+    /// For our proxy: the handle with its log.
+    pub proxy: Option<Proxy>,
+    /// Where its errors go.
+    pub log: std::path::PathBuf,
+}
+
+impl Running {
+    /// The process and its descendants.
+    pub fn pids(&self) -> Vec<u32> {
+        let mut all = vec![self.pid];
+        let mut i = 0;
+        // Bounded: a contender has a handful of processes.
+        while i < all.len() && all.len() < 64 {
+            all.extend(procfs::children(all[i]));
+            i += 1;
+        }
+        all
+    }
+
+    /// Nanoseconds on CPU of all threads of all its processes
+    /// (`/proc/<pid>/task/<tid>/schedstat`, first field).
+    pub fn cpu_ns(&self) -> u64 {
+        self.pids().into_iter().map(cpu_ns_of).sum()
+    }
+
+    /// Sum of a `/proc/<pid>/status` field in KiB (VmRSS, VmHWM) over its
+    /// processes.
+    pub fn mem_kib(&self, field: &str) -> u64 {
+        self.pids()
+            .into_iter()
+            .filter_map(|pid| {
+                procfs::proc_status(pid)
+                    .get(field)?
+                    .trim_end_matches("kB")
+                    .trim()
+                    .parse::<u64>()
+                    .ok()
+            })
+            .sum()
+    }
+
+    /// An error with the end of its log if it has exited.
+    pub fn check_alive(&mut self) -> Result<()> {
+        let gone = match &mut self.proxy {
+            Some(p) => p.try_exit().map(|s| s.to_string()),
+            None => (!Path::new(&format!("/proc/{}", self.pid)).exists()
+                || procfs::proc_state(self.pid) == Some('Z'))
+            .then(|| "exited".to_string()),
+        };
+        if let Some(status) = gone {
+            let log = fs::read_to_string(&self.log).unwrap_or_default();
+            bail!(
+                "{} (pid {}) {status}; its log ends with:\n{}",
+                self.kind.map_or("the origin", Kind::label),
+                self.pid,
+                proxy_harness::process::tail(&log, 20)
+            );
+        }
+        Ok(())
+    }
+}
+
+fn cpu_ns_of(pid: u32) -> u64 {
+    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| {
+            let s = fs::read_to_string(t.path().join("schedstat")).ok()?;
+            s.split_whitespace().next()?.parse::<u64>().ok()
+        })
+        .sum()
+}
+
+/// Starts `program args` pinned to [`SERVER_CPU`], stdout and stderr to
+/// `<dir>/<name>.log`, adopted by the sandbox.
+fn spawn_pinned(sb: &Sandbox, name: &str, program: &str, args: &[&str]) -> Result<Running> {
+    let log = sb.dir.join(format!("{name}.log"));
+    let out = fs::File::create(&log)?;
+    let child = Command::new("taskset")
+        .args(["-c", &SERVER_CPU.to_string(), program])
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(out.try_clone()?)
+        .stderr(out)
+        .spawn()
+        .with_context(|| format!("starting {program} (is it installed?)"))?;
+    let pid = child.id();
+    sb.adopt(child);
+    Ok(Running {
+        kind: None,
+        pid,
+        proxy: None,
+        log,
+    })
+}
+
+/// Waits until `port` on loopback accepts a connection.
+pub fn wait_port(port: u16, timeout: Duration) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if std::net::TcpStream::connect_timeout(
+            &std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+            Duration::from_millis(200),
+        )
+        .is_ok()
+        {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            bail!("nothing listens on 127.0.0.1:{port} after {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Starts the origin: nginx, one worker, serving `files.www`.
+pub fn start_origin(sb: &Sandbox, files: &Files) -> Result<Running> {
+    let conf = nginx_main(files.dir, "origin")
+        + &format!(
+            "http {{
+    access_log off;
+    keepalive_timeout 300s;
+    keepalive_requests 1000000;
+    types {{ text/html html; }}
+    default_type text/plain;
+{temp}
+    server {{
+        listen 127.0.0.1:{ORIGIN_PORT} backlog=4096;
+        root {www};
+    }}
+}}
+",
+            temp = nginx_temp_paths(files.dir, "origin"),
+            www = files.www.display(),
+        );
+    let path = sb.write_file("origin-nginx.conf", &conf);
+    let r = spawn_pinned(
+        sb,
+        "origin-nginx",
+        "nginx",
+        &["-c", &path.display().to_string()],
+    )?;
+    wait_port(ORIGIN_PORT, Duration::from_secs(10))?;
+    Ok(r)
+}
+
+/// Starts one contender and waits until all its listeners accept.
+pub fn start(sb: &Sandbox, kind: Kind, files: &Files) -> Result<Running> {
+    let mut r = match kind {
+        Kind::Haproxy => {
+            let path = sb.write_file("haproxy.cfg", &haproxy_config(files));
+            spawn_pinned(
+                sb,
+                "haproxy",
+                "haproxy",
+                &["-db", "-f", &path.display().to_string()],
+            )?
+        }
+        Kind::Nginx => {
+            let path = sb.write_file("nginx.conf", &nginx_config(files));
+            spawn_pinned(sb, "nginx", "nginx", &["-c", &path.display().to_string()])?
+        }
+        Kind::Proxy => {
+            let path = sb.write_file("proxy.toml", &proxy_config(sb, files));
+            // One worker thread for everything: no listener has its own
+            // runtime, and the default runtime gets one worker.
+            let mut p = Proxy::start_wrapped(
+                sb,
+                &["taskset", "-c", &SERVER_CPU.to_string()],
+                &path,
+                &[("TOKIO_WORKER_THREADS", "1")],
+            );
+            p.wait_active(sb, Duration::from_secs(15));
+            Running {
+                kind: None,
+                pid: p.pid,
+                log: p.log_path.clone(),
+                proxy: Some(p),
+            }
+        }
+    };
+    r.kind = Some(kind);
+    for l in [
+        Listener::Http,
+        Listener::Gzip,
+        Listener::TlsEcdsa,
+        Listener::TlsRsa,
+    ] {
+        if let Err(e) = wait_port(kind.port(l), Duration::from_secs(10)) {
+            r.check_alive()?;
+            return Err(e);
+        }
+    }
+    Ok(r)
+}
+
+/// The main context of an nginx config: one worker, root (the sandbox
+/// folder is private), foreground, as many connections as the open-file
+/// limit allows.
+fn nginx_main(dir: &Path, name: &str) -> String {
+    format!(
+        "user root;
+daemon off;
+master_process on;
+worker_processes 1;
+worker_rlimit_nofile 20000;
+pid {dir}/{name}.pid;
+error_log {dir}/{name}-error.log warn;
+events {{ worker_connections 19500; }}
+",
+        dir = dir.display()
+    )
+}
+
+fn nginx_temp_paths(dir: &Path, name: &str) -> String {
+    ["client_body", "proxy", "fastcgi", "uwsgi", "scgi"]
+        .iter()
+        .map(|t| format!("    {t}_temp_path {}/{name}-tmp-{t};\n", dir.display()))
+        .collect()
+}
+
+/// nginx as a reverse proxy: upstream keep-alive pool, gzip level 1 on its
+/// gzip listener, TLS without tickets or session cache.
+fn nginx_config(f: &Files) -> String {
+    let server = |l: Listener, extra: &str| {
+        format!(
+            "    server {{
+        listen 127.0.0.1:{port}{ssl} backlog=4096;
+{extra}        location / {{ proxy_pass http://origin; }}
+    }}
+",
+            port = Kind::Nginx.port(l),
+            ssl = if matches!(l, Listener::TlsEcdsa | Listener::TlsRsa) {
+                " ssl"
+            } else {
+                ""
+            },
+        )
+    };
+    let tls = |cert: &Path| {
+        format!(
+            "        ssl_certificate {c};
+        ssl_certificate_key {c};
+        ssl_protocols TLSv1.2 TLSv1.3;
+        ssl_session_tickets off;
+        ssl_session_cache off;
+",
+            c = cert.display()
+        )
+    };
+    nginx_main(f.dir, "nginx")
+        + &format!(
+            "http {{
+    access_log off;
+    keepalive_timeout 300s;
+    keepalive_requests 1000000;
+{temp}
+    upstream origin {{
+        server 127.0.0.1:{ORIGIN_PORT};
+        keepalive 64;
+        keepalive_requests 1000000;
+    }}
+    proxy_http_version 1.1;
+    proxy_set_header Connection \"\";
+{http}{gzip}{ecdsa}{rsa}}}
+",
+            temp = nginx_temp_paths(f.dir, "nginx"),
+            http = server(Listener::Http, ""),
+            gzip = server(
+                Listener::Gzip,
+                "        gzip on;
+        gzip_comp_level 1;
+        gzip_types text/html;
+        gzip_min_length 256;
+        gzip_proxied any;
+"
+            ),
+            ecdsa = server(Listener::TlsEcdsa, &tls(f.ecdsa)),
+            rsa = server(Listener::TlsRsa, &tls(f.rsa)),
+        )
+}
+
+/// HAProxy: one thread, `http-reuse safe` (its default) to the origin,
+/// compression on the gzip frontend, TLS without tickets or session cache.
+/// `maxconn` is left to HAProxy (derived from the open-file limit, as ours).
+fn haproxy_config(f: &Files) -> String {
+    let k = Kind::Haproxy;
+    format!(
+        "global
+    nbthread 1
+    tune.ssl.cachesize 0
+    tune.comp.maxlevel 1
+    ssl-default-bind-options no-tls-tickets ssl-min-ver TLSv1.2
+
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 300s
+    timeout server 60s
+    timeout http-keep-alive 300s
+    timeout http-request 30s
+    option http-keep-alive
+    http-reuse safe
+
+frontend http
+    bind 127.0.0.1:{http}
+    default_backend origin
+
+frontend gzip
+    bind 127.0.0.1:{gzip}
+    filter compression
+    compression algo gzip
+    compression type text/html
+    default_backend origin
+
+frontend tls_ecdsa
+    bind 127.0.0.1:{ecdsa} ssl crt {ecdsa_pem} alpn http/1.1
+    default_backend origin
+
+frontend tls_rsa
+    bind 127.0.0.1:{rsa} ssl crt {rsa_pem} alpn http/1.1
+    default_backend origin
+
+backend origin
+    server origin 127.0.0.1:{ORIGIN_PORT}
+",
+        http = k.port(Listener::Http),
+        gzip = k.port(Listener::Gzip),
+        ecdsa = k.port(Listener::TlsEcdsa),
+        rsa = k.port(Listener::TlsRsa),
+        ecdsa_pem = f.ecdsa.display(),
+        rsa_pem = f.rsa.display(),
+    )
+}
+
+/// Our proxy: the same four listeners on the default runtime.
+fn proxy_config(sb: &Sandbox, f: &Files) -> String {
+    let k = Kind::Proxy;
+    let path = |p: &Path| toml_str(&p.display().to_string());
+    format!(
+        r#"[global]
+name = {name}
+bpffs = {bpffs}
+steering = "ebpf"
+hard_stop_after = "5s"
+
+[[listener]]
+name = "http"
+bind = ["127.0.0.1:{http}"]
+mode = "http"
+backend = "origin"
+
+[[listener]]
+name = "gzip"
+bind = ["127.0.0.1:{gzip}"]
+mode = "http"
+backend = "origin"
+[listener.compression]
+level = 1
+min_size = 256
+
+[[listener]]
+name = "tls_ecdsa"
+bind = ["127.0.0.1:{ecdsa}"]
+mode = "http"
+backend = "origin"
+[listener.tls]
+certs = [{ecdsa_pem}]
+alpn = ["http/1.1"]
+
+[[listener]]
+name = "tls_rsa"
+bind = ["127.0.0.1:{rsa}"]
+mode = "http"
+backend = "origin"
+[listener.tls]
+certs = [{rsa_pem}]
+alpn = ["http/1.1"]
+
+[[backend]]
+name = "origin"
+servers = ["127.0.0.1:{ORIGIN_PORT}"]
+"#,
+        name = toml_str(&sb.name),
+        bpffs = path(&sb.bpffs),
+        http = k.port(Listener::Http),
+        gzip = k.port(Listener::Gzip),
+        ecdsa = k.port(Listener::TlsEcdsa),
+        rsa = k.port(Listener::TlsRsa),
+        ecdsa_pem = path(f.ecdsa),
+        rsa_pem = path(f.rsa),
+    )
+}
+
+/// Makes `<dir>/<name>.pem` (certificate then key, for all three) with
+/// `openssl req`: `key` is an `-newkey` argument such as `rsa:2048`; the DER
+/// of the certificate is returned for the client to trust.
+pub fn make_cert(dir: &Path, name: &str, newkey: &[&str]) -> Result<(std::path::PathBuf, Vec<u8>)> {
+    let key = dir.join(format!("{name}.key"));
+    let crt = dir.join(format!("{name}.crt"));
+    let out = proxy_harness::process::run_bounded(
+        Command::new("openssl")
+            .args([
+                "req",
+                "-x509",
+                "-nodes",
+                "-days",
+                "30",
+                "-subj",
+                "/CN=localhost",
+            ])
+            .args(["-addext", "subjectAltName=DNS:localhost"])
+            .args(["-addext", "basicConstraints=critical,CA:FALSE"])
+            .args(["-addext", "extendedKeyUsage=serverAuth"])
+            .args(newkey)
+            .arg("-keyout")
+            .arg(&key)
+            .arg("-out")
+            .arg(&crt),
+        Duration::from_secs(30),
+    );
+    if !out.status.success() {
+        bail!(
+            "openssl req for {name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let der = proxy_harness::process::run_bounded(
+        Command::new("openssl")
+            .args(["x509", "-outform", "DER", "-in"])
+            .arg(&crt),
+        Duration::from_secs(10),
+    );
+    if !der.status.success() || der.stdout.is_empty() {
+        bail!("openssl x509 -outform DER for {name} failed");
+    }
+    let bundle = dir.join(format!("{name}.pem"));
+    fs::write(
+        &bundle,
+        fs::read_to_string(&crt)? + &fs::read_to_string(&key)?,
+    )?;
+    Ok((bundle, der.stdout))
+}

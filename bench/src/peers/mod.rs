@@ -1,0 +1,628 @@
+//! `proxy-bench` (the default): where the proxy stands against HAProxy and
+//! nginx.
+//!
+//! # Layout
+//!
+//! One run, in its own network namespace: an origin nginx serves `/small`
+//! (98 B) and `/big.html` (64 KiB of HTML); HAProxy, nginx and our proxy
+//! ([`contender`]) each forward to it on four listeners (HTTP, HTTP with
+//! gzip, TLS with an ECDSA P-256 certificate, TLS with RSA 2048), all with
+//! one thread or worker, the contenders and the origin pinned on CPU 0 and
+//! the load on CPU 1. Every row ([`ROWS`]) is run against each contender in
+//! turn, `runs` times: keep-alive and new-connection HTTP loads with
+//! [`wrk`], full TLS 1.3 handshakes with the in-process rustls client (wrk's
+//! OpenSSL client saturates before the servers do). Then each contender's
+//! peak memory, and what it holds per idle keep-alive client ([`idle`]).
+//! [`report`] writes JSON and markdown. Figures are never asserted; wrong
+//! bytes or a contender that dies make the run fail.
+
+mod contender;
+mod idle;
+mod report;
+mod wrk;
+
+use std::{
+    fs,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::Command,
+    sync::Arc,
+    time::Duration,
+};
+
+use anyhow::{Context, Result, anyhow, bail, ensure};
+use bytes::Bytes;
+use proxy_harness::{Sandbox, process::run_bounded};
+use rustls::{ClientConfig, RootCertStore, client::Resumption, pki_types::CertificateDer};
+use tokio::runtime::Runtime;
+use tokio_rustls::TlsConnector;
+
+use self::{
+    contender::{Files, Kind, LOAD_CPU, Listener, Running},
+    report::{Cell, IdleFigures, Memory, Report, RowResult, RunFigures},
+};
+use crate::{
+    backend,
+    client::{self, Dialer, Encoding, HttpTarget},
+};
+
+/// Concurrent wrk connections (as in the issue's table: wrk -c64).
+const WRK_CONNECTIONS: usize = 64;
+/// Concurrent handshaking clients.
+const HANDSHAKE_CLIENTS: usize = 32;
+/// Idle keep-alive client counts.
+const IDLE_COUNTS: [usize; 3] = [1_000, 4_000, 16_000];
+/// The origin's bodies.
+const SMALL_LEN: usize = 98;
+const BIG_LEN: usize = 64 * 1024;
+
+/// What the peer comparison needs from the command line.
+pub struct Args {
+    pub proxy: PathBuf,
+    pub seconds: u64,
+    pub runs: usize,
+    pub quick: bool,
+    /// Where the results folder is made.
+    pub out: PathBuf,
+}
+
+/// What a row drives.
+#[derive(Clone, Copy)]
+enum Load {
+    /// wrk against a listener, with extra request headers.
+    Wrk {
+        listener: Listener,
+        path: &'static str,
+        headers: &'static [&'static str],
+    },
+    /// Full TLS 1.3 handshakes (no resumption), one `GET /small` with
+    /// `Connection: close` each.
+    Handshake { listener: Listener },
+}
+
+struct RowSpec {
+    id: &'static str,
+    label: &'static str,
+    load: Load,
+}
+
+const ROWS: [RowSpec; 7] = [
+    RowSpec {
+        id: "http_keepalive_98b",
+        label: "HTTP keep-alive, 98 B (wrk -c64)",
+        load: Load::Wrk {
+            listener: Listener::Http,
+            path: "/small",
+            headers: &[],
+        },
+    },
+    RowSpec {
+        id: "http_close_98b",
+        label: "HTTP, new connection per request (`Connection: close`)",
+        load: Load::Wrk {
+            listener: Listener::Http,
+            path: "/small",
+            headers: &["Connection: close"],
+        },
+    },
+    RowSpec {
+        id: "http_keepalive_64k",
+        label: "HTTP keep-alive, 64 KiB",
+        load: Load::Wrk {
+            listener: Listener::Http,
+            path: "/big.html",
+            headers: &[],
+        },
+    },
+    RowSpec {
+        id: "gzip_64k",
+        label: "gzip level 1, 64 KiB HTML",
+        load: Load::Wrk {
+            listener: Listener::Gzip,
+            path: "/big.html",
+            headers: &["Accept-Encoding: gzip"],
+        },
+    },
+    RowSpec {
+        id: "tls_keepalive",
+        label: "TLS keep-alive request (ECDSA, 98 B)",
+        load: Load::Wrk {
+            listener: Listener::TlsEcdsa,
+            path: "/small",
+            headers: &[],
+        },
+    },
+    RowSpec {
+        id: "tls13_handshake_rsa2048",
+        label: "TLS 1.3 full handshake, RSA 2048 (rustls client, no resumption)",
+        load: Load::Handshake {
+            listener: Listener::TlsRsa,
+        },
+    },
+    RowSpec {
+        id: "tls13_handshake_ecdsa_p256",
+        label: "TLS 1.3 full handshake, ECDSA P-256",
+        load: Load::Handshake {
+            listener: Listener::TlsEcdsa,
+        },
+    },
+];
+
+/// Runs the comparison; writes `<out>/<time>/results.{json,md}` and prints
+/// the markdown.
+pub fn run(args: &Args) -> Result<()> {
+    ensure!(
+        args.proxy.is_file(),
+        "{} is not a file (build it with `cargo xtask build`)",
+        args.proxy.display()
+    );
+    for tool in ["haproxy", "nginx", "wrk", "taskset", "openssl"] {
+        ensure!(
+            which(tool),
+            "{tool} is not installed (`cargo xtask bench` installs it)"
+        );
+    }
+    // The load side is this process: pin it (and every thread it makes from
+    // now on) to the load CPU before the runtime exists.
+    let pinned = run_bounded(
+        Command::new("taskset")
+            .args(["-p", "-c", &LOAD_CPU.to_string()])
+            .arg(std::process::id().to_string()),
+        Duration::from_secs(5),
+    );
+    ensure!(
+        pinned.status.success(),
+        "taskset -p: {}",
+        String::from_utf8_lossy(&pinned.stderr)
+    );
+    let started_utc = utc_now();
+    let sb = Sandbox::with_proxy("peers", args.proxy.clone());
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?;
+    let result = suite(args, &sb, &rt, started_utc);
+    rt.shutdown_timeout(Duration::from_secs(2));
+    // The sandbox kills every process it adopted (by PID) and removes its
+    // folder, whatever happened above.
+    drop(sb);
+    let report = result?;
+    let dir = args.out.join(&report.started_utc);
+    fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let md = report::markdown(&report);
+    fs::write(
+        dir.join("results.json"),
+        serde_json::to_string_pretty(&report)?,
+    )?;
+    fs::write(dir.join("results.md"), &md)?;
+    println!("\n{md}\nwritten to {}", dir.display());
+    Ok(())
+}
+
+/// The origin's files, the contenders, the rows, the memory figures.
+fn suite(args: &Args, sb: &Sandbox, rt: &Runtime, started_utc: String) -> Result<Report> {
+    let www = sb.dir.join("www");
+    fs::create_dir_all(&www)?;
+    let small = small_body();
+    let big = big_body();
+    fs::write(www.join("small"), &small)?;
+    fs::write(www.join("big.html"), &big)?;
+    let script = sb.write_file("report.lua", wrk::SCRIPT);
+    let (ecdsa, ecdsa_der) = contender::make_cert(
+        &sb.dir,
+        "ecdsa",
+        &["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256"],
+    )?;
+    let (rsa, rsa_der) = contender::make_cert(&sb.dir, "rsa", &["-newkey", "rsa:2048"])?;
+    let files = Files {
+        dir: &sb.dir,
+        www: &www,
+        ecdsa: &ecdsa,
+        rsa: &rsa,
+    };
+
+    let mut origin = contender::start_origin(sb, &files)?;
+    let mut contenders = Vec::new();
+    for kind in Kind::ALL {
+        eprintln!("starting {} ...", kind.label());
+        contenders.push(contender::start(sb, kind, &files)?);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let idle_rss: Vec<u64> = contenders.iter().map(|c| c.mem_kib("VmRSS")).collect();
+
+    let bodies = Bodies {
+        small: Bytes::from(small),
+        big: Bytes::from(big),
+        ecdsa: tls13_only(&ecdsa_der)?,
+        rsa: tls13_only(&rsa_der)?,
+    };
+    // Correctness first: every contender must deliver the origin's bytes.
+    let mut gzip_out = Vec::new();
+    for c in &contenders {
+        let kind = c.kind.expect("a contender");
+        gzip_out.push(rt.block_on(probe(kind, &bodies))?);
+    }
+
+    let mut runs: Vec<Vec<Vec<RunFigures>>> = vec![vec![Vec::new(); Kind::ALL.len()]; ROWS.len()];
+    for run in 0..args.runs {
+        for (r, row) in ROWS.iter().enumerate() {
+            for (ci, c) in contenders.iter_mut().enumerate() {
+                let kind = c.kind.expect("a contender");
+                eprintln!(
+                    "run {}/{}: {} via {} ...",
+                    run + 1,
+                    args.runs,
+                    row.label,
+                    kind.label()
+                );
+                // The first run warms each contender and row up (pools,
+                // caches, the allocator's arenas) before measuring.
+                if run == 0 {
+                    measure(rt, &script, kind, c, row.load, &bodies, 1)
+                        .with_context(|| format!("warming up {} via {}", row.id, kind.label()))?;
+                }
+                let f = measure(rt, &script, kind, c, row.load, &bodies, args.seconds)
+                    .with_context(|| format!("{} via {}", row.id, kind.label()))?;
+                c.check_alive()?;
+                origin.check_alive()?;
+                runs[r][ci].push(f);
+            }
+        }
+    }
+    let mut rows = Vec::new();
+    for (r, row) in ROWS.iter().enumerate() {
+        let mut cells: Vec<Cell> = Kind::ALL
+            .iter()
+            .zip(std::mem::take(&mut runs[r]))
+            .map(|(k, figs)| report::cell(*k, figs))
+            .collect();
+        if row.id == "gzip_64k" {
+            for (cell, out) in cells.iter_mut().zip(&gzip_out) {
+                cell.body_bytes_out = Some(*out);
+            }
+        }
+        let mut result = RowResult {
+            id: row.id,
+            label: row.label,
+            cells,
+        };
+        report::set_ratios(&mut result);
+        rows.push(result);
+    }
+
+    let mut memory = Vec::new();
+    for (i, c) in contenders.iter_mut().enumerate() {
+        let kind = c.kind.expect("a contender");
+        let peak = c.mem_kib("VmHWM");
+        let mut idle_connections = Vec::new();
+        let counts: &[usize] = &IDLE_COUNTS;
+        for &n in counts {
+            eprintln!("{} idle keep-alive clients via {} ...", n, kind.label());
+            idle_connections.push(idle_memory(rt, c, n)?);
+            c.check_alive()?;
+        }
+        memory.push(Memory {
+            contender: kind,
+            idle_rss_kib: idle_rss[i],
+            peak_rss_kib: peak,
+            idle_connections,
+        });
+    }
+
+    Ok(Report {
+        started_utc,
+        seconds_per_measurement: args.seconds,
+        runs: args.runs,
+        quick: args.quick,
+        wrk_connections: WRK_CONNECTIONS,
+        handshake_clients: HANDSHAKE_CLIENTS,
+        versions: versions(),
+        rows,
+        memory,
+        notes: vec![
+            "CPU per request: the contender's own processes and threads only (the origin \
+             and the load are not counted), from /proc/<pid>/task/*/schedstat around the \
+             measured load."
+                .into(),
+            "Peers: HAProxy `nbthread 1`, `http-reuse safe`, `no-tls-tickets`, \
+             `tune.ssl.cachesize 0`, compression `algo gzip` (libslz: no levels); nginx \
+             `worker_processes 1`, upstream `keepalive 64`, `gzip_comp_level 1`, \
+             `ssl_session_tickets off`, `ssl_session_cache off`, `access_log off`. Ours: \
+             one tokio worker (TOKIO_WORKER_THREADS=1), default logging (one access line \
+             per connection to a file), TLS session settings as built in."
+                .into(),
+            "Handshake rows: the rustls client offers TLS 1.3 only, resumption disabled; \
+             a new connection per handshake with one GET /small."
+                .into(),
+            format!(
+                "Memory per idle connection: n clients each make one request and stay open; \
+                 (RSS after - RSS before) / connections held, summed over the contender's \
+                 processes. The open-file limit is {}; a contender that needs two \
+                 descriptors per client cannot hold 16,000.",
+                open_file_limit()
+            ),
+        ],
+    })
+}
+
+/// The bodies and TLS client configs every check and load uses.
+struct Bodies {
+    small: Bytes,
+    big: Bytes,
+    ecdsa: TlsConnector,
+    rsa: TlsConnector,
+}
+
+impl Bodies {
+    fn connector(&self, l: Listener) -> TlsConnector {
+        match l {
+            Listener::TlsRsa => self.rsa.clone(),
+            _ => self.ecdsa.clone(),
+        }
+    }
+}
+
+fn local(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+fn target(
+    kind: Kind,
+    l: Listener,
+    path: &'static str,
+    gzip: bool,
+    bodies: &Bodies,
+) -> Arc<HttpTarget> {
+    let addr = local(kind.port(l));
+    let dialer = match l {
+        Listener::TlsEcdsa | Listener::TlsRsa => Dialer::Tls {
+            addr,
+            connector: bodies.connector(l),
+        },
+        _ => Dialer::Tcp(addr),
+    };
+    Arc::new(HttpTarget {
+        dialer,
+        path,
+        accept_gzip: gzip,
+        expect: if gzip {
+            Encoding::Gzip
+        } else {
+            Encoding::Identity
+        },
+        original: if path == "/small" {
+            bodies.small.clone()
+        } else {
+            bodies.big.clone()
+        },
+    })
+}
+
+/// Checks every listener of a contender; returns the gzip body's length.
+async fn probe(kind: Kind, bodies: &Bodies) -> Result<u64> {
+    let checks = [
+        target(kind, Listener::Http, "/small", false, bodies),
+        target(kind, Listener::Http, "/big.html", false, bodies),
+        target(kind, Listener::TlsEcdsa, "/small", false, bodies),
+        target(kind, Listener::TlsRsa, "/small", false, bodies),
+    ];
+    for t in &checks {
+        let reply = client::fetch_once(t)
+            .await
+            .with_context(|| format!("probing {} {}", kind.label(), t.path))?;
+        client::check(t, &reply, true)
+            .with_context(|| format!("probing {} {}", kind.label(), t.path))?;
+    }
+    let gz = target(kind, Listener::Gzip, "/big.html", true, bodies);
+    let reply = client::fetch_once(&gz).await?;
+    client::check(&gz, &reply, true).with_context(|| format!("probing {} gzip", kind.label()))?;
+    Ok(reply.body.len() as u64)
+}
+
+/// One measurement of `load` against contender `c` for `seconds`.
+fn measure(
+    rt: &Runtime,
+    script: &Path,
+    kind: Kind,
+    c: &Running,
+    load: Load,
+    bodies: &Bodies,
+    seconds: u64,
+) -> Result<RunFigures> {
+    match load {
+        Load::Wrk {
+            listener,
+            path,
+            headers,
+        } => {
+            let scheme = match listener {
+                Listener::TlsEcdsa | Listener::TlsRsa => "https",
+                _ => "http",
+            };
+            let url = format!("{scheme}://127.0.0.1:{}{path}", kind.port(listener));
+            let cpu0 = c.cpu_ns();
+            let w = wrk::run(script, &url, WRK_CONNECTIONS, seconds, headers)?;
+            let cpu = c.cpu_ns().saturating_sub(cpu0);
+            if w.requests == 0 {
+                bail!("wrk completed no request against {url}: {w:?}");
+            }
+            Ok(RunFigures {
+                requests: w.requests,
+                rate: w.requests as f64 / (w.duration_us.max(1) as f64 / 1e6),
+                p50_ms: w.p50_us as f64 / 1000.0,
+                p99_ms: w.p99_us as f64 / 1000.0,
+                cpu_us_per_req: cpu as f64 / 1000.0 / w.requests as f64,
+                errors: w.errors(),
+                bytes_per_req: w.bytes as f64 / w.requests as f64,
+            })
+        }
+        Load::Handshake { listener } => {
+            let t = target(kind, listener, "/small", false, bodies);
+            let cpu0 = c.cpu_ns();
+            let mut s = rt.block_on(client::tls_connections(
+                t,
+                HANDSHAKE_CLIENTS,
+                Duration::from_secs(seconds),
+            ))?;
+            let cpu = c.cpu_ns().saturating_sub(cpu0);
+            ensure!(s.count > 0, "no handshake completed");
+            Ok(RunFigures {
+                requests: s.count,
+                rate: s.rate(),
+                p50_ms: s.quantile_ms(0.5).unwrap_or(f64::NAN),
+                p99_ms: s.quantile_ms(0.99).unwrap_or(f64::NAN),
+                cpu_us_per_req: cpu as f64 / 1000.0 / s.count as f64,
+                errors: 0,
+                bytes_per_req: s.body_bytes as f64 / s.count as f64,
+            })
+        }
+    }
+}
+
+/// RSS before and with `n` idle keep-alive clients.
+fn idle_memory(rt: &Runtime, c: &Running, n: usize) -> Result<IdleFigures> {
+    let kind = c.kind.expect("a contender");
+    let before = c.mem_kib("VmRSS");
+    let held = rt.block_on(idle::open(
+        local(kind.port(Listener::Http)),
+        "/small",
+        n,
+        Duration::from_secs(60),
+    ))?;
+    // Let the contender finish whatever follows a response before reading.
+    std::thread::sleep(Duration::from_millis(500));
+    let after = c.mem_kib("VmRSS");
+    let count = held.streams.len();
+    let figures = IdleFigures {
+        requested: n,
+        held: count,
+        failed: held.failed,
+        stopped_early: held.stopped_early,
+        rss_before_kib: before,
+        rss_after_kib: after,
+        bytes_per_connection: (count > 0)
+            .then(|| (after as f64 - before as f64) * 1024.0 / count as f64),
+    };
+    // Closing: drop the streams inside the runtime, then give the contender
+    // a moment to release them before the next count.
+    rt.block_on(async move { drop(held) });
+    std::thread::sleep(Duration::from_secs(1));
+    Ok(figures)
+}
+
+/// A client config offering only TLS 1.3, trusting exactly `der`, never
+/// resuming: every connection is a full handshake.
+fn tls13_only(der: &[u8]) -> Result<TlsConnector> {
+    let mut roots = RootCertStore::empty();
+    roots.add(CertificateDer::from(der.to_vec()))?;
+    let mut config =
+        ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| anyhow!("TLS 1.3 with ring: {e}"))?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    config.resumption = Resumption::disabled();
+    Ok(TlsConnector::from(Arc::new(config)))
+}
+
+/// 98 bytes of text.
+fn small_body() -> Vec<u8> {
+    let mut b = b"ok: a small response of ninety-eight bytes, the size the peer comparison uses for its small rows"
+        .to_vec();
+    b.resize(SMALL_LEN - 1, b'.');
+    b.push(b'\n');
+    b
+}
+
+/// 64 KiB of catalogue HTML (cut at a line end and padded with a comment
+/// to the exact size).
+fn big_body() -> Vec<u8> {
+    let page = backend::catalogue_page(BIG_LEN);
+    let mut b = page.into_bytes();
+    b.truncate(BIG_LEN - 16);
+    b.extend_from_slice(b"\n<!-- end -->");
+    b.resize(BIG_LEN - 1, b' ');
+    b.push(b'\n');
+    b
+}
+
+fn which(tool: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|paths| std::env::split_paths(&paths).any(|d| d.join(tool).is_file()))
+}
+
+/// The version lines of the tools, as they print them.
+fn versions() -> Vec<(String, String)> {
+    let first_line = |program: &str, args: &[&str]| {
+        let out = run_bounded(Command::new(program).args(args), Duration::from_secs(5));
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        text.lines().next().unwrap_or("").trim().to_string()
+    };
+    vec![
+        ("haproxy".into(), first_line("haproxy", &["-v"])),
+        ("nginx".into(), first_line("nginx", &["-v"])),
+        ("wrk".into(), first_line("wrk", &["-v"])),
+    ]
+}
+
+fn open_file_limit() -> String {
+    fs::read_to_string("/proc/self/limits")
+        .ok()
+        .and_then(|l| {
+            l.lines()
+                .find(|l| l.starts_with("Max open files"))
+                .map(|l| l.split_whitespace().nth(3).unwrap_or("?").to_string())
+        })
+        .unwrap_or_else(|| "?".into())
+}
+
+/// The current time as `YYYYMMDDTHHMMSSZ` (the results folder's name).
+fn utc_now() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}{m:02}{d:02}T{:02}{:02}{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+/// The default results folder: `bench/out` in the workspace.
+pub fn default_out() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("out")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bodies_have_the_advertised_sizes() {
+        assert_eq!(small_body().len(), SMALL_LEN);
+        let big = big_body();
+        assert_eq!(big.len(), BIG_LEN);
+        assert!(big.starts_with(b"<!DOCTYPE html>"));
+    }
+
+    #[test]
+    fn wrk_script_prints_one_json_line() {
+        assert!(wrk::SCRIPT.contains("WRKJSON {"));
+    }
+}
