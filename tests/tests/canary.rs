@@ -764,3 +764,47 @@ fn a_healthy_canary_is_promoted_after_promote_after() {
     canary.signal(Signal::Usr1);
     assert!(canary.expect_exit(Duration::from_secs(10)).success());
 }
+
+/// A plain handover while a canary runs: the new generation takes the active
+/// slot, the old active one drains and exits, and the canary keeps its
+/// share beside the new active generation (which now judges it).
+#[test]
+fn a_handover_while_a_canary_runs_keeps_the_canary() {
+    let (sb, rt) = Sandbox::with_runtime("canary_handover");
+    let _backend = Backend::start(&rt, Duration::ZERO);
+    let (cfg, mut active, mut canary) = active_and_canary(&sb, "20");
+    let load = Load::start(&rt, LoadSpec::new(RATE, Duration::from_secs(30)));
+    load.wait_ok(1000, Duration::from_secs(10));
+    let mut next = Proxy::start(&sb, &cfg, &[]);
+    let next_id = next.wait_active(&sb, Duration::from_secs(10));
+    let exit = active.expect_exit(Duration::from_secs(15));
+    assert!(exit.success(), "old active: {exit}; log:\n{}", active.log());
+    let st = sb.status();
+    let c = canary_of(&st);
+    assert_eq!(
+        (c.generation, c.weight_percent, c.alive),
+        (canary.generation(), 20.0, true),
+        "{st:#?}"
+    );
+    assert_eq!(st.active_slot, Some(next_id.slot));
+    let before = c.clone();
+    let after = wait_split(&sb, &before, 2000, "2,000 more connections split");
+    let (s, n_canary, n) = share(&before, canary_of(&after));
+    let load_report = load.finish(&rt);
+    report(
+        &sb,
+        &format!(
+            "handover beside a canary: canary kept {:.1}% ({n_canary} of {n}); {} connections, ok={} failed={}",
+            s * 100.0,
+            load_report.started,
+            load_report.ok,
+            load_report.failed
+        ),
+    );
+    load_report.assert_clean("load across a handover beside a canary");
+    assert!((0.15..=0.25).contains(&s), "the canary's share: {s}");
+    canary.signal(Signal::Term);
+    next.signal(Signal::Term);
+    canary.expect_exit(Duration::from_secs(10));
+    next.expect_exit(Duration::from_secs(10));
+}
