@@ -189,6 +189,11 @@ fn csv_writer(path: &Path, header: &str) -> io::Result<BufWriter<fs::File>> {
     Ok(w)
 }
 
+/// `e` with the file it is about.
+fn named(path: &Path, e: io::Error) -> io::Error {
+    io::Error::new(e.kind(), format!("{}: {e}", path.display()))
+}
+
 fn bad(path: &Path, line: usize, what: impl fmt::Display) -> io::Error {
     io::Error::new(
         io::ErrorKind::InvalidData,
@@ -198,7 +203,7 @@ fn bad(path: &Path, line: usize, what: impl fmt::Display) -> io::Error {
 
 /// The data lines of a CSV file (header checked), split on commas.
 fn csv_lines(path: &Path, header: &str) -> io::Result<Vec<(usize, Vec<String>)>> {
-    let file = io::BufReader::new(fs::File::open(path)?);
+    let file = io::BufReader::new(fs::File::open(path).map_err(|e| named(path, e))?);
     let mut out = Vec::new();
     for (i, line) in file.lines().enumerate() {
         let line = line?;
@@ -320,7 +325,7 @@ pub fn write_run(path: &Path, info: &RunInfo) -> io::Result<()> {
 }
 
 pub fn read_run(path: &Path) -> io::Result<RunInfo> {
-    serde_json::from_slice(&fs::read(path)?).map_err(|e| {
+    serde_json::from_slice(&fs::read(path).map_err(|e| named(path, e))?).map_err(|e| {
         io::Error::new(
             io::ErrorKind::InvalidData,
             format!("{}: {e}", path.display()),
