@@ -72,6 +72,8 @@ fn fixture() -> &'static Fixture {
             certs: vec![CertSource::Bundle(bundle)],
             alpn: vec!["http/1.1".into()],
             handshake_timeout: Duration::from_secs(5),
+            session_tickets: false,
+            session_cache: 256,
         })
         .expect("acceptor");
         let _ = std::fs::remove_dir_all(&dir);

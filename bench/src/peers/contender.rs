@@ -425,7 +425,8 @@ backend origin
     )
 }
 
-/// Our proxy: the same four listeners on the default runtime.
+/// Our proxy: the same four listeners on the default runtime, TLS without
+/// tickets or session cache.
 fn proxy_config(sb: &Sandbox, f: &Files) -> String {
     let k = Kind::Proxy;
     let path = |p: &Path| toml_str(&p.display().to_string());
@@ -459,6 +460,8 @@ backend = "origin"
 [listener.tls]
 certs = [{ecdsa_pem}]
 alpn = ["http/1.1"]
+session_tickets = false
+session_cache = 0
 
 [[listener]]
 name = "tls_rsa"
@@ -468,6 +471,8 @@ backend = "origin"
 [listener.tls]
 certs = [{rsa_pem}]
 alpn = ["http/1.1"]
+session_tickets = false
+session_cache = 0
 
 [[backend]]
 name = "origin"

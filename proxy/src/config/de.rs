@@ -49,6 +49,10 @@ pub(super) fn de_canary_min_connections<'de, D: Deserializer<'de>>(d: D) -> Resu
     in_range(d, 1..=i64::MAX, " connections").map(|n| n as u64)
 }
 
+pub(super) fn de_session_cache<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
+    in_range(d, 0..=1_000_000, " sessions (0 turns the cache off)")
+}
+
 pub(super) fn de_stats_maxconn<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
     in_range(d, 1..=1024, "")
 }

@@ -337,6 +337,19 @@ pub struct TlsConfig {
         deserialize_with = "de_duration"
     )]
     pub handshake_timeout: Duration,
+    /// Resume sessions with stateless tickets (encrypted with a key of this
+    /// generation, rotated every 6 hours); false is HAProxy's
+    /// `no-tls-tickets`.
+    #[serde(default)]
+    pub session_tickets: bool,
+    /// Sessions kept in memory for resumption (HAProxy's
+    /// `tune.ssl.cachesize`); 0 turns the cache off. With tickets off too,
+    /// every handshake is a full one.
+    #[serde(
+        default = "default_session_cache",
+        deserialize_with = "de_session_cache"
+    )]
+    pub session_cache: usize,
 }
 
 /// `[[listener.tls.pair]]`: a certificate chain and its key in two files.
@@ -595,6 +608,10 @@ fn default_stats_bind() -> SocketAddr {
 
 fn default_accept_proxy_timeout() -> Duration {
     Duration::from_secs(3)
+}
+
+fn default_session_cache() -> usize {
+    256
 }
 
 fn default_handshake_timeout() -> Duration {
@@ -1357,6 +1374,11 @@ connect_timeout = "500ms"
             "does not exist",
         );
         assert_err(&with("cpus = []\n"), "listener[0].cpus", "empty list");
+        assert_err(
+            &with("[listener.tls]\ncerts = [\"a.pem\"]\nsession_cache = -1\n"),
+            "listener[0].tls.session_cache",
+            "0..=1000000 sessions (0 turns the cache off)",
+        );
         assert_err(&with("mode = \"udp\"\n"), "listener[0].mode", "");
         assert_err(
             &with("unix_mode = \"999\"\n"),

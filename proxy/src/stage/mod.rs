@@ -361,6 +361,9 @@ impl Stage {
             Some(acceptor) => {
                 let (tls, info) = acceptor.accept(stream).await?;
                 self.metrics[ListenerCounter::TlsHandshakes].fetch_add(1, Relaxed);
+                if info.resumed {
+                    self.metrics[ListenerCounter::TlsResumed].fetch_add(1, Relaxed);
+                }
                 client.tlvs = proxy_proto::tls_tlvs(
                     info.sni.as_deref(),
                     info.alpn.as_deref(),

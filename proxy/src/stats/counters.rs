@@ -115,6 +115,8 @@ table! {
             "Client connections that ended in an error.", "errors";
         TlsHandshakes: "tls_handshakes", Counter, Count, 0, "proxy_listener_tls_handshakes_total",
             "Completed TLS handshakes.", "TLS handshakes";
+        TlsResumed: "tls_resumed", Counter, Count, 0, "proxy_listener_tls_resumed_total",
+            "TLS handshakes that resumed an earlier session.", "TLS resumed";
         TlsFailures: "tls_failures", Counter, Count, 0,
             "proxy_listener_tls_handshake_failures_total", "Failed TLS handshakes.", "TLS failures";
         ProxyHeaderErrors: "proxy_header_errors", Counter, Count, 0,

@@ -44,6 +44,10 @@ pub struct TlsSettings {
     pub alpn: Vec<String>,
     /// Longest a client may take from connecting to a finished handshake.
     pub handshake_timeout: Duration,
+    /// Stateless session tickets.
+    pub session_tickets: bool,
+    /// Sessions cached for resumption; 0: none.
+    pub session_cache: usize,
 }
 
 impl From<&TlsConfig> for TlsSettings {
@@ -61,6 +65,8 @@ impl From<&TlsConfig> for TlsSettings {
                 .collect(),
             alpn: t.alpn.clone(),
             handshake_timeout: t.handshake_timeout,
+            session_tickets: t.session_tickets,
+            session_cache: t.session_cache,
         }
     }
 }
@@ -85,6 +91,8 @@ pub struct TlsInfo {
     pub version: &'static str,
     /// Cipher suite, rustls's IANA-style name, e.g. `TLS13_AES_128_GCM_SHA256`.
     pub cipher: String,
+    /// The client resumed an earlier session (a ticket or the cache).
+    pub resumed: bool,
 }
 
 /// Why TLS could not be set up, or why one handshake failed.
@@ -191,6 +199,18 @@ impl TlsAcceptor {
             .with_no_client_auth()
             .with_cert_resolver(Arc::new(resolver));
         config.alpn_protocols = alpn;
+        config.session_storage = if settings.session_cache == 0 {
+            Arc::new(rustls::server::NoServerSessionStorage {})
+        } else {
+            rustls::server::ServerSessionMemoryCache::new(settings.session_cache)
+        };
+        if settings.session_tickets {
+            config.ticketer = rustls::crypto::ring::Ticketer::new().map_err(TlsError::Config)?;
+        }
+        if settings.session_cache == 0 && !settings.session_tickets {
+            // Nothing a ticket could resume: send none.
+            config.send_tls13_tickets = 0;
+        }
 
         Ok(Self {
             inner: tokio_rustls::TlsAcceptor::from(Arc::new(config)),
@@ -231,6 +251,7 @@ impl TlsAcceptor {
             alpn: conn.alpn_protocol().map(<[u8]>::to_vec),
             version,
             cipher,
+            resumed: conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed),
         };
         Ok((stream, info))
     }
@@ -656,6 +677,8 @@ mod tests {
                 ],
                 alpn: vec!["http/1.1".into()],
                 handshake_timeout: Duration::from_secs(10),
+                session_tickets: false,
+                session_cache: 256,
             }
         }
 
@@ -755,6 +778,54 @@ mod tests {
         server.read_exact(&mut buf).await.unwrap();
         assert_eq!(&buf, b"ping");
         (info, leaf)
+    }
+
+    /// A handshake after which the client reads from the server, and so
+    /// takes the TLS 1.3 tickets that come before the data.
+    async fn handshake_reading(acceptor: &TlsAcceptor, client: &Arc<ClientConfig>) -> TlsInfo {
+        let (client_io, server_io) = tokio::io::duplex(64 * 1024);
+        let connector = tokio_rustls::TlsConnector::from(client.clone());
+        let name = ServerName::try_from("a.test").unwrap();
+        let (server, client) = tokio::join!(
+            acceptor.accept(server_io),
+            connector.connect(name, client_io)
+        );
+        let (mut server, info) = server.unwrap();
+        let mut client = client.unwrap();
+        server.write_all(b"pong").await.unwrap();
+        server.flush().await.unwrap();
+        let mut buf = [0u8; 4];
+        client.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"pong");
+        info
+    }
+
+    /// Two handshakes of one client (which keeps its sessions): whether the
+    /// second resumed, for each setting.
+    #[tokio::test]
+    async fn session_tickets_and_cache_decide_resumption() {
+        let fx = fixture();
+        for (tickets, cache, versions, resumes) in [
+            (false, 256, &[&rustls::version::TLS13], true),
+            (false, 256, &[&rustls::version::TLS12], true),
+            (true, 0, &[&rustls::version::TLS13], true),
+            (true, 0, &[&rustls::version::TLS12], true),
+            (false, 0, &[&rustls::version::TLS13], false),
+            (false, 0, &[&rustls::version::TLS12], false),
+        ] {
+            let acceptor = TlsAcceptor::new(&TlsSettings {
+                session_tickets: tickets,
+                session_cache: cache,
+                ..fx.settings()
+            })
+            .unwrap();
+            let client = Arc::new(fx.client(versions));
+            let first = handshake_reading(&acceptor, &client).await;
+            let second = handshake_reading(&acceptor, &client).await;
+            let what = format!("tickets {tickets}, cache {cache}, {}", second.version);
+            assert!(!first.resumed, "{what}: the first handshake is full");
+            assert_eq!(second.resumed, resumes, "{what}");
+        }
     }
 
     #[tokio::test]
