@@ -84,13 +84,6 @@ pub struct Watch {
     judged_healthy: bool,
 }
 
-/// What the active generation does about its canary this tick.
-pub enum Action {
-    None,
-    Aborted,
-    Promoted,
-}
-
 impl Watch {
     fn new(c: &LiveCanary) -> Self {
         Self {
@@ -129,21 +122,21 @@ pub fn tick(
     label: &str,
     cfg: &CanaryConfig,
     watch: &mut Option<Watch>,
-) -> Action {
+) {
     let canary = match steering.canary() {
         Ok(Some(c)) => c,
         Ok(None) => {
             *watch = None;
-            return Action::None;
+            return;
         }
         Err(e) => {
             warn!("{label}: reading the canary: {e}");
-            return Action::None;
+            return;
         }
     };
     let slot = Slot(canary.canary.slot);
     if slot == own {
-        return Action::None;
+        return;
     }
     if !steering::is_alive(&canary.record) {
         match steering.abort_canary(slot) {
@@ -158,7 +151,7 @@ pub fn tick(
             Err(e) => warn!("{label}: taking a dead canary out of the split: {e}"),
         }
         *watch = None;
-        return Action::None;
+        return;
     }
     if watch
         .as_ref()
@@ -172,13 +165,13 @@ pub fn tick(
         .back()
         .is_some_and(|(at, _, _)| now.duration_since(*at) < SAMPLE_EVERY)
     {
-        return Action::None;
+        return;
     }
     let (c, a) = match (published(steering, slot), published(steering, own)) {
         (Ok(c), Ok(a)) => (c, a),
         (Err(e), _) | (_, Err(e)) => {
             warn!("{label}: reading the canary's counters: {e}");
-            return Action::None;
+            return;
         }
     };
     w.samples.push_back((now, c, a));
@@ -187,7 +180,7 @@ pub fn tick(
         w.samples.pop_front();
     }
     let Some((canary_window, active_window, span)) = w.window() else {
-        return Action::None;
+        return;
     };
     match judge(cfg, canary_window, active_window) {
         Verdict::Waiting => {}
@@ -196,7 +189,7 @@ pub fn tick(
             canary: cf,
             active: af,
         } => {
-            return match steering.abort_canary(slot) {
+            match steering.abort_canary(slot) {
                 Ok(true) => {
                     warn!(
                         canary = w.generation,
@@ -223,14 +216,11 @@ pub fn tick(
                         cfg.min_error_rate * 100.0,
                     );
                     *watch = None;
-                    Action::Aborted
                 }
-                Ok(false) => Action::None,
-                Err(e) => {
-                    warn!("{label}: aborting the canary: {e}");
-                    Action::None
-                }
-            };
+                Ok(false) => {}
+                Err(e) => warn!("{label}: aborting the canary: {e}"),
+            }
+            return;
         }
     }
     if let Some(after) = cfg.promote_after
@@ -238,7 +228,7 @@ pub fn tick(
         && w.since.elapsed() >= after
     {
         let (cf, af) = (canary_window, active_window);
-        return match steering.promote_canary(slot) {
+        match steering.promote_canary(slot) {
             Ok(()) => {
                 info!(
                     canary = w.generation,
@@ -260,15 +250,10 @@ pub fn tick(
                     af.connections,
                 );
                 *watch = None;
-                Action::Promoted
             }
-            Err(e) => {
-                warn!("{label}: promoting the canary: {e}");
-                Action::None
-            }
-        };
+            Err(e) => warn!("{label}: promoting the canary: {e}"),
+        }
     }
-    Action::None
 }
 
 #[cfg(test)]
