@@ -53,6 +53,24 @@ pub(super) fn de_session_cache<'de, D: Deserializer<'de>>(d: D) -> Result<usize,
     in_range(d, 0..=1_000_000, " sessions (0 turns the cache off)")
 }
 
+pub(super) fn de_h2_streams<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+    in_range(d, 1..=10_000, " streams").map(|n| n as u32)
+}
+
+/// RFC 9113 6.5.2: a window is at most 2^31-1.
+pub(super) fn de_h2_window<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+    in_range(d, 65_535..=2_147_483_647, " bytes").map(|n| n as u32)
+}
+
+/// RFC 9113 6.5.2: SETTINGS_MAX_FRAME_SIZE is 2^14..=2^24-1.
+pub(super) fn de_h2_frame<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+    in_range(d, 16_384..=16_777_215, " bytes").map(|n| n as u32)
+}
+
+pub(super) fn de_h2_rate<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+    in_range(d, 1..=1_000_000, "").map(|n| n as u32)
+}
+
 pub(super) fn de_stats_maxconn<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
     in_range(d, 1..=1024, "")
 }

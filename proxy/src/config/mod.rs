@@ -302,6 +302,10 @@ pub struct Listener {
     /// gzip compression of responses, http mode only (`[listener.compression]`).
     #[serde(default)]
     pub compression: Option<CompressionConfig>,
+    /// HTTP/2 limits, http mode (`[listener.http2]`); h2 itself is chosen by
+    /// ALPN on TLS listeners (or the ALPN a previous stage passed on).
+    #[serde(default)]
+    pub http2: Http2Config,
     /// This stage's own stats listener (`[listener.stats]`), showing only it.
     #[serde(default)]
     pub stats: Option<StatsConfig>,
@@ -375,6 +379,54 @@ pub struct CompressionConfig {
     /// Media types that are compressed.
     #[serde(default = "default_types")]
     pub types: Vec<String>,
+}
+
+/// `[listener.http2]`: what one HTTP/2 client connection may use, and the
+/// floods that close it. Defaults follow HAProxy's `tune.h2.*` where it has
+/// them.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Http2Config {
+    /// Streams a client may have open at once (`tune.h2.max-concurrent-streams`).
+    #[serde(default = "default_h2_streams", deserialize_with = "de_h2_streams")]
+    pub max_concurrent_streams: u32,
+    /// Flow-control window of each stream, bytes (`tune.h2.initial-window-size`):
+    /// what a client that does not read can make us buffer per stream.
+    #[serde(default = "default_h2_window", deserialize_with = "de_h2_window")]
+    pub initial_window_size: u32,
+    /// Flow-control window of the whole connection, bytes.
+    #[serde(default = "default_h2_conn_window", deserialize_with = "de_h2_window")]
+    pub connection_window_size: u32,
+    /// Largest frame payload we accept, bytes (16384..=16777215).
+    #[serde(default = "default_h2_frame", deserialize_with = "de_h2_frame")]
+    pub max_frame_size: u32,
+    /// Streams a client may reset (RST_STREAM) in one second before the
+    /// connection is closed: the 2023 "rapid reset" shape.
+    #[serde(default = "default_h2_resets", deserialize_with = "de_h2_rate")]
+    pub max_resets_per_second: u32,
+    /// PING, SETTINGS and PRIORITY frames a client may send in one second
+    /// before the connection is closed.
+    #[serde(default = "default_h2_control", deserialize_with = "de_h2_rate")]
+    pub max_control_frames_per_second: u32,
+    /// CONTINUATION frames one header block may use (the 2024
+    /// CONTINUATION flood shape); the block's size is bounded by
+    /// `max_header_size` as well.
+    #[serde(default = "default_h2_continuations", deserialize_with = "de_h2_rate")]
+    pub max_continuation_frames: u32,
+}
+
+impl Default for Http2Config {
+    fn default() -> Self {
+        Self {
+            max_concurrent_streams: default_h2_streams(),
+            initial_window_size: default_h2_window(),
+            connection_window_size: default_h2_conn_window(),
+            max_frame_size: default_h2_frame(),
+            max_resets_per_second: default_h2_resets(),
+            max_control_frames_per_second: default_h2_control(),
+            max_continuation_frames: default_h2_continuations(),
+        }
+    }
 }
 
 /// An address: where a listener binds, or where a server is reached.
@@ -588,6 +640,38 @@ fn default_server_timeout() -> Duration {
 
 fn default_max_header_size() -> usize {
     16 * 1024
+}
+
+fn default_h2_streams() -> u32 {
+    100
+}
+
+/// HAProxy's default is 65535; a larger window keeps one fast stream from
+/// waiting on WINDOW_UPDATEs, at the price of what a client that does not
+/// read can park in our buffers (this × streams, bounded by the connection
+/// window).
+fn default_h2_window() -> u32 {
+    256 * 1024
+}
+
+fn default_h2_conn_window() -> u32 {
+    1024 * 1024
+}
+
+fn default_h2_frame() -> u32 {
+    16_384
+}
+
+fn default_h2_resets() -> u32 {
+    100
+}
+
+fn default_h2_control() -> u32 {
+    1_000
+}
+
+fn default_h2_continuations() -> u32 {
+    32
 }
 
 fn default_http_request_timeout() -> Duration {

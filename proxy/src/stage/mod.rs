@@ -107,12 +107,19 @@ impl TryFrom<(&Config, &ListenerConfig)> for StageSettings {
     fn try_from((cfg, l): (&Config, &ListenerConfig)) -> Result<Self, StageError> {
         let backend = cfg.listener_backend(l);
         let tls = match &l.tls {
-            Some(t) => Some(
-                TlsAcceptor::new(&t.into()).map_err(|source| StageError::Tls {
-                    listener: l.name.clone(),
-                    source,
-                })?,
-            ),
+            Some(t) => {
+                let mut settings = tls::TlsSettings::from(t);
+                // An HTTP listener offers HTTP/2 unless told what to offer.
+                if l.mode == Mode::Http && settings.alpn.is_empty() {
+                    settings.alpn = vec!["h2".into(), "http/1.1".into()];
+                }
+                Some(
+                    TlsAcceptor::new(&settings).map_err(|source| StageError::Tls {
+                        listener: l.name.clone(),
+                        source,
+                    })?,
+                )
+            }
             None => None,
         };
         Ok(Self {
@@ -124,6 +131,8 @@ impl TryFrom<(&Config, &ListenerConfig)> for StageSettings {
                     header_read_timeout: l.http_request_timeout,
                     max_header_size: l.max_header_size,
                     server_timeout: backend.server_timeout,
+                    client_timeout: l.client_timeout,
+                    http2: l.http2.clone(),
                 })
             }),
             accept_proxy: l.accept_proxy.then_some(l.accept_proxy_timeout),
@@ -137,6 +146,8 @@ impl TryFrom<(&Config, &ListenerConfig)> for StageSettings {
 /// What one listener does with its connections.
 pub struct Stage {
     pub name: String,
+    /// The name again, shared by the access lines of HTTP requests.
+    log_name: Arc<str>,
     generation: u64,
     pool: Arc<Pool>,
     metrics: Arc<ListenerMetrics>,
@@ -229,12 +240,13 @@ impl Upstream for PoolUpstream {
 
     fn connect(
         &self,
-    ) -> Pin<Box<dyn Future<Output = std::io::Result<Metered<Stream>>> + Send + '_>> {
+    ) -> Pin<Box<dyn Future<Output = std::io::Result<(Metered<Stream>, Arc<str>)>> + Send + '_>>
+    {
         Box::pin(async move {
             self.pool
                 .connect_with(&self.preamble)
                 .await
-                .map(|(stream, _)| stream)
+                .map(|(stream, server)| (stream, Arc::from(server)))
                 .map_err(std::io::Error::other)
         })
     }
@@ -273,6 +285,7 @@ impl Stage {
         Arc::new(Self {
             pool: Arc::new(Pool::new(&backend, ctx.metrics)),
             metrics: ctx.metrics.listener(&name),
+            log_name: Arc::from(name.as_str()),
             name,
             generation: ctx.generation,
             http,
@@ -307,6 +320,8 @@ impl Stage {
             .map(|a| a.to_string())
             .unwrap_or_else(|| peer.to_string());
         match &result {
+            // HTTP requests have their own access lines.
+            Ok(_) if self.http.is_some() => {}
             Ok(done) => info!(
                 target: "access",
                 client = %client_addr, listener = %self.name, server = %done.server,
@@ -396,7 +411,22 @@ impl Stage {
         };
         // With PROXY v2 upstream, the next stage adds X-Forwarded-For from
         // it (adding it here too would list the client twice).
-        let client_addr = if self.send_proxy { None } else { client.source };
+        let forwarded_for = if self.send_proxy { None } else { client.source };
+        // ALPN from our TLS handshake, or from the previous stage's header.
+        let alpn = client
+            .tlvs
+            .iter()
+            .find(|(t, _)| *t == proxy_proto::tlv::ALPN)
+            .map(|(_, v)| v.as_slice());
+        let downstream = http::Downstream {
+            forwarded_for,
+            protocol: http::Protocol::from_alpn(alpn),
+            log: Arc::new(http::ConnLog::new(
+                client.source,
+                self.log_name.clone(),
+                self.generation,
+            )),
+        };
         let upstream = Arc::new(PoolUpstream {
             pool: self.pool.clone(),
             preamble,
@@ -407,7 +437,7 @@ impl Stage {
             self.draining.clone()
         };
         let io = stall::WriteStall::new(io, self.client_timeout);
-        let stats = http::serve(io, upstream, settings.clone(), client_addr, draining).await?;
+        let stats = http::serve(io, upstream, settings.clone(), downstream, draining).await?;
         let m = &self.metrics;
         m[ListenerCounter::HttpRequests].fetch_add(stats.requests, Relaxed);
         m[ListenerCounter::Http5xx].fetch_add(stats.server_errors, Relaxed);

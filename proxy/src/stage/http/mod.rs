@@ -1,11 +1,13 @@
-//! HTTP/1.1 mode of a listener: a reverse proxy built on hyper on both sides.
+//! HTTP mode of a listener: a reverse proxy built on hyper on both sides,
+//! HTTP/1.1 or HTTP/2 towards the client, HTTP/1.1 towards the servers.
 //!
-//! Each downstream connection gets its own upstream connection, opened on its
-//! first request and kept for the ones after it. Requests and responses are
-//! streamed (never buffered whole), hop-by-hop headers are dropped in both
-//! directions, `X-Forwarded-For` carries the real client, and responses are
-//! gzip-compressed on the fly when the client, the response and the settings
-//! all allow it.
+//! Each downstream connection keeps its own upstream connections, opened on
+//! demand and reused by its later requests (HTTP/2: by its other streams).
+//! Requests and responses are streamed (never buffered whole), hop-by-hop
+//! headers are dropped in both directions, `X-Forwarded-For` carries the
+//! real client, responses are gzip-compressed on the fly when the client,
+//! the response and the settings all allow it, and every request gets its
+//! access line ([`log`]).
 
 use std::{
     convert::Infallible,
@@ -18,6 +20,7 @@ use std::{
         Arc,
         atomic::{AtomicU64, Ordering},
     },
+    task::{Context, Poll},
     time::Duration,
 };
 
@@ -29,25 +32,33 @@ use http_body_util::{BodyDataStream, BodyExt, Full, StreamBody, combinators::Uns
 use hyper::{
     Method, Request, Response, StatusCode, Uri, Version,
     body::Incoming,
-    client::conn::http1::SendRequest,
     header::{self, HeaderValue},
     service::service_fn,
 };
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::{
     io::{AsyncRead, AsyncWrite},
-    sync::{Mutex, watch},
-    task::AbortHandle,
+    sync::watch,
 };
 use tokio_util::io::{ReaderStream, StreamReader};
 
-use self::headers::{
-    accepts_gzip, add_vary_accept_encoding, compressible, mark_gzipped, set_forwarded_for,
-    strip_hop_by_hop,
+use self::{
+    headers::{
+        accepts_gzip, add_vary_accept_encoding, compressible, mark_gzipped, set_forwarded_for,
+        strip_hop_by_hop,
+    },
+    log::{Logged, RequestLog, Termination},
+    upstream::{IdleConns, Sent, UpstreamBody},
 };
-use crate::config::CompressionConfig;
+use crate::config::{CompressionConfig, Http2Config};
 
+mod h2;
 pub mod headers;
+pub mod log;
+mod upstream;
+
+pub use h2::Flood;
+pub use log::ConnLog;
 
 /// gzip settings of a listener.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -77,22 +88,59 @@ pub struct HttpSettings {
     /// `None` turns compression off.
     pub compression: Option<Compression>,
     /// How long the downstream client may take to send a request head
-    /// (hyper also applies it while a keep-alive connection waits for the next one).
+    /// (hyper also applies it while a keep-alive connection waits for the
+    /// next one; an HTTP/2 connection without a stream is closed after it).
     pub header_read_timeout: Duration,
-    /// The longest request head; longer ones are answered 431.
+    /// The longest request head; longer ones are answered 431 (HTTP/2: the
+    /// header list size we announce).
     pub max_header_size: usize,
     /// How long the server may take to start its response (504 after it),
     /// and the longest silence in a response body (cut after it).
     pub server_timeout: Duration,
+    /// HTTP/2: how long streams may wait on a client that moves no byte.
+    /// (HTTP/1 has the same limit on blocked writes around the connection.)
+    pub client_timeout: Duration,
+    /// Limits of HTTP/2 client connections.
+    pub http2: Http2Config,
 }
 
-/// Something that opens a new upstream byte stream.
+/// What the client speaks, as ALPN (ours, or a previous stage's) said.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    Http1,
+    Http2,
+}
+
+impl Protocol {
+    /// HTTP/2 when the negotiated ALPN protocol is `h2`.
+    pub fn from_alpn(alpn: Option<&[u8]>) -> Self {
+        match alpn {
+            Some(b"h2") => Self::Http2,
+            _ => Self::Http1,
+        }
+    }
+}
+
+/// Who is on the other end of one downstream connection.
+pub struct Downstream {
+    /// Sent upstream in `X-Forwarded-For`; `None` leaves that header as the
+    /// client sent it (a PROXY header carries the client instead).
+    pub forwarded_for: Option<SocketAddr>,
+    pub protocol: Protocol,
+    /// What its access lines share (the real client, listener, generation).
+    pub log: Arc<ConnLog>,
+}
+
+/// Something that opens a new upstream byte stream, and names the server.
 ///
-/// Closures `Fn() -> impl Future<Output = io::Result<Io>>` implement it, so the
-/// caller can pass one over its backend pool.
+/// Closures `Fn() -> impl Future<Output = io::Result<Io>>` implement it (as
+/// server "upstream"), so tests can pass one over a test server.
 pub trait Upstream: Send + Sync + 'static {
     type Io: AsyncRead + AsyncWrite + Unpin + Send + 'static;
-    fn connect(&self) -> Pin<Box<dyn Future<Output = io::Result<Self::Io>> + Send + '_>>;
+    #[allow(clippy::type_complexity)]
+    fn connect(
+        &self,
+    ) -> Pin<Box<dyn Future<Output = io::Result<(Self::Io, Arc<str>)>> + Send + '_>>;
 }
 
 impl<F, Fut, Io> Upstream for F
@@ -102,8 +150,9 @@ where
     Io: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     type Io = Io;
-    fn connect(&self) -> Pin<Box<dyn Future<Output = io::Result<Io>> + Send + '_>> {
-        Box::pin(self())
+    fn connect(&self) -> Pin<Box<dyn Future<Output = io::Result<(Io, Arc<str>)>> + Send + '_>> {
+        let connecting = self();
+        Box::pin(async move { Ok((connecting.await?, Arc::from("upstream"))) })
     }
 }
 
@@ -139,6 +188,10 @@ pub enum HttpError {
     HeaderTimeout(Duration),
     #[error("downstream client: {0}")]
     Downstream(#[source] hyper::Error),
+    #[error("downstream client: HTTP/2 flood, connection closed: {0}")]
+    Flood(Flood),
+    #[error("downstream client: no byte moved for {0:?} with streams open (client_timeout)")]
+    ClientStalled(Duration),
     #[error("upstream server: cannot connect: {0}")]
     UpstreamConnect(#[source] io::Error),
     #[error("upstream server: HTTP handshake: {0}")]
@@ -158,7 +211,7 @@ pub enum HttpError {
 /// Error of the response bodies handed to hyper; it comes back (inside a
 /// `hyper::Error`) when a body fails, and tells which side it was.
 #[derive(Debug, thiserror::Error)]
-enum BodyError {
+pub enum BodyError {
     #[error("upstream server: reading the response body: {0}")]
     Upstream(#[source] hyper::Error),
     #[error("upstream server: no byte of the response body for {0:?} (server_timeout)")]
@@ -167,52 +220,31 @@ enum BodyError {
     Compress(#[source] io::Error),
 }
 
-/// An upstream response body that fails when the server sends nothing for
-/// `limit` while we wait for it (a slow downstream reader, which makes us
-/// poll late, does not count against the server).
-struct StallLimit {
+type ProxyBody = UnsyncBoxBody<Bytes, BodyError>;
+
+/// The client's request body on its way upstream, counted for the access
+/// line when there is one.
+pub struct RequestBody {
     inner: Incoming,
-    limit: Duration,
-    deadline: Pin<Box<tokio::time::Sleep>>,
-    waiting: bool,
+    read: Option<Arc<AtomicU64>>,
 }
 
-impl StallLimit {
-    fn new(inner: Incoming, limit: Duration) -> Self {
-        Self {
-            inner,
-            limit,
-            deadline: Box::pin(tokio::time::sleep(limit)),
-            waiting: false,
-        }
-    }
-}
-
-impl http_body::Body for StallLimit {
+impl http_body::Body for RequestBody {
     type Data = Bytes;
-    type Error = BodyError;
+    type Error = hyper::Error;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<Frame<Bytes>, BodyError>>> {
-        use std::task::Poll;
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let this = &mut *self;
-        if !this.waiting {
-            this.waiting = true;
-            let at = tokio::time::Instant::now() + this.limit;
-            this.deadline.as_mut().reset(at);
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        if let (Poll::Ready(Some(Ok(frame))), Some(read)) = (&polled, &this.read)
+            && let Some(data) = frame.data_ref()
+        {
+            add(read, data.len());
         }
-        match Pin::new(&mut this.inner).poll_frame(cx) {
-            Poll::Ready(frame) => {
-                this.waiting = false;
-                Poll::Ready(frame.map(|f| f.map_err(BodyError::Upstream)))
-            }
-            Poll::Pending => match this.deadline.as_mut().poll(cx) {
-                Poll::Ready(()) => Poll::Ready(Some(Err(BodyError::UpstreamStalled(this.limit)))),
-                Poll::Pending => Poll::Pending,
-            },
-        }
+        polled
     }
 
     fn is_end_stream(&self) -> bool {
@@ -224,15 +256,14 @@ impl http_body::Body for StallLimit {
     }
 }
 
-type ProxyBody = UnsyncBoxBody<Bytes, BodyError>;
-
-/// Serves one downstream connection in HTTP/1.1 mode until the client closes
-/// it, an error cuts it, or a draining generation answered its last request.
+/// Serves one downstream connection until the client closes it, an error
+/// cuts it, or a draining generation answered its last request (HTTP/1) or
+/// finished the streams its GOAWAY let in (HTTP/2).
 pub async fn serve<IO, U>(
     io: IO,
     upstream: Arc<U>,
     settings: Arc<HttpSettings>,
-    client_addr: Option<SocketAddr>,
+    downstream: Downstream,
     draining: watch::Receiver<bool>,
 ) -> Result<ConnStats, HttpError>
 where
@@ -242,10 +273,12 @@ where
     let shared = Arc::new(ConnState {
         upstream,
         settings: settings.clone(),
-        client_addr,
-        draining,
-        conn: Mutex::new(None),
+        forwarded_for: downstream.forwarded_for,
+        draining: draining.clone(),
+        idle: Arc::new(IdleConns::default()),
         counters: Arc::new(BodyCounters::default()),
+        log: downstream.log.clone(),
+        protocol: downstream.protocol,
     });
     let service = {
         let shared = shared.clone();
@@ -255,19 +288,40 @@ where
         })
     };
 
-    // No graceful_shutdown() on draining: an idle keep-alive connection stays
-    // open; the next response carries `Connection: close`, which makes hyper
-    // close the connection once that response is written.
-    let result = hyper::server::conn::http1::Builder::new()
-        .keep_alive(true)
-        // A client that sends its request and shuts down its write side
-        // still gets the answer.
-        .half_close(true)
-        .max_buf_size(settings.max_header_size.max(8192))
-        .timer(TokioTimer::new())
-        .header_read_timeout(settings.header_read_timeout)
-        .serve_connection(TokioIo::new(io), service)
-        .await;
+    let result = match downstream.protocol {
+        Protocol::Http2 => {
+            let served = h2::serve(
+                io,
+                service,
+                &settings.http2,
+                settings.max_header_size,
+                h2::Timeouts {
+                    idle: settings.header_read_timeout,
+                    stall: settings.client_timeout,
+                },
+                downstream.log,
+                draining,
+            )
+            .await;
+            return served.map(|()| shared.counters.snapshot());
+        }
+        // No graceful_shutdown() on draining: an idle keep-alive connection
+        // stays open (closing it could race with a request the client is
+        // sending); the next response carries `Connection: close`, which
+        // makes hyper close the connection once that response is written.
+        Protocol::Http1 => {
+            hyper::server::conn::http1::Builder::new()
+                .keep_alive(true)
+                // A client that sends its request and shuts down its write
+                // side still gets the answer.
+                .half_close(true)
+                .max_buf_size(settings.max_header_size.max(8192))
+                .timer(TokioTimer::new())
+                .header_read_timeout(settings.header_read_timeout)
+                .serve_connection(TokioIo::new(io), service)
+                .await
+        }
+    };
     let stats = shared.counters.snapshot();
     match result {
         Ok(()) => Ok(stats),
@@ -281,16 +335,31 @@ where
 }
 
 /// Tells apart a response body that failed on our side of hyper (upstream or
-/// gzip) from a failure of the downstream client itself.
+/// gzip), a flood our HTTP/2 guard stopped, and a failure of the downstream
+/// client itself.
 fn classify_server_error(e: hyper::Error) -> HttpError {
-    match e.source().and_then(|s| s.downcast_ref::<BodyError>()) {
-        Some(BodyError::Upstream(inner)) => HttpError::UpstreamBody(error_chain(inner)),
-        Some(stalled @ BodyError::UpstreamStalled(_)) => {
-            HttpError::UpstreamBody(stalled.to_string())
+    let mut next: Option<&(dyn StdError + 'static)> = e.source();
+    while let Some(err) = next {
+        if let Some(body) = err.downcast_ref::<BodyError>() {
+            return match body {
+                BodyError::Upstream(inner) => HttpError::UpstreamBody(error_chain(inner)),
+                stalled @ BodyError::UpstreamStalled(_) => {
+                    HttpError::UpstreamBody(stalled.to_string())
+                }
+                BodyError::Compress(inner) => HttpError::Compress(error_chain(inner)),
+            };
         }
-        Some(BodyError::Compress(inner)) => HttpError::Compress(error_chain(inner)),
-        None => HttpError::Downstream(e),
+        // io::Error hides a custom error from source(): look inside.
+        if let Some(flood) = err
+            .downcast_ref::<io::Error>()
+            .and_then(|io| io.get_ref())
+            .and_then(|inner| inner.downcast_ref::<Flood>())
+        {
+            return HttpError::Flood(flood.clone());
+        }
+        next = err.source();
     }
+    HttpError::Downstream(e)
 }
 
 fn error_chain(e: &(dyn StdError + 'static)) -> String {
@@ -331,169 +400,140 @@ fn add(counter: &AtomicU64, n: usize) {
     counter.fetch_add(n as u64, Ordering::Relaxed);
 }
 
-/// An open upstream connection: the request side, and the task driving it.
-struct UpstreamConn {
-    sender: SendRequest<Incoming>,
-    task: AbortHandle,
-}
-
-impl Drop for UpstreamConn {
-    // The driving task must not outlive the downstream connection (the lead
-    // cuts connections at the hard deadline by dropping the serve task).
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
 struct ConnState<U> {
     upstream: Arc<U>,
     settings: Arc<HttpSettings>,
     /// The real client (from the socket or a PROXY v2 header), sent upstream
     /// in `X-Forwarded-For`; `None` leaves that header as the client sent it.
-    client_addr: Option<SocketAddr>,
+    forwarded_for: Option<SocketAddr>,
     draining: watch::Receiver<bool>,
-    /// Held across one request/response head exchange: hyper serves the
-    /// requests of an HTTP/1 connection one after the other anyway.
-    conn: Mutex<Option<UpstreamConn>>,
+    /// Upstream connections between two requests.
+    idle: Arc<IdleConns>,
     counters: Arc<BodyCounters>,
+    log: Arc<ConnLog>,
+    protocol: Protocol,
 }
 
 impl<U: Upstream> ConnState<U> {
-    async fn handle(&self, req: Request<Incoming>) -> Response<ProxyBody> {
+    async fn handle(&self, req: Request<Incoming>) -> Response<Logged> {
         self.counters.requests.fetch_add(1, Ordering::Relaxed);
+        let target = req.uri().path_and_query().map_or("/", |p| p.as_str());
+        let mut log = RequestLog::start(self.log.clone(), req.version(), req.method(), target);
         let is_head = req.method() == Method::HEAD;
         // Like nginx and HAProxy, no gzip for HTTP/1.0 clients: they would
         // get it delimited by the connection close.
         let client_gzip = req.version() >= Version::HTTP_11 && accepts_gzip(req.headers());
         let mut resp = if req.method() == Method::CONNECT {
+            log.termination = Termination::ProxyRefused;
             text_response(
                 StatusCode::NOT_IMPLEMENTED,
                 "501 Not Implemented: CONNECT is not proxied\n",
             )
         } else {
             let limit = self.settings.server_timeout;
-            let sent = tokio::time::timeout(limit, self.send(self.upstream_request(req))).await;
+            let (req, read) = self.upstream_request(req);
+            log.bytes_in = read;
+            let sending = upstream::send(&*self.upstream, &self.idle, req);
+            let sent = tokio::time::timeout(limit, sending).await;
             match sent.unwrap_or(Err(HttpError::ServerTimeout(limit))) {
-                Ok(resp) => self.downstream_response(resp, is_head, client_gzip),
-                Err(e @ HttpError::ServerTimeout(_)) => {
-                    tracing::warn!(error = %e, "answering 504");
-                    text_response(
-                        StatusCode::GATEWAY_TIMEOUT,
-                        "504 Gateway Timeout: the server did not answer in time\n",
-                    )
+                Ok(sent) => {
+                    log.server = Some(sent.conn.server.clone());
+                    self.downstream_response(sent, is_head, client_gzip)
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, "answering 502");
-                    text_response(
-                        StatusCode::BAD_GATEWAY,
-                        "502 Bad Gateway: upstream server failed\n",
-                    )
+                    log.termination = Termination::of_head_error(&e);
+                    if let HttpError::ServerTimeout(_) = e {
+                        tracing::warn!(error = %e, "answering 504");
+                        text_response(
+                            StatusCode::GATEWAY_TIMEOUT,
+                            "504 Gateway Timeout: the server did not answer in time\n",
+                        )
+                    } else {
+                        tracing::warn!(error = %e, "answering 502");
+                        text_response(
+                            StatusCode::BAD_GATEWAY,
+                            "502 Bad Gateway: upstream server failed\n",
+                        )
+                    }
                 }
             }
         };
+        log.head_now();
+        log.status = resp.status().as_u16();
         if resp.status().is_server_error() {
             self.counters.server_errors.fetch_add(1, Ordering::Relaxed);
         }
-        if *self.draining.borrow() {
+        // HTTP/2 drains with GOAWAY instead (and has no Connection header).
+        if self.protocol == Protocol::Http1 && *self.draining.borrow() {
             resp.headers_mut()
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
-        resp
+        let (parts, body) = resp.into_parts();
+        Response::from_parts(parts, Logged::new(body, log))
     }
 
-    /// Turns the downstream request into the one sent upstream.
-    fn upstream_request(&self, mut req: Request<Incoming>) -> Request<Incoming> {
-        // Absolute-form (a client talking to us as to a forward proxy) becomes
-        // origin-form, its authority the Host if the client sent none.
-        if let Some(authority) = req.uri().authority().cloned()
-            && !req.headers().contains_key(header::HOST)
+    /// Turns the downstream request into the one sent upstream, and gives
+    /// the counter of its body bytes (none for a request without a body).
+    fn upstream_request(
+        &self,
+        req: Request<Incoming>,
+    ) -> (Request<RequestBody>, Option<Arc<AtomicU64>>) {
+        let (mut parts, body) = req.into_parts();
+        // Absolute-form (a client talking to us as to a forward proxy), and
+        // HTTP/2's :authority, become origin-form with a Host header when
+        // the client sent none.
+        if let Some(authority) = parts.uri.authority()
+            && !parts.headers.contains_key(header::HOST)
             && let Ok(host) = HeaderValue::from_str(authority.as_str())
         {
-            req.headers_mut().insert(header::HOST, host);
+            parts.headers.insert(header::HOST, host);
         }
-        let mut parts = hyper::http::uri::Parts::default();
-        parts.path_and_query = Some(
-            req.uri()
-                .path_and_query()
-                .cloned()
-                .unwrap_or_else(|| hyper::http::uri::PathAndQuery::from_static("/")),
-        );
-        *req.uri_mut() = Uri::from_parts(parts).unwrap_or_else(|_| Uri::from_static("/"));
-        *req.version_mut() = Version::HTTP_11;
-        strip_hop_by_hop(req.headers_mut());
-        if let Some(addr) = self.client_addr {
-            set_forwarded_for(req.headers_mut(), addr);
+        if parts.uri.authority().is_some() || parts.uri.scheme().is_some() {
+            let mut uri = hyper::http::uri::Parts::default();
+            uri.path_and_query = Some(
+                parts
+                    .uri
+                    .path_and_query()
+                    .cloned()
+                    .unwrap_or_else(|| hyper::http::uri::PathAndQuery::from_static("/")),
+            );
+            parts.uri = Uri::from_parts(uri).unwrap_or_else(|_| Uri::from_static("/"));
         }
-        req
-    }
-
-    /// Sends a request on the upstream connection, opening one if there is
-    /// none or it was closed.
-    async fn send(&self, mut req: Request<Incoming>) -> Result<Response<Incoming>, HttpError> {
-        let mut slot = self.conn.lock().await;
-        // A reused connection may turn out closed by the server just as we
-        // send; hyper hands the request back when none of it was written, and
-        // then one fresh connection gets it.
-        for attempt in 0..2 {
-            let reusable = match slot.take() {
-                Some(mut conn) if !conn.sender.is_closed() => {
-                    // Resolves once the previous response has been read to
-                    // its end, or fails if the server closed meanwhile.
-                    conn.sender.ready().await.is_ok().then_some(conn)
-                }
-                _ => None,
-            };
-            let mut conn = match reusable {
-                Some(conn) => conn,
-                None => self.connect().await?,
-            };
-            match conn.sender.try_send_request(req).await {
-                Ok(resp) => {
-                    *slot = Some(conn);
-                    return Ok(resp);
-                }
-                Err(mut e) => match e.take_message() {
-                    Some(unsent) if attempt == 0 => {
-                        tracing::debug!(error = %e.error(), "upstream connection unusable, reopening");
-                        req = unsent;
-                    }
-                    _ => return Err(HttpError::Upstream(e.into_error())),
-                },
-            }
+        parts.version = Version::HTTP_11;
+        strip_hop_by_hop(&mut parts.headers);
+        if let Some(addr) = self.forwarded_for {
+            set_forwarded_for(&mut parts.headers, addr);
         }
-        unreachable!("the second attempt returns")
-    }
-
-    async fn connect(&self) -> Result<UpstreamConn, HttpError> {
-        let io = self
-            .upstream
-            .connect()
-            .await
-            .map_err(HttpError::UpstreamConnect)?;
-        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
-            .await
-            .map_err(HttpError::UpstreamHandshake)?;
-        self.counters
-            .upstream_connects
-            .fetch_add(1, Ordering::Relaxed);
-        let task = tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "upstream connection ended with an error");
-            }
-        })
-        .abort_handle();
-        Ok(UpstreamConn { sender, task })
+        let read = (!http_body::Body::is_end_stream(&body)).then(|| Arc::new(AtomicU64::new(0)));
+        let body = RequestBody {
+            inner: body,
+            read: read.clone(),
+        };
+        (Request::from_parts(parts, body), read)
     }
 
     fn downstream_response(
         &self,
-        resp: Response<Incoming>,
+        sent: Sent,
         is_head: bool,
         client_gzip: bool,
     ) -> Response<ProxyBody> {
-        let (mut parts, body) = resp.into_parts();
-        let body = StallLimit::new(body, self.settings.server_timeout);
-        parts.version = Version::HTTP_11;
+        let Sent {
+            response,
+            conn,
+            connected,
+        } = sent;
+        if connected {
+            self.counters
+                .upstream_connects
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        let (mut parts, body) = response.into_parts();
+        let body = UpstreamBody::new(body, self.settings.server_timeout, conn, self.idle.clone());
+        parts.version = match self.protocol {
+            Protocol::Http1 => Version::HTTP_11,
+            Protocol::Http2 => Version::HTTP_2,
+        };
         strip_hop_by_hop(&mut parts.headers);
         let counters = self.counters.clone();
         let level = match &self.settings.compression {
@@ -532,7 +572,7 @@ impl<U: Upstream> ConnState<U> {
 /// gzip over the upstream body as a stream: one upstream chunk and the
 /// encoder's window in memory at a time. The encoder flushes whenever the
 /// upstream has nothing more yet, so slow streams are not held back.
-fn gzip_body(body: StallLimit, level: u32, counters: Arc<BodyCounters>) -> ProxyBody {
+fn gzip_body(body: UpstreamBody, level: u32, counters: Arc<BodyCounters>) -> ProxyBody {
     let before = counters.clone();
     let input = BodyDataStream::new(body).map(move |chunk| match chunk {
         Ok(data) => {
@@ -611,6 +651,8 @@ mod tests {
                 header_read_timeout: self.header_read_timeout,
                 max_header_size: self.max_header_size,
                 server_timeout: self.server_timeout,
+                client_timeout: LONG,
+                http2: Http2Config::default(),
             };
             (Arc::new(settings), self.client_addr)
         }
@@ -817,7 +859,7 @@ mod tests {
 
     /// `serve` on one end of an in-memory pipe, a hyper client on the other.
     struct Proxy {
-        client: SendRequest<TestBody>,
+        client: hyper::client::conn::http1::SendRequest<TestBody>,
         serve: JoinHandle<Result<ConnStats, HttpError>>,
         drain: watch::Sender<bool>,
         client_task: JoinHandle<()>,
@@ -833,7 +875,13 @@ mod tests {
             let (client_io, server_io) = tokio::io::duplex(64 * 1024);
             let (drain, draining) = watch::channel(false);
             let (settings, client_addr) = settings.split();
-            let serve = tokio::spawn(serve(server_io, upstream, settings, client_addr, draining));
+            let serve = tokio::spawn(serve(
+                server_io,
+                upstream,
+                settings,
+                h1(client_addr),
+                draining,
+            ));
             let (client, conn) = hyper::client::conn::http1::handshake(TokioIo::new(client_io))
                 .await
                 .unwrap();
@@ -1484,7 +1532,7 @@ mod tests {
         let (_drain, draining) = watch::channel(false);
         let upstream = Arc::new(move || TcpStream::connect(origin.addr));
         let (short, client_addr) = short.split();
-        let serving = tokio::spawn(serve(server, upstream, short, client_addr, draining));
+        let serving = tokio::spawn(serve(server, upstream, short, h1(client_addr), draining));
         client
             .write_all(b"GET / HTTP/1.1\r\nHost: a\r\n")
             .await
@@ -1502,7 +1550,7 @@ mod tests {
         let (_drain, draining) = watch::channel(false);
         let upstream = Arc::new(move || TcpStream::connect(origin.addr));
         let (settings, client_addr) = settings.split();
-        let serving = tokio::spawn(serve(server, upstream, settings, client_addr, draining));
+        let serving = tokio::spawn(serve(server, upstream, settings, h1(client_addr), draining));
         client.write_all(request).await.unwrap();
         if half_close {
             client.shutdown().await.unwrap();
@@ -1581,7 +1629,7 @@ mod tests {
         let (_drain, draining) = watch::channel(false);
         let upstream = Arc::new(move || TcpStream::connect(origin.addr));
         let (quick, client_addr) = quick.split();
-        let serving = tokio::spawn(serve(server_io, upstream, quick, client_addr, draining));
+        let serving = tokio::spawn(serve(server_io, upstream, quick, h1(client_addr), draining));
         let (mut client, conn) = hyper::client::conn::http1::handshake(TokioIo::new(client_io))
             .await
             .unwrap();
@@ -1661,5 +1709,333 @@ mod tests {
             None,
             "identity response went chunked"
         );
+    }
+
+    fn downstream(client_addr: Option<SocketAddr>, protocol: Protocol) -> Downstream {
+        Downstream {
+            forwarded_for: client_addr,
+            protocol,
+            log: Arc::new(ConnLog::new(client_addr, Arc::from("test"), 0)),
+        }
+    }
+
+    fn h1(client_addr: Option<SocketAddr>) -> Downstream {
+        downstream(client_addr, Protocol::Http1)
+    }
+
+    /// `serve` in HTTP/2 on one end of an in-memory pipe, a hyper HTTP/2
+    /// client on the other.
+    struct H2Proxy {
+        client: hyper::client::conn::http2::SendRequest<TestBody>,
+        serve: JoinHandle<Result<ConnStats, HttpError>>,
+        drain: watch::Sender<bool>,
+        client_task: JoinHandle<()>,
+    }
+
+    impl H2Proxy {
+        async fn start(upstream_addr: SocketAddr, settings: HttpSettings) -> H2Proxy {
+            let upstream = Arc::new(move || TcpStream::connect(upstream_addr));
+            let (client_io, server_io) = tokio::io::duplex(256 * 1024);
+            let (drain, draining) = watch::channel(false);
+            let (settings, client_addr) = settings.split();
+            let serve = tokio::spawn(serve(
+                server_io,
+                upstream,
+                settings,
+                downstream(client_addr, Protocol::Http2),
+                draining,
+            ));
+            let (client, conn) = hyper::client::conn::http2::handshake(
+                hyper_util::rt::TokioExecutor::new(),
+                TokioIo::new(client_io),
+            )
+            .await
+            .unwrap();
+            let client_task = tokio::spawn(async move {
+                let _ = conn.await;
+            });
+            H2Proxy {
+                client,
+                serve,
+                drain,
+                client_task,
+            }
+        }
+
+        async fn fetch(&self, req: Request<TestBody>) -> (Parts, Bytes) {
+            let mut client = self.client.clone();
+            let resp = timeout(LONG, client.send_request(req))
+                .await
+                .expect("response in time")
+                .expect("response");
+            let (parts, body) = resp.into_parts();
+            let body = timeout(LONG, body.collect())
+                .await
+                .expect("body in time")
+                .unwrap()
+                .to_bytes();
+            (parts, body)
+        }
+    }
+
+    fn h2_get(path: &str, headers: &[(&str, &str)]) -> Request<TestBody> {
+        let mut req = request(Method::GET, path, headers);
+        *req.uri_mut() = format!("https://example.test{path}").parse().unwrap();
+        req.headers_mut().remove(header::HOST);
+        *req.version_mut() = Version::HTTP_2;
+        req
+    }
+
+    #[tokio::test]
+    async fn h2_streams_are_served_concurrently_with_gzip_and_forwarded_for() {
+        let origin = start_origin(origin_default).await;
+        let proxy = H2Proxy::start(origin.addr, settings()).await;
+        let mut fetches = tokio::task::JoinSet::new();
+        for i in 0..20usize {
+            let len = (500 + i * 997).to_string();
+            let req = h2_get(
+                "/some/path?q=1",
+                &[("accept-encoding", "gzip"), ("x-len", &len)],
+            );
+            let mut client = proxy.client.clone();
+            fetches.spawn(async move {
+                let (parts, body) = client.send_request(req).await.unwrap().into_parts();
+                (i, (parts, body.collect().await.unwrap().to_bytes()))
+            });
+        }
+        while let Some(done) = fetches.join_next().await {
+            let (i, (parts, body)) = done.unwrap();
+            let len = 500 + i * 997;
+            assert_eq!(parts.version, Version::HTTP_2);
+            if len >= 1024 {
+                assert_gzipped(&parts, &body, &text(len));
+            } else {
+                assert_identity(&parts, &body, &text(len));
+            }
+            assert_eq!(header(&parts, "x-seen-xff"), Some("203.0.113.7"));
+            assert_eq!(header(&parts, "x-seen-uri"), Some("/some/path?q=1"));
+            assert_eq!(header(&parts, "x-seen-host"), Some("example.test"));
+        }
+        drop(proxy.client);
+        let stats = timeout(LONG, proxy.serve).await.unwrap().unwrap().unwrap();
+        assert_eq!(stats.requests, 20);
+        assert!(
+            (1..=20).contains(&stats.upstream_connects),
+            "{} upstream connections",
+            stats.upstream_connects
+        );
+        // The upstream connections were kept for reuse, never more than the
+        // streams open at once.
+        assert_eq!(origin.accepts.load(SeqCst) as u64, stats.upstream_connects);
+        proxy.client_task.abort();
+    }
+
+    #[tokio::test]
+    async fn h2_sequential_streams_reuse_one_upstream_connection() {
+        let origin = start_origin(origin_default).await;
+        let proxy = H2Proxy::start(origin.addr, settings()).await;
+        for _ in 0..5 {
+            let (parts, body) = proxy.fetch(h2_get("/", &[])).await;
+            assert_eq!(parts.status, StatusCode::OK);
+            assert_eq!(&body[..], text(10_000));
+        }
+        assert_eq!(origin.accepts.load(SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn h2_drain_lets_open_streams_finish_then_closes() {
+        let origin = start_origin(|req: Request<Incoming>| async move {
+            if req.uri().path() == "/slow" {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Response::new(full(Bytes::from_static(b"done")))
+        })
+        .await;
+        let proxy = H2Proxy::start(origin.addr, settings()).await;
+        let slow = {
+            let mut client = proxy.client.clone();
+            tokio::spawn(async move {
+                let resp = client.send_request(h2_get("/slow", &[])).await.unwrap();
+                resp.into_body().collect().await.unwrap().to_bytes()
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        proxy.drain.send(true).unwrap();
+        // The stream opened before the GOAWAY is served to its end.
+        let body = timeout(LONG, slow).await.unwrap().unwrap();
+        assert_eq!(&body[..], b"done");
+        let stats = timeout(LONG, proxy.serve)
+            .await
+            .expect("the connection closes once its streams are done")
+            .unwrap()
+            .unwrap();
+        assert_eq!(stats.requests, 1);
+        // And the client learnt it may not open more.
+        let mut client = proxy.client.clone();
+        let refused = timeout(LONG, client.send_request(h2_get("/", &[])))
+            .await
+            .unwrap();
+        assert!(refused.is_err(), "a stream after the GOAWAY was served");
+    }
+
+    #[tokio::test]
+    async fn h2_idle_connection_is_closed_at_the_request_timeout() {
+        let origin = start_origin(origin_default).await;
+        let mut short = settings();
+        short.header_read_timeout = Duration::from_millis(300);
+        let proxy = H2Proxy::start(origin.addr, short).await;
+        proxy.fetch(h2_get("/", &[])).await;
+        let stats = timeout(LONG, proxy.serve)
+            .await
+            .expect("idle h2 connection closed")
+            .unwrap()
+            .unwrap();
+        assert_eq!(stats.requests, 1);
+    }
+
+    /// Raw HTTP/2 from a client that does not play by the rules.
+    mod raw {
+        use super::*;
+
+        pub fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+            let mut out = (payload.len() as u32).to_be_bytes()[1..].to_vec();
+            out.extend([kind, flags]);
+            out.extend(stream.to_be_bytes());
+            out.extend(payload);
+            out
+        }
+
+        /// Preface and an empty SETTINGS frame.
+        pub fn start() -> Vec<u8> {
+            let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+            out.extend(frame(0x4, 0, 0, &[]));
+            out
+        }
+
+        /// HPACK for GET http / (all from the static table).
+        pub const GET_ROOT: [u8; 3] = [0x82, 0x86, 0x84];
+
+        /// Writes `bytes` to an HTTP/2 `serve` (reading and dropping what
+        /// it answers) and returns how `serve` ended.
+        pub async fn run(bytes: Vec<u8>, origin: SocketAddr) -> Result<ConnStats, HttpError> {
+            let upstream = Arc::new(move || TcpStream::connect(origin));
+            let (mut client, server) = tokio::io::duplex(64 * 1024);
+            let (_drain, draining) = watch::channel(false);
+            let (settings, client_addr) = settings().split();
+            let serving = tokio::spawn(serve(
+                server,
+                upstream,
+                settings,
+                downstream(client_addr, Protocol::Http2),
+                draining,
+            ));
+            let (mut rd, mut wr) = tokio::io::split(&mut client);
+            let reader = async {
+                let mut sink = vec![0; 64 * 1024];
+                while rd.read(&mut sink).await.unwrap_or(0) > 0 {}
+            };
+            let writer = async {
+                let _ = wr.write_all(&bytes).await;
+            };
+            let ended = async {
+                let (_, _, ended) = tokio::join!(reader, writer, serving);
+                ended
+            };
+            timeout(LONG, ended).await.expect("serve ended").unwrap()
+        }
+    }
+
+    #[tokio::test]
+    async fn h2_rapid_reset_closes_the_connection() {
+        let origin = start_origin(origin_default).await;
+        let mut bytes = raw::start();
+        for stream in (1..2000u32).step_by(2) {
+            bytes.extend(raw::frame(0x1, 0x5, stream, &raw::GET_ROOT));
+            bytes.extend(raw::frame(0x3, 0, stream, &8u32.to_be_bytes()));
+        }
+        let err = raw::run(bytes, origin.addr).await.unwrap_err();
+        assert!(
+            matches!(err, HttpError::Flood(Flood::Resets(_))),
+            "expected a reset flood, got: {err}"
+        );
+        // Far fewer than the 1,000 streams reached the server.
+        assert!(
+            origin.accepts.load(SeqCst) <= 101,
+            "{}",
+            origin.accepts.load(SeqCst)
+        );
+    }
+
+    #[tokio::test]
+    async fn h2_continuation_flood_closes_the_connection() {
+        let origin = start_origin(origin_default).await;
+        let mut bytes = raw::start();
+        bytes.extend(raw::frame(0x1, 0x0, 1, &raw::GET_ROOT));
+        for _ in 0..10_000 {
+            bytes.extend(raw::frame(0x9, 0x0, 1, &[0x40, 0x01, b'x', 0x01, b'y']));
+        }
+        let err = raw::run(bytes, origin.addr).await.unwrap_err();
+        assert!(
+            matches!(err, HttpError::Flood(Flood::Continuation(_)))
+                || matches!(err, HttpError::Downstream(_)),
+            "expected the header block to be refused, got: {err}"
+        );
+        assert_eq!(origin.accepts.load(SeqCst), 0);
+    }
+
+    #[tokio::test]
+    async fn h2_ping_and_settings_floods_close_the_connection() {
+        let origin = start_origin(origin_default).await;
+        for (kind, payload) in [(0x6u8, vec![0u8; 8]), (0x4, vec![])] {
+            let mut bytes = raw::start();
+            for _ in 0..5_000 {
+                bytes.extend(raw::frame(kind, 0, 0, &payload));
+            }
+            let err = raw::run(bytes, origin.addr).await.unwrap_err();
+            assert!(
+                matches!(err, HttpError::Flood(Flood::Control(_))),
+                "frame type {kind}: expected a control flood, got: {err}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn h2_client_that_does_not_read_is_cut_at_client_timeout() {
+        let origin = start_origin(origin_default).await;
+        let mut quick = settings();
+        let (settings, client_addr) = {
+            quick.compression = None;
+            quick.split()
+        };
+        let mut settings = (*settings).clone();
+        settings.client_timeout = Duration::from_millis(400);
+        let upstream = Arc::new(move || TcpStream::connect(origin.addr));
+        let (mut client, server) = tokio::io::duplex(1 << 20);
+        let (_drain, draining) = watch::channel(false);
+        let serving = tokio::spawn(serve(
+            server,
+            upstream,
+            Arc::new(settings),
+            downstream(client_addr, Protocol::Http2),
+            draining,
+        ));
+        // Ten streams for 1 MB each, and then never a WINDOW_UPDATE nor a read.
+        let mut bytes = raw::start();
+        for stream in (1..20u32).step_by(2) {
+            let mut block = raw::GET_ROOT.to_vec();
+            // x-len: 1000000 (literal without indexing, new name).
+            block.extend([0x00, 5]);
+            block.extend(b"x-len");
+            block.extend([7]);
+            block.extend(b"1000000");
+            bytes.extend(raw::frame(0x1, 0x5, stream, &block));
+        }
+        client.write_all(&bytes).await.unwrap();
+        let err = timeout(LONG, serving)
+            .await
+            .expect("cut")
+            .unwrap()
+            .unwrap_err();
+        assert!(matches!(err, HttpError::ClientStalled(_)), "{err}");
     }
 }
