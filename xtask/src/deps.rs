@@ -31,6 +31,10 @@ const DEBIAN: &[(&str, &str)] = &[
         "the handover lab's baselines (and its smoke test)",
     ),
     ("nftables", "the handover lab's held final ACKs"),
+    (
+        "nghttp2-client",
+        "h2load, the HTTP/2 load of the http2 test",
+    ),
 ];
 
 /// What the handover lab drives besides our proxy.

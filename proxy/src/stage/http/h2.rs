@@ -61,6 +61,10 @@ pub enum Flood {
     Control(u32),
     #[error("{0} CONTINUATION frames in one header block (max_continuation_frames)")]
     Continuation(u32),
+    /// h2's own limits (streams reset before we could take them, too many
+    /// stream errors caused): it answered ENHANCE_YOUR_CALM.
+    #[error("the client went over the HTTP/2 stack's limits (ENHANCE_YOUR_CALM): {0}")]
+    Calm(String),
 }
 
 /// Frames counted over the current one-second window.
@@ -361,10 +365,19 @@ where
     }
     match result {
         Ok(()) => Ok(()),
+        Err(e) if calmed(&e) => Err(HttpError::Flood(Flood::Calm(e.to_string()))),
         // The client hung up after our GOAWAY: the close it was asked for.
         Err(e) if closing && !e.is_user() && e.source().is_some_and(is_io) => Ok(()),
         Err(e) => Err(super::classify_server_error(e)),
     }
+}
+
+/// Whether h2 closed the connection with ENHANCE_YOUR_CALM (RFC 9113 7).
+fn calmed(e: &hyper::Error) -> bool {
+    e.source()
+        .and_then(|s| s.downcast_ref::<::h2::Error>())
+        .and_then(::h2::Error::reason)
+        == Some(::h2::Reason::ENHANCE_YOUR_CALM)
 }
 
 fn is_io(e: &(dyn std::error::Error + 'static)) -> bool {

@@ -185,8 +185,8 @@ impl Drop for RequestLog {
             bytes_out = self.bytes_out,
             ttfb_ms,
             duration_ms = self.start.elapsed().as_millis() as u64,
-            server = self.server.as_deref().unwrap_or("-"),
-            termination = self.termination.code(),
+            server = %self.server.as_deref().unwrap_or("-"),
+            termination = %self.termination.code(),
         );
     }
 }

@@ -1954,8 +1954,9 @@ mod tests {
             bytes.extend(raw::frame(0x3, 0, stream, &8u32.to_be_bytes()));
         }
         let err = raw::run(bytes, origin.addr).await.unwrap_err();
+        // Our guard, or h2's limit of streams reset before they were taken.
         assert!(
-            matches!(err, HttpError::Flood(Flood::Resets(_))),
+            matches!(err, HttpError::Flood(Flood::Resets(_) | Flood::Calm(_))),
             "expected a reset flood, got: {err}"
         );
         // Far fewer than the 1,000 streams reached the server.
