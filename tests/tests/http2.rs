@@ -356,3 +356,41 @@ fn h2_rapid_reset_client_is_closed_and_others_are_served() {
         "the flood is not named in the log:\n{log}"
     );
 }
+
+/// The offload layout of `examples/proxy.toml`: a tcp-mode TLS stage that
+/// offers h2 hands the connection to the http stage over a UNIX socket with
+/// PROXY v2; the ALPN TLV tells that stage to speak HTTP/2.
+#[test]
+fn h2_through_a_tcp_mode_tls_stage_reaches_the_http_stage() {
+    let (sb, rt) = Sandbox::with_runtime("h2-chain");
+    let backend = HttpBackend::start(&rt);
+    let a = make_cert(&sb.dir, "a.test", &["a.test"]);
+    let config = ConfigToml::stages(&sb, "10s")
+        .table(
+            Table::tcp("tls", H2_ADDR, "app1")
+                .with(Table::tls(&[&a.bundle]).strs("alpn", &["h2", "http/1.1"])),
+        )
+        .tables(proxy_harness::config::unix_app(&sb, "http"))
+        .table(Table::backend("servers", &[BACKEND_ADDR]))
+        .render();
+    let cfg = sb.write_file("chain.toml", &config);
+    let mut g = Proxy::start(&sb, &cfg, &[]);
+    g.wait_active(&sb, Duration::from_secs(10));
+    let tally = Tally::default();
+    for run in 1..=5 {
+        curl_once(&tally, run);
+    }
+    g.signal(Signal::Usr1);
+    assert!(g.expect_exit(Duration::from_secs(15)).success());
+    let failures = tally.failures.lock().unwrap();
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    assert_eq!(tally.curl_ok.load(Ordering::Relaxed), 40);
+    assert_eq!(backend.requests(), 40);
+    // The app stage served them as HTTP/2 streams, each with its line.
+    let log = g.log();
+    let lines = log
+        .lines()
+        .filter(|l| l.contains("listener=app") && l.contains("proto=HTTP/2.0"))
+        .count();
+    assert_eq!(lines, 40, "access lines of the app stage:\n{log}");
+}
