@@ -426,7 +426,7 @@ backend origin
 }
 
 /// Our proxy: the same four listeners on the default runtime, TLS without
-/// tickets or session cache.
+/// tickets or session cache, no access lines (the peers log none either).
 fn proxy_config(sb: &Sandbox, f: &Files) -> String {
     let k = Kind::Proxy;
     let path = |p: &Path| toml_str(&p.display().to_string());
@@ -439,12 +439,14 @@ hard_stop_after = "5s"
 
 [[listener]]
 name = "http"
+access_log = false
 bind = ["127.0.0.1:{http}"]
 mode = "http"
 backend = "origin"
 
 [[listener]]
 name = "gzip"
+access_log = false
 bind = ["127.0.0.1:{gzip}"]
 mode = "http"
 backend = "origin"
@@ -454,6 +456,7 @@ min_size = 256
 
 [[listener]]
 name = "tls_ecdsa"
+access_log = false
 bind = ["127.0.0.1:{ecdsa}"]
 mode = "http"
 backend = "origin"
@@ -465,6 +468,7 @@ session_cache = 0
 
 [[listener]]
 name = "tls_rsa"
+access_log = false
 bind = ["127.0.0.1:{rsa}"]
 mode = "http"
 backend = "origin"

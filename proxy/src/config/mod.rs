@@ -306,6 +306,11 @@ pub struct Listener {
     /// ALPN on TLS listeners (or the ALPN a previous stage passed on).
     #[serde(default)]
     pub http2: Http2Config,
+    /// Access lines for this listener (per request in http mode, per
+    /// connection in tcp mode); false is nginx's `access_log off`. Failed
+    /// connections are still reported (rate-limited) as warnings.
+    #[serde(default = "default_true")]
+    pub access_log: bool,
     /// This stage's own stats listener (`[listener.stats]`), showing only it.
     #[serde(default)]
     pub stats: Option<StatsConfig>,

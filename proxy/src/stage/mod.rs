@@ -99,6 +99,8 @@ pub struct StageSettings {
     tunnel_timeout: Duration,
     /// http mode: the longest a response waits for the client to read.
     client_timeout: Duration,
+    /// Write access lines.
+    access_log: bool,
 }
 
 impl TryFrom<(&Config, &ListenerConfig)> for StageSettings {
@@ -139,6 +141,7 @@ impl TryFrom<(&Config, &ListenerConfig)> for StageSettings {
             tls,
             tunnel_timeout: l.tunnel_timeout,
             client_timeout: l.client_timeout,
+            access_log: l.access_log,
         })
     }
 }
@@ -163,6 +166,7 @@ pub struct Stage {
     send_proxy: bool,
     /// Rate limit of the lines about failed connections.
     failure_log: LogLimit,
+    access_log: bool,
 }
 
 /// At most [`LogLimit::PER_SECOND`] lines a second about failed connections
@@ -281,6 +285,7 @@ impl Stage {
             tls,
             tunnel_timeout,
             client_timeout,
+            access_log,
         } = settings;
         Arc::new(Self {
             pool: Arc::new(Pool::new(&backend, ctx.metrics)),
@@ -296,6 +301,7 @@ impl Stage {
             client_timeout,
             send_proxy: backend.send_proxy_v2,
             failure_log: LogLimit::default(),
+            access_log,
         })
     }
 
@@ -321,7 +327,7 @@ impl Stage {
             .unwrap_or_else(|| peer.to_string());
         match &result {
             // HTTP requests have their own access lines.
-            Ok(_) if self.http.is_some() => {}
+            Ok(_) if self.http.is_some() || !self.access_log => {}
             Ok(done) => info!(
                 target: "access",
                 client = %client_addr, listener = %self.name, server = %done.server,
@@ -340,11 +346,13 @@ impl Stage {
                 // A flood of broken clients must not become a flood of log
                 // I/O: the counters above count every one.
                 if self.failure_log.allow(&self.name) {
-                    info!(
-                        target: "access",
-                        client = %client_addr, listener = %self.name, duration_ms,
-                        outcome = "error", error = %e,
-                    );
+                    if self.access_log {
+                        info!(
+                            target: "access",
+                            client = %client_addr, listener = %self.name, duration_ms,
+                            outcome = "error", error = %e,
+                        );
+                    }
                     warn!(peer = %peer, listener = %self.name, "connection failed: {e}");
                 }
             }
@@ -425,6 +433,7 @@ impl Stage {
                 client.source,
                 self.log_name.clone(),
                 self.generation,
+                self.access_log,
             )),
         };
         let upstream = Arc::new(PoolUpstream {

@@ -90,6 +90,9 @@ impl fmt::Display for Termination {
 
 /// What the access lines of one downstream connection share.
 pub struct ConnLog {
+    /// Whether access lines are written (the listener's `access_log`, and
+    /// the log filter lets them through).
+    pub enabled: bool,
     /// The real client (from the socket or a PROXY header).
     pub client: Option<SocketAddr>,
     pub listener: Arc<str>,
@@ -105,8 +108,15 @@ pub struct ConnLog {
 }
 
 impl ConnLog {
-    pub fn new(client: Option<SocketAddr>, listener: Arc<str>, generation: u64) -> Self {
+    /// `access_log`: the listener's setting (the log filter has its say too).
+    pub fn new(
+        client: Option<SocketAddr>,
+        listener: Arc<str>,
+        generation: u64,
+        access_log: bool,
+    ) -> Self {
         Self {
+            enabled: access_log && tracing::enabled!(target: "access", tracing::Level::INFO),
             client,
             listener,
             generation,
@@ -145,17 +155,21 @@ impl RequestLog {
     pub fn start(conn: Arc<ConnLog>, version: Version, method: &Method, target: &str) -> Self {
         conn.active.fetch_add(1, Relaxed);
         Self {
-            conn,
             start: Instant::now(),
             version,
             method: method.clone(),
-            path: escape_path(target),
+            path: if conn.enabled {
+                escape_path(target)
+            } else {
+                String::new()
+            },
             status: 0,
             head_after: None,
             server: None,
             bytes_in: None,
             bytes_out: 0,
             termination: Termination::Normal,
+            conn,
         }
     }
 
@@ -169,6 +183,9 @@ impl Drop for RequestLog {
         let c = &self.conn;
         if c.active.fetch_sub(1, Relaxed) == 1 {
             c.idle_since_ms.store(c.now_ms(), Relaxed);
+        }
+        if !c.enabled {
+            return;
         }
         let client = c.client.map_or_else(|| "-".to_string(), |a| a.to_string());
         let ttfb_ms = self.head_after.map_or(-1, |d| d.as_millis() as i64);

@@ -1715,7 +1715,7 @@ mod tests {
         Downstream {
             forwarded_for: client_addr,
             protocol,
-            log: Arc::new(ConnLog::new(client_addr, Arc::from("test"), 0)),
+            log: Arc::new(ConnLog::new(client_addr, Arc::from("test"), 0, true)),
         }
     }
 
