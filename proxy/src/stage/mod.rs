@@ -314,7 +314,12 @@ impl Stage {
         m[ListenerCounter::Total].fetch_add(1, Relaxed);
         let mut client = ClientInfo {
             source: peer.socket_addr(),
-            destination: stream.local_addr(),
+            // Only a PROXY header for the backend needs it (a getsockname).
+            destination: if self.send_proxy {
+                stream.local_addr()
+            } else {
+                None
+            },
             tlvs: Vec::new(),
             from_older_generation: false,
         };

@@ -97,6 +97,12 @@ impl ListenSocket {
                 let socket = Socket::new(Domain::for_address(*sa), Type::STREAM, None)?;
                 socket.set_reuse_address(true)?;
                 socket.set_reuse_port(true)?;
+                // Accepted sockets inherit both (Linux clones the listener):
+                // no setsockopt per connection.
+                socket.set_nodelay(true)?;
+                // A vanished peer must not hold a connection (and a drain)
+                // forever.
+                socket.set_keepalive(true)?;
                 if sa.is_ipv6() {
                     socket.set_only_v6(true)?;
                 }
@@ -251,16 +257,14 @@ impl AsFd for ListenSocket {
     }
 }
 
+/// `accept4()` hands the socket over non-blocking already: one syscall per
+/// connection, the options come from the listener.
 fn accept_raw(socket: &Socket) -> io::Result<(Socket, SockAddr)> {
-    socket.accept()
+    socket.accept4(libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC)
 }
 
 fn into_stream((socket, addr): (Socket, SockAddr)) -> io::Result<(Stream, PeerAddr)> {
-    socket.set_nonblocking(true)?;
     if let Some(sa) = addr.as_socket() {
-        socket.set_nodelay(true)?;
-        // A vanished peer must not hold a connection (and a drain) forever.
-        socket.set_keepalive(true)?;
         let stream = TcpStream::from_std(std::net::TcpStream::from(socket))?;
         Ok((Stream::Tcp(stream), PeerAddr::Tcp(sa)))
     } else {
@@ -355,6 +359,20 @@ impl AsyncWrite for Stream {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         delegate!(self, s => s.poll_write(cx, buf))
+    }
+
+    // writev(2): hyper then sends a response head and its body in one
+    // syscall instead of copying them into one buffer first.
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        delegate!(self, s => s.poll_write_vectored(cx, bufs))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {

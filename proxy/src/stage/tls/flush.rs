@@ -40,6 +40,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for FlushingTls<S> {
         std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
     }
 
+    // rustls turns several buffers into one record where it can: hyper
+    // hands head and body over together instead of copying them into one.
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
     fn poll_flush(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
