@@ -16,6 +16,7 @@ use std::sync::Arc;
 
 use crate::{
     config::{Addr, Backend},
+    health::{Health, ServerHealth},
     stage::socket::{self as net, Stream},
     stats::counters::{Metered, Registry, ServerCounter, ServerMetrics},
 };
@@ -23,10 +24,17 @@ use crate::{
 /// The servers of one backend and where the round-robin stands.
 pub struct Pool {
     pub name: String,
-    /// Each server with its figures.
-    servers: Vec<(Addr, Arc<ServerMetrics>)>,
+    servers: Vec<PoolServer>,
     connect_timeout: Duration,
     next: AtomicUsize,
+}
+
+/// One server with its figures and its health.
+struct PoolServer {
+    addr: Addr,
+    metrics: Arc<ServerMetrics>,
+    /// Whether the checks (this generation's or the active one's) say UP.
+    health: Arc<ServerHealth>,
 }
 
 /// Why a connection could not be forwarded: which side failed.
@@ -60,50 +68,85 @@ pub struct Transfer {
 }
 
 impl Pool {
-    pub fn new(backend: &Backend, metrics: &Registry) -> Self {
+    pub fn new(backend: &Backend, metrics: &Registry, health: &Health) -> Self {
         Self {
             name: backend.name.clone(),
             servers: backend
                 .servers
                 .iter()
-                .map(|s| (s.clone(), metrics.server(&backend.name, &s.to_string())))
+                .map(|s| PoolServer {
+                    addr: s.addr.clone(),
+                    metrics: metrics.server(&backend.name, &s.to_string()),
+                    health: health.server(&backend.name, &s.addr),
+                })
                 .collect(),
             connect_timeout: backend.connect_timeout,
             next: AtomicUsize::new(0),
         }
     }
 
-    /// Connects to the next server in turn, trying each server once.
+    /// Connects to the next UP server in turn (round-robin over the UP
+    /// servers), trying each UP server once. When no server is UP, every
+    /// server is tried in turn: a check can be wrong where a connection
+    /// still works, and a refused connect costs little.
     pub async fn connect(&self) -> Result<(Metered<Stream>, &Addr), ForwardError> {
-        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let turn = self.next.fetch_add(1, Ordering::Relaxed);
+        let up = self.servers.iter().filter(|s| s.health.is_up()).count();
         let mut last = None;
-        for i in 0..self.servers.len() {
-            let (server, metrics) = &self.servers[(start + i) % self.servers.len()];
-            let err = match timeout(self.connect_timeout, net::connect(server)).await {
-                Ok(Ok(stream)) => {
-                    metrics[ServerCounter::Up].store(1, Ordering::Relaxed);
-                    return Ok((Metered::server(stream, metrics), server));
+        let mut tried = 0;
+        // A state may change while we choose: a pass that found no UP
+        // server left is followed by a pass over all of them.
+        for only_up in [up > 0, false] {
+            let eligible = |s: &&PoolServer| !only_up || s.health.is_up();
+            let count = if only_up { up } else { self.servers.len() };
+            let order = self
+                .servers
+                .iter()
+                .filter(eligible)
+                .cycle()
+                .skip(turn % count)
+                .take(count);
+            for server in order {
+                tried += 1;
+                match self.try_server(server).await {
+                    Ok(stream) => return Ok((stream, &server.addr)),
+                    Err(e) => last = Some((&server.addr, e)),
                 }
-                Ok(Err(e)) => e,
-                Err(_) => io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    format!("connect timed out after {:?}", self.connect_timeout),
-                ),
-            };
-            metrics[ServerCounter::Errors].fetch_add(1, Ordering::Relaxed);
-            if metrics[ServerCounter::Up].swap(0, Ordering::Relaxed) == 1 {
-                tracing::warn!(backend = %self.name, %server, error = %err, "server DOWN");
             }
-            tracing::debug!(backend = %self.name, %server, error = %err, "server refused, trying the next");
-            last = Some((server, err));
+            if last.is_some() {
+                break;
+            }
         }
         let (server, source) = last.expect("a validated backend has servers");
         Err(ForwardError::NoServer {
             backend: self.name.clone(),
-            tried: self.servers.len(),
+            tried,
             server: server.to_string(),
             source,
         })
+    }
+
+    /// One connect attempt, counted; a failure marks the server down in
+    /// the passive `up` figure.
+    async fn try_server(&self, s: &PoolServer) -> io::Result<Metered<Stream>> {
+        let (server, metrics) = (&s.addr, &s.metrics);
+        let err = match timeout(self.connect_timeout, net::connect(server)).await {
+            Ok(Ok(stream)) => {
+                metrics[ServerCounter::Up].store(1, Ordering::Relaxed);
+                return Ok(Metered::server(stream, metrics));
+            }
+            Ok(Err(e)) => e,
+            Err(_) => io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("connect timed out after {:?}", self.connect_timeout),
+            ),
+        };
+        metrics[ServerCounter::Errors].fetch_add(1, Ordering::Relaxed);
+        if metrics[ServerCounter::Up].swap(0, Ordering::Relaxed) == 1 {
+            tracing::warn!(backend = %self.name, %server, error = %err, "server DOWN");
+        }
+        tracing::debug!(backend = %self.name, %server, error = %err, "server refused, trying the next");
+        Err(err)
     }
 
     /// Connects to a server and writes `preamble` (a PROXY v2 header, or
