@@ -24,7 +24,7 @@ use proxy_harness::{
     config::{ConfigToml, Table, global_toml},
     http::{fetch, http_connect, request},
     http_get::http_get,
-    report,
+    prometheus, report,
 };
 use serde_json::Value;
 use tokio::{
@@ -511,6 +511,23 @@ fn http_check_takes_a_server_answering_500_down() {
             "missing {line:?} in /metrics:\n{}",
             metrics.body
         );
+    }
+    // Prometheus itself reads the new families: gauges with their labels.
+    let families = &prometheus::parse_prometheus(std::slice::from_ref(&metrics.body))[0];
+    for name in [
+        "proxy_server_check_up",
+        "proxy_server_check_result",
+        "proxy_server_check_duration_seconds",
+        "proxy_server_check_http_status",
+        "proxy_server_check_consecutive_failures",
+        "proxy_server_check_last_change_timestamp_seconds",
+    ] {
+        let f = families
+            .iter()
+            .find(|f| f.name == name)
+            .unwrap_or_else(|| panic!("Prometheus does not read {name} in:\n{}", metrics.body));
+        assert_eq!(f.kind, "gauge", "{f:?}");
+        assert_eq!(f.samples.len(), 2, "one sample per checked server: {f:?}");
     }
     let page = http_get(STATS_ADDR, "/", Duration::from_secs(5))
         .unwrap()

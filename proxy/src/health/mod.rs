@@ -22,7 +22,8 @@
 //!   (HAProxy's old workers route to a frozen server list).
 //!
 //! Without eBPF steering (`steering = "reuseport"`) the states live in this
-//! process only. A server without a record starts UP (as in HAProxy): it
+//! process only, and every generation checks in every phase (nobody else
+//! would check for a draining one). A server without a record starts UP (as in HAProxy): it
 //! takes `fall` failed checks to go DOWN.
 
 pub mod probe;
@@ -153,6 +154,13 @@ impl ServerHealth {
             (false, true) => Some(Transition::Up),
             _ => None,
         }
+    }
+
+    /// Sets the state as if a check had found it (for other modules'
+    /// tests).
+    #[cfg(test)]
+    pub(crate) fn set_for_tests(&self, r: HealthRecord) {
+        self.set(r);
     }
 
     /// What the views show; None for a server that is not checked.
@@ -372,7 +380,19 @@ impl Health {
         }
     }
 
-    /// Checks server `i` every interval while the generation is active.
+    /// Whether this generation runs the checks in `phase`: the active one
+    /// with pinned states (the others follow them); every live one without
+    /// (nobody else would check for it).
+    fn checks_in(&self, phase: Phase) -> bool {
+        match phase {
+            Phase::Active => true,
+            Phase::Stopped => false,
+            _ => self.store.is_none(),
+        }
+    }
+
+    /// Checks server `i` every interval while [`Health::checks_in`] the
+    /// phase.
     /// The `k`th of `n` checked servers starts `k / n` of an interval late,
     /// so that checks do not all go out at once.
     async fn check_loop(
@@ -387,15 +407,14 @@ impl Health {
         let mut next = tokio::time::Instant::now() + probe.interval * k / n.max(1);
         loop {
             let current = *phase.borrow_and_update();
-            match current {
-                Phase::Stopped => return,
-                Phase::Active => {}
-                _ => {
-                    if phase.changed().await.is_err() {
-                        return;
-                    }
-                    continue;
+            if current == Phase::Stopped {
+                return;
+            }
+            if !self.checks_in(current) {
+                if phase.changed().await.is_err() {
+                    return;
                 }
+                continue;
             }
             tokio::select! {
                 () = tokio::time::sleep_until(next) => {}
@@ -408,7 +427,7 @@ impl Health {
             }
             next = tokio::time::Instant::now() + probe.interval;
             let outcome = probe.run(&server.addr).await;
-            if *phase.borrow() == Phase::Active {
+            if self.checks_in(*phase.borrow()) {
                 self.apply(server, probe, &outcome);
             }
         }

@@ -311,9 +311,67 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<'_, S> {
 
 #[cfg(test)]
 mod tests {
+    use proxy_common::{HEALTH_DOWN, HealthRecord};
     use tokio::io::{AsyncReadExt, duplex};
 
     use super::*;
+    use crate::config::Config;
+
+    /// A pool of three listening servers; returns it with their addresses
+    /// and listeners (kept open, never accepted: connects succeed).
+    async fn pool_of_three() -> (Pool, Arc<Health>, Vec<Addr>, Vec<tokio::net::TcpListener>) {
+        let mut listeners = Vec::new();
+        for _ in 0..3 {
+            listeners.push(tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap());
+        }
+        let addrs: Vec<Addr> = listeners
+            .iter()
+            .map(|l| Addr::Tcp(l.local_addr().unwrap()))
+            .collect();
+        let servers: Vec<String> = addrs.iter().map(|a| format!("\"{a}\"")).collect();
+        let text = format!(
+            "[global]\nname = \"unit\"\n[[listener]]\nname = \"front\"\nbind = [\"127.0.0.1:1\"]\n\
+             backend = \"app\"\n[[backend]]\nname = \"app\"\nservers = [{}]\n[backend.check]\n",
+            servers.join(", ")
+        );
+        let cfg = Config::parse(&text, "unit.toml", &|_| None).unwrap();
+        let health = Health::new(&cfg, None, 1);
+        let pool = Pool::new(&cfg.backends[0], &Registry::new(&cfg), &health);
+        (pool, health, addrs, listeners)
+    }
+
+    async fn picks(pool: &Pool, n: usize) -> Vec<Addr> {
+        let mut out = Vec::new();
+        for _ in 0..n {
+            let (_stream, addr) = pool.connect().await.expect("connects");
+            out.push(addr.clone());
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn round_robin_over_the_up_servers_only() {
+        let (pool, health, addrs, _listeners) = pool_of_three().await;
+        let count = |picked: &[Addr], a: &Addr| picked.iter().filter(|p| *p == a).count();
+        let all = picks(&pool, 9).await;
+        assert!(addrs.iter().all(|a| count(&all, a) == 3), "{all:?}");
+
+        // The second server DOWN: the other two share evenly, it gets none.
+        let down = HealthRecord {
+            state: HEALTH_DOWN,
+            ..Default::default()
+        };
+        health.server("app", &addrs[1]).set_for_tests(down);
+        let two = picks(&pool, 10).await;
+        assert_eq!(count(&two, &addrs[1]), 0, "{two:?}");
+        assert_eq!((count(&two, &addrs[0]), count(&two, &addrs[2])), (5, 5));
+
+        // All DOWN: every server is tried in turn rather than none.
+        health.server("app", &addrs[0]).set_for_tests(down);
+        health.server("app", &addrs[2]).set_for_tests(down);
+        let none_up = picks(&pool, 6).await;
+        assert!(addrs.iter().all(|a| count(&none_up, a) == 2), "{none_up:?}");
+    }
 
     #[tokio::test]
     async fn activity_resets_the_idle_deadline() {

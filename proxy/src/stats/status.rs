@@ -290,3 +290,50 @@ pub fn render(status: &Status) -> String {
     );
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use proxy_common::{CheckResult, HEALTH_DOWN, HealthRecord};
+
+    use super::*;
+
+    #[test]
+    fn render_lists_the_checked_servers() {
+        let now = sys::unix_ms();
+        let record = HealthRecord {
+            since_unix_ms: now - 12_000,
+            checked_unix_ms: now,
+            generation: 4,
+            duration_us: 1500,
+            state: HEALTH_DOWN,
+            failures: 3,
+            result: CheckResult::L7Status.code(),
+            http_status: 503,
+            ..Default::default()
+        };
+        let status = Status {
+            instance: "edge".into(),
+            pins: "/sys/fs/bpf/proxy/edge".into(),
+            active_slot: Some(0),
+            generations: Vec::new(),
+            counters: ProgramCounters::default(),
+            canary: None,
+            servers: vec![ServerStatus {
+                backend: "app".into(),
+                server: "10.0.0.7:80".into(),
+                check: CheckView::from_record(&record),
+            }],
+        };
+        let text = render(&status);
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("app/10.0.0.7:80"))
+            .unwrap_or_else(|| panic!("no server line in\n{text}"));
+        for part in ["DOWN", "12s", "L7STS 503 in 1.5ms", "gen 4"] {
+            assert!(line.contains(part), "{part:?} not in {line:?}");
+        }
+        let json = serde_json::to_value(&status).unwrap();
+        assert_eq!(json["servers"][0]["check"]["result"], "L7STS");
+        assert_eq!(json["servers"][0]["check"]["checked_by"], 4);
+    }
+}
