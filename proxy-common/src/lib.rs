@@ -513,6 +513,34 @@ mod tests {
     }
 
     #[test]
+    fn check_results_round_trip_and_the_record_has_no_padding() {
+        for r in [
+            CheckResult::L4Ok,
+            CheckResult::L4Timeout,
+            CheckResult::L4Con,
+            CheckResult::L7Ok,
+            CheckResult::L7Status,
+            CheckResult::L7Timeout,
+            CheckResult::L7Response,
+        ] {
+            assert_eq!(CheckResult::from_code(r.code()), Some(r));
+            assert_eq!(
+                r.passed(),
+                matches!(r, CheckResult::L4Ok | CheckResult::L7Ok)
+            );
+        }
+        assert_eq!(CheckResult::from_code(0), None);
+        // 3 x u64 + 6 x u32: every byte is a field (the map's value size).
+        assert_eq!(core::mem::size_of::<HealthRecord>(), 48);
+        assert!(HealthRecord::default().is_up(), "no state yet counts as UP");
+        let down = HealthRecord {
+            state: HEALTH_DOWN,
+            ..Default::default()
+        };
+        assert!(!down.is_up());
+    }
+
+    #[test]
     fn canary_round_trips_and_zero_is_none() {
         assert_eq!(Canary::decode(0), None);
         for (slot, weight_bp) in [(0, 0), (0, 1000), (7, BASIS_POINTS), (3, 1)] {

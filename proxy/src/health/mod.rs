@@ -506,7 +506,10 @@ impl Health {
             }
             for s in self.checked() {
                 let Some(r) = self.read(s) else { continue };
-                if let Some(change) = s.set(r) {
+                // Our own checks log their transitions themselves.
+                if let Some(change) = s.set(r)
+                    && r.generation != self.generation
+                {
                     info!(
                         backend = %s.backend, server = %s.addr,
                         "server {} is {}, as checked by generation {}",
@@ -603,6 +606,40 @@ mod tests {
         assert_eq!(v.last_check(), "L7STS 500 in 3.0ms");
         assert_eq!(v.since(17_000), "12s");
         assert_eq!(v.reason, Some("Layer7 wrong status"));
+    }
+
+    /// Without pinned states a draining generation checks for itself: a
+    /// refused server goes DOWN after `fall` checks, and the checks stop
+    /// with the generation.
+    #[tokio::test]
+    async fn without_pinned_states_every_phase_checks() {
+        let closed = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let text = format!(
+            "[global]\nname = \"unit\"\n[[listener]]\nname = \"front\"\n\
+             bind = [\"127.0.0.1:1\"]\nbackend = \"app\"\n[[backend]]\nname = \"app\"\n\
+             servers = [\"{closed}\"]\n[backend.check]\ninterval = \"20ms\"\nfall = 2\n"
+        );
+        let cfg = Config::parse(&text, "unit.toml", &|_| None).unwrap();
+        let h = Health::new(&cfg, None, 1);
+        let (phase, rx) = watch::channel(Phase::Draining);
+        h.spawn(rx);
+        let s = h.server("app", &Addr::Tcp(closed));
+        let start = std::time::Instant::now();
+        while s.is_up() {
+            assert!(start.elapsed() < Duration::from_secs(5), "never DOWN");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let v = s.view().unwrap();
+        assert_eq!(v.result, Some("L4CON"), "{v:?}");
+        assert!(v.failures >= 2, "DOWN after fall = 2 failures: {v:?}");
+        phase.send_replace(Phase::Stopped);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let checked = s.view().unwrap().checked_unix_ms;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(s.view().unwrap().checked_unix_ms, checked, "checks stop");
     }
 
     #[test]
