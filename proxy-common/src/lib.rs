@@ -21,7 +21,10 @@
 //!   reuseport group (bind address), so that every generation registers its
 //!   sockets for the same address under the same index;
 //! - [`MAP_SPLIT`]: `PERCPU_ARRAY<u64>`, how the program split new
-//!   connections between the active slot and a canary, see [`Split`].
+//!   connections between the active slot and a canary, see [`Split`];
+//! - [`MAP_HEALTH`]: `HASH<ObjectName, HealthRecord>`, the health-check
+//!   state of every checked server, written by the generation that checks
+//!   and read by all (userspace only).
 //!
 //! [`STATE_CANARY`] names a canary slot and its share of new connections in
 //! one value ([`Canary`]), so that setting, changing or clearing a canary is
@@ -46,8 +49,9 @@ pub const MAP_METRICS: &str = "PROXY_FIGURES";
 pub const MAP_OBJECTS: &str = "PROXY_OBJECTS";
 pub const MAP_HISTORY: &str = "PROXY_HISTORY";
 pub const MAP_SPLIT: &str = "PROXY_SPLIT";
+pub const MAP_HEALTH: &str = "PROXY_HEALTH";
 /// Every map an instance pins; a generation creates the missing ones.
-pub const ALL_MAPS: [&str; 9] = [
+pub const ALL_MAPS: [&str; 10] = [
     MAP_SOCKS,
     MAP_STATE,
     MAP_COUNTERS,
@@ -57,6 +61,7 @@ pub const ALL_MAPS: [&str; 9] = [
     MAP_OBJECTS,
     MAP_HISTORY,
     MAP_SPLIT,
+    MAP_HEALTH,
 ];
 /// Name of the `sk_reuseport/migrate` program in the object.
 pub const PROGRAM: &str = "proxy_steer";
@@ -349,10 +354,129 @@ pub struct HistorySample {
     pub generation: [u64; MAX_SLOTS as usize],
 }
 
+/// Entries of [`MAP_HEALTH`]: checked servers of an instance, over all the
+/// configs its generations ran.
+pub const MAX_HEALTH: u32 = 1024;
+
+/// [`HealthRecord::state`]: the server takes new connections.
+pub const HEALTH_UP: u32 = 1;
+/// [`HealthRecord::state`]: the server failed `fall` checks in a row; the
+/// round-robin skips it until it passes `rise` in a row.
+pub const HEALTH_DOWN: u32 = 2;
+
+/// What the last check of a server found, as stored in
+/// [`HealthRecord::result`]; the names and reasons are HAProxy's.
+#[repr(u32)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum CheckResult {
+    /// Connected (tcp check).
+    L4Ok = 1,
+    /// No connection within the check timeout.
+    L4Timeout = 2,
+    /// Connection refused, reset, unreachable...
+    L4Con = 3,
+    /// The HTTP status was one the check expects.
+    L7Ok = 4,
+    /// An HTTP status the check does not expect.
+    L7Status = 5,
+    /// Connected, but no response head within the check timeout.
+    L7Timeout = 6,
+    /// Connected, but what came back was no HTTP response.
+    L7Response = 7,
+}
+
+impl CheckResult {
+    pub const fn from_code(code: u32) -> Option<CheckResult> {
+        Some(match code {
+            1 => CheckResult::L4Ok,
+            2 => CheckResult::L4Timeout,
+            3 => CheckResult::L4Con,
+            4 => CheckResult::L7Ok,
+            5 => CheckResult::L7Status,
+            6 => CheckResult::L7Timeout,
+            7 => CheckResult::L7Response,
+            _ => return None,
+        })
+    }
+
+    pub const fn code(self) -> u32 {
+        self as u32
+    }
+
+    pub const fn passed(self) -> bool {
+        matches!(self, CheckResult::L4Ok | CheckResult::L7Ok)
+    }
+
+    /// HAProxy's short name (its stats page's `check_status`).
+    pub const fn name(self) -> &'static str {
+        match self {
+            CheckResult::L4Ok => "L4OK",
+            CheckResult::L4Timeout => "L4TOUT",
+            CheckResult::L4Con => "L4CON",
+            CheckResult::L7Ok => "L7OK",
+            CheckResult::L7Status => "L7STS",
+            CheckResult::L7Timeout => "L7TOUT",
+            CheckResult::L7Response => "L7RSP",
+        }
+    }
+
+    /// HAProxy's reason, as its transition log lines say it.
+    pub const fn reason(self) -> &'static str {
+        match self {
+            CheckResult::L4Ok => "Layer4 check passed",
+            CheckResult::L4Timeout => "Layer4 timeout",
+            CheckResult::L4Con => "Layer4 connection problem",
+            CheckResult::L7Ok => "Layer7 check passed",
+            CheckResult::L7Status => "Layer7 wrong status",
+            CheckResult::L7Timeout => "Layer7 timeout",
+            CheckResult::L7Response => "Layer7 invalid response",
+        }
+    }
+}
+
+/// Value of [`MAP_HEALTH`] (key: the server's [`ObjectName`],
+/// `server/<backend>/<addr>`): where a server's checks stand. Written by
+/// the generation that runs the checks (the active one), read by every
+/// generation when it picks a server, so that a new generation starts with
+/// the states known and a draining one follows changes made after it was
+/// replaced.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct HealthRecord {
+    /// When `state` last changed (or the server was first checked),
+    /// milliseconds since the Unix epoch.
+    pub since_unix_ms: u64,
+    /// When the last check ended, milliseconds since the Unix epoch.
+    pub checked_unix_ms: u64,
+    /// The generation that wrote this record.
+    pub generation: u64,
+    /// How long the last check took, microseconds.
+    pub duration_us: u32,
+    /// [`HEALTH_UP`] or [`HEALTH_DOWN`].
+    pub state: u32,
+    /// Checks passed in a row (0 after a failure).
+    pub successes: u32,
+    /// Checks failed in a row (0 after a success).
+    pub failures: u32,
+    /// A [`CheckResult`] code (0 before the first check).
+    pub result: u32,
+    /// The HTTP status of the last http check, 0 otherwise.
+    pub http_status: u32,
+}
+
+impl HealthRecord {
+    pub const fn is_up(&self) -> bool {
+        self.state != HEALTH_DOWN
+    }
+}
+
 #[cfg(feature = "user")]
 // Safety: plain #[repr(C)] data with no padding holes that matter and no
 // pointers; any bit pattern is a valid value.
 unsafe impl aya::Pod for GenRecord {}
+#[cfg(feature = "user")]
+// Safety: as above (3 x u64 then 6 x u32: no padding).
+unsafe impl aya::Pod for HealthRecord {}
 #[cfg(feature = "user")]
 // Safety: as above.
 unsafe impl aya::Pod for MetricKey {}
@@ -386,6 +510,34 @@ mod tests {
         assert_eq!(Phase::from_code(STATE_FREE), None);
         assert_eq!(Phase::from_code(99), None);
         assert!(GenRecord::default().is_free());
+    }
+
+    #[test]
+    fn check_results_round_trip_and_the_record_has_no_padding() {
+        for r in [
+            CheckResult::L4Ok,
+            CheckResult::L4Timeout,
+            CheckResult::L4Con,
+            CheckResult::L7Ok,
+            CheckResult::L7Status,
+            CheckResult::L7Timeout,
+            CheckResult::L7Response,
+        ] {
+            assert_eq!(CheckResult::from_code(r.code()), Some(r));
+            assert_eq!(
+                r.passed(),
+                matches!(r, CheckResult::L4Ok | CheckResult::L7Ok)
+            );
+        }
+        assert_eq!(CheckResult::from_code(0), None);
+        // 3 x u64 + 6 x u32: every byte is a field (the map's value size).
+        assert_eq!(core::mem::size_of::<HealthRecord>(), 48);
+        assert!(HealthRecord::default().is_up(), "no state yet counts as UP");
+        let down = HealthRecord {
+            state: HEALTH_DOWN,
+            ..Default::default()
+        };
+        assert!(!down.is_up());
     }
 
     #[test]

@@ -20,9 +20,9 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use proxy_common::{
-    COUNTER_ENTRIES, Canary, Counter, GenRecord, GroupKey, HISTORY_LEN, HistorySample, MAX_GROUPS,
-    MAX_OBJECTS, MAX_SLOTS, METRIC_ENTRIES, MetricKey, ObjectName, SPLIT_ENTRIES,
-    STATE_ACTIVE_SLOT, STATE_CANARY, STATE_ENTRIES, Split, sock_index,
+    COUNTER_ENTRIES, Canary, Counter, GenRecord, GroupKey, HISTORY_LEN, HealthRecord,
+    HistorySample, MAX_GROUPS, MAX_HEALTH, MAX_OBJECTS, MAX_SLOTS, METRIC_ENTRIES, MetricKey,
+    ObjectName, SPLIT_ENTRIES, STATE_ACTIVE_SLOT, STATE_CANARY, STATE_ENTRIES, Split, sock_index,
 };
 
 #[map(name = "PROXY_SOCKS")]
@@ -59,6 +59,11 @@ static PROXY_OBJECTS: HashMap<ObjectName, u32> = HashMap::pinned(MAX_OBJECTS, 0)
 #[map(name = "PROXY_HISTORY")]
 static PROXY_HISTORY: Array<HistorySample> = Array::pinned(HISTORY_LEN, 0);
 
+/// Userspace-only: health-check state of the servers, shared by the
+/// generations (the active one checks, all of them read).
+#[map(name = "PROXY_HEALTH")]
+static PROXY_HEALTH: HashMap<ObjectName, HealthRecord> = HashMap::pinned(MAX_HEALTH, 0);
+
 /// The reuseport group this copy serves; patched by the loader.
 #[unsafe(no_mangle)]
 static PROXY_GROUP: u32 = 0;
@@ -72,6 +77,7 @@ pub fn proxy_steer(ctx: SkReuseportContext) -> u32 {
         &PROXY_FIGURES,
         &PROXY_OBJECTS,
         &PROXY_HISTORY,
+        &PROXY_HEALTH,
     );
 
     // Safety: a plain read of a read-only global that the loader patched.

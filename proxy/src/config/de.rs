@@ -8,7 +8,7 @@ use serde::{
     de::{self, Deserializer, Visitor},
 };
 
-use super::Addr;
+use super::{Addr, Server, StatusSet};
 
 // ---------------------------------------------------------------------------
 // Integer fields. They are range-checked while deserializing, reading the raw
@@ -43,6 +43,12 @@ pub(super) fn de_maxconn<'de, D: Deserializer<'de>>(d: D) -> Result<Option<usize
 /// silently caps larger backlogs anyway.
 pub(super) fn de_backlog<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
     in_range(d, 1..=65535, "").map(|n| n as u32)
+}
+
+/// HAProxy allows up to 1000 for either; a larger count would only delay
+/// the verdict further.
+pub(super) fn de_rise_fall<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+    in_range(d, 1..=1000, " checks in a row").map(|n| n as u32)
 }
 
 pub(super) fn de_canary_min_connections<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
@@ -195,4 +201,117 @@ impl fmt::Display for Addr {
             Addr::Unix(path) => write!(f, "unix:{}", path.display()),
         }
     }
+}
+
+impl<'de> Deserialize<'de> for Server {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        /// The table form.
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Table {
+            addr: Addr,
+            #[serde(default = "yes")]
+            check: bool,
+        }
+        fn yes() -> bool {
+            true
+        }
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Server;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(
+                    "a server address (IP:PORT or unix:/path) or a table such as \
+                     { addr = \"127.0.0.1:9000\", check = false }",
+                )
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Server, E> {
+                Ok(Server {
+                    addr: v.parse().map_err(E::custom)?,
+                    check: true,
+                })
+            }
+            fn visit_map<A: de::MapAccess<'de>>(self, map: A) -> Result<Server, A::Error> {
+                let t = Table::deserialize(de::value::MapAccessDeserializer::new(map))?;
+                Ok(Server {
+                    addr: t.addr,
+                    check: t.check,
+                })
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+const STATUS_EXPECTED: &str =
+    "an HTTP status such as 200, a range such as \"200-399\", or a list of these";
+
+fn status(n: i64) -> Result<u16, String> {
+    if (100..=599).contains(&n) {
+        Ok(n as u16)
+    } else {
+        Err(format!("{n} is not an HTTP status: expected 100..=599"))
+    }
+}
+
+/// `"200"` or `"200-399"`.
+fn status_range(s: &str) -> Result<std::ops::RangeInclusive<u16>, String> {
+    let num = |t: &str| {
+        t.trim()
+            .parse::<i64>()
+            .map_err(|_| format!("invalid status {s:?}: expected {STATUS_EXPECTED}"))
+            .and_then(status)
+    };
+    let (lo, hi) = match s.split_once('-') {
+        Some((lo, hi)) => (num(lo)?, num(hi)?),
+        None => {
+            let n = num(s)?;
+            (n, n)
+        }
+    };
+    if lo > hi {
+        return Err(format!("invalid status range {s:?}: {lo} is above {hi}"));
+    }
+    Ok(lo..=hi)
+}
+
+impl<'de> Deserialize<'de> for StatusSet {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = StatusSet;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(STATUS_EXPECTED)
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<StatusSet, E> {
+                let n = status(v).map_err(E::custom)?;
+                Ok(StatusSet(vec![n..=n]))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<StatusSet, E> {
+                self.visit_i64(v.min(i64::MAX as u64) as i64)
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<StatusSet, E> {
+                Ok(StatusSet(vec![status_range(v).map_err(E::custom)?]))
+            }
+            fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<StatusSet, A::Error> {
+                let mut ranges = Vec::new();
+                while let Some(one) = seq.next_element::<StatusSet>()? {
+                    ranges.extend(one.0);
+                }
+                if ranges.is_empty() {
+                    return Err(de::Error::custom(format!(
+                        "empty list: expected {STATUS_EXPECTED}"
+                    )));
+                }
+                Ok(StatusSet(ranges))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+pub(super) fn de_opt_status_set<'de, D: Deserializer<'de>>(
+    d: D,
+) -> Result<Option<StatusSet>, D::Error> {
+    StatusSet::deserialize(d).map(Some)
 }

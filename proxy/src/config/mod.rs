@@ -446,7 +446,12 @@ pub enum Addr {
 #[serde(deny_unknown_fields)]
 pub struct Backend {
     pub name: String,
-    pub servers: Vec<Addr>,
+    pub servers: Vec<Server>,
+    /// `[backend.check]`: active health checks of the servers; without it
+    /// every server counts as up (a refused connect still moves on to the
+    /// next server).
+    #[serde(default)]
+    pub check: Option<CheckConfig>,
     #[serde(default = "default_connect_timeout", deserialize_with = "de_duration")]
     pub connect_timeout: Duration,
     /// HAProxy `timeout server`: how long a server may take to start its
@@ -458,6 +463,113 @@ pub struct Backend {
     /// every connection to a server.
     #[serde(default)]
     pub send_proxy_v2: bool,
+}
+
+/// One server of a backend: `"IP:PORT"` or `"unix:/path"`, or the table
+/// `{ addr = "IP:PORT", check = false }` to leave it out of the backend's
+/// health checks (it then always counts as up).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Server {
+    pub addr: Addr,
+    /// Whether `[backend.check]` checks this server (default true).
+    pub check: bool,
+}
+
+impl fmt::Display for Server {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.addr.fmt(f)
+    }
+}
+
+/// `[backend.check]`: how often and how each server of the backend is
+/// checked (HAProxy `check inter rise fall` and `option httpchk`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckConfig {
+    /// `tcp`: a connect; `http`: a request whose status must be expected.
+    #[serde(rename = "type", default)]
+    pub kind: CheckKind,
+    /// http: the request method (default GET).
+    #[serde(default)]
+    pub method: Option<String>,
+    /// http: the request path (default "/").
+    #[serde(default)]
+    pub path: Option<String>,
+    /// http: the Host header (default: the server's address).
+    #[serde(default)]
+    pub host: Option<String>,
+    /// http: the statuses that pass (default 200-399).
+    #[serde(default, deserialize_with = "de_opt_status_set")]
+    pub expect_status: Option<StatusSet>,
+    /// Time between two checks of a server (HAProxy `inter`).
+    #[serde(default = "default_check_interval", deserialize_with = "de_duration")]
+    pub interval: Duration,
+    /// The longest one check may take, connect included (default: the
+    /// smaller of `interval` and the backend's `connect_timeout`).
+    #[serde(default, deserialize_with = "de_opt_duration")]
+    pub timeout: Option<Duration>,
+    /// Checks passed in a row that bring a DOWN server back UP.
+    #[serde(default = "default_rise", deserialize_with = "de_rise_fall")]
+    pub rise: u32,
+    /// Checks failed in a row that take an UP server DOWN.
+    #[serde(default = "default_fall", deserialize_with = "de_rise_fall")]
+    pub fall: u32,
+}
+
+impl CheckConfig {
+    pub fn method(&self) -> &str {
+        self.method.as_deref().unwrap_or("GET")
+    }
+
+    pub fn path(&self) -> &str {
+        self.path.as_deref().unwrap_or("/")
+    }
+
+    pub fn expect_status(&self) -> StatusSet {
+        self.expect_status
+            .clone()
+            .unwrap_or_else(|| StatusSet(vec![200..=399]))
+    }
+
+    /// The check timeout of a backend whose connect timeout is `connect`.
+    pub fn timeout(&self, connect: Duration) -> Duration {
+        self.timeout.unwrap_or_else(|| self.interval.min(connect))
+    }
+}
+
+/// What a check does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CheckKind {
+    #[default]
+    Tcp,
+    Http,
+}
+
+/// HTTP statuses a check accepts: `200`, `"200-399"`, or a list of these.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StatusSet(pub Vec<std::ops::RangeInclusive<u16>>);
+
+impl StatusSet {
+    pub fn contains(&self, status: u16) -> bool {
+        self.0.iter().any(|r| r.contains(&status))
+    }
+}
+
+impl fmt::Display for StatusSet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, r) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str(", ")?;
+            }
+            if r.start() == r.end() {
+                write!(f, "{}", r.start())?;
+            } else {
+                write!(f, "{}-{}", r.start(), r.end())?;
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Why a configuration could not be loaded.
@@ -625,6 +737,18 @@ fn default_handover_grace() -> Duration {
 
 fn default_backlog() -> u32 {
     1024
+}
+
+fn default_check_interval() -> Duration {
+    Duration::from_secs(2)
+}
+
+fn default_rise() -> u32 {
+    2
+}
+
+fn default_fall() -> u32 {
+    3
 }
 
 fn default_connect_timeout() -> Duration {
@@ -849,12 +973,17 @@ servers = ["127.0.0.1:9000"]
         assert_eq!(l.bind, vec![Addr::Tcp("0.0.0.0:8080".parse().unwrap())]);
         assert_eq!(l.backend, "app");
         assert_eq!(c.backends.len(), 1);
+        let server = |a: &str| Server {
+            addr: Addr::Tcp(a.parse().unwrap()),
+            check: true,
+        };
         assert_eq!(
             c.backends[0].servers,
-            vec![
-                Addr::Tcp("127.0.0.1:9000".parse().unwrap()),
-                Addr::Tcp("127.0.0.1:9001".parse().unwrap()),
-            ]
+            vec![server("127.0.0.1:9000"), server("127.0.0.1:9001")]
+        );
+        assert!(
+            c.backends[0].check.is_none(),
+            "no [backend.check]: no checks"
         );
         assert_eq!(c.backends[0].connect_timeout, Duration::from_secs(2));
         assert_eq!(c.listener_backend(l).name, "app");
@@ -1235,6 +1364,153 @@ connect_timeout = "500ms"
         );
         // Port 0 is only refused for binds.
         assert!(parse(&with_server("127.0.0.1:0")).is_ok());
+    }
+
+    #[test]
+    fn health_checks_parse_with_defaults() {
+        let text = minimal_with(
+            "servers = [\"127.0.0.1:9000\"]",
+            "servers = [\"127.0.0.1:9000\", { addr = \"unix:/run/b.sock\", check = false }]\n\
+             connect_timeout = \"500ms\"\n[backend.check]\ntype = \"tcp\"",
+        );
+        let c = parse(&text).unwrap();
+        let b = &c.backends[0];
+        assert!(b.servers[0].check && !b.servers[1].check);
+        assert_eq!(b.servers[1].addr, Addr::Unix("/run/b.sock".into()));
+        let check = b.check.as_ref().unwrap();
+        assert_eq!(check.kind, CheckKind::Tcp);
+        assert_eq!((check.rise, check.fall), (2, 3));
+        assert_eq!(check.interval, Duration::from_secs(2));
+        // Default timeout: the smaller of interval and connect_timeout.
+        assert_eq!(check.timeout(b.connect_timeout), Duration::from_millis(500));
+
+        let http = minimal_with(
+            "servers = [\"127.0.0.1:9000\"]",
+            "servers = [\"127.0.0.1:9000\"]\n[backend.check]\ntype = \"http\"\n\
+             method = \"HEAD\"\npath = \"/health?full=1\"\nhost = \"app.example\"\n\
+             expect_status = [200, \"300-302\"]\ninterval = \"250ms\"\ntimeout = \"100ms\"\n\
+             rise = 1\nfall = 5",
+        );
+        let c = parse(&http).unwrap();
+        let check = c.backends[0].check.clone().unwrap();
+        assert_eq!(check.kind, CheckKind::Http);
+        assert_eq!((check.method(), check.path()), ("HEAD", "/health?full=1"));
+        assert_eq!(check.host.as_deref(), Some("app.example"));
+        let expect = check.expect_status();
+        assert!(expect.contains(200) && expect.contains(301) && !expect.contains(204));
+        assert_eq!(expect.to_string(), "200, 300-302");
+        assert_eq!(
+            check.timeout(Duration::from_secs(2)),
+            Duration::from_millis(100)
+        );
+        assert_eq!((check.rise, check.fall), (1, 5));
+
+        let defaults = minimal_with(
+            "servers = [\"127.0.0.1:9000\"]",
+            "servers = [\"127.0.0.1:9000\"]\n[backend.check]\ntype = \"http\"",
+        );
+        let check = parse(&defaults).unwrap().backends[0].check.clone().unwrap();
+        assert_eq!((check.method(), check.path()), ("GET", "/"));
+        assert!(check.expect_status().contains(399) && !check.expect_status().contains(400));
+    }
+
+    #[test]
+    fn health_check_errors_name_the_key() {
+        let check = |lines: &str| {
+            minimal_with(
+                "servers = [\"127.0.0.1:9000\"]",
+                &format!("servers = [\"127.0.0.1:9000\"]\n[backend.check]\n{lines}"),
+            )
+        };
+        for (lines, key, needle) in [
+            ("rise = 0", "backend[0].check.rise", "expected 1..=1000"),
+            ("fall = -1", "backend[0].check.fall", "expected 1..=1000"),
+            (
+                "interval = \"0s\"",
+                "backend[0].check.interval",
+                "at least 10ms",
+            ),
+            (
+                "interval = 2",
+                "backend[0].check.interval",
+                "duration string",
+            ),
+            (
+                "timeout = \"0s\"",
+                "backend[0].check.timeout",
+                "greater than zero",
+            ),
+            ("type = \"udp\"", "backend[0].check.type", "unknown variant"),
+            (
+                "path = \"/x\"",
+                "backend[0].check.path",
+                "add type = \"http\"",
+            ),
+            (
+                "type = \"http\"\npath = \"health\"",
+                "backend[0].check.path",
+                "absolute path",
+            ),
+            (
+                "type = \"http\"\npath = \"/a b\"",
+                "backend[0].check.path",
+                "without spaces",
+            ),
+            (
+                "type = \"http\"\nmethod = \"GE T\"",
+                "backend[0].check.method",
+                "a token",
+            ),
+            (
+                "type = \"http\"\nhost = \"\"",
+                "backend[0].check.host",
+                "invalid host",
+            ),
+            (
+                "type = \"http\"\nexpect_status = 600",
+                "backend[0].check.expect_status",
+                "100..=599",
+            ),
+            (
+                "type = \"http\"\nexpect_status = \"399-200\"",
+                "backend[0].check.expect_status",
+                "399 is above 200",
+            ),
+            (
+                "type = \"http\"\nexpect_status = []",
+                "backend[0].check.expect_status",
+                "empty list",
+            ),
+            (
+                "inter = \"2s\"",
+                "backend[0].check.inter",
+                "unknown field `inter`",
+            ),
+        ] {
+            assert_err(&check(lines), key, needle);
+        }
+        let server = |s: &str| {
+            minimal_with(
+                "servers = [\"127.0.0.1:9000\"]",
+                &format!("servers = [{s}]"),
+            )
+        };
+        assert_err(
+            &server("{ addr = \"nowhere\" }"),
+            "backend[0].servers[0].addr",
+            "expected IP:PORT or unix:/path",
+        );
+        assert_err(
+            &server("{ addr = \"127.0.0.1:1\", weight = 2 }"),
+            "backend[0].servers[0].weight",
+            "unknown field `weight`",
+        );
+        assert_err(
+            &server("{ check = false }"),
+            "backend[0].servers[0]",
+            "missing field `addr`",
+        );
+        assert_err(&server("7"), "backend[0].servers[0]", "a server address");
     }
 
     #[test]

@@ -3,7 +3,7 @@
 
 use std::{collections::HashMap, net::SocketAddr};
 
-use super::{Addr, Config, Listener, Mode};
+use super::{Addr, CheckConfig, CheckKind, Config, Listener, Mode};
 
 impl Config {
     /// Cross-field checks that deserialization cannot express. Returns the
@@ -84,6 +84,9 @@ impl Config {
                 ("server_timeout", b.server_timeout, "60s"),
             ] {
                 positive(&format!("backend[{i}].{key}"), value, example)?;
+            }
+            if let Some(check) = &b.check {
+                validate_check(&format!("backend[{i}].check"), check)?;
             }
         }
 
@@ -200,6 +203,72 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// Checks of `[backend.check]` (at `key`).
+fn validate_check(key: &str, c: &CheckConfig) -> Result<(), (String, String)> {
+    if c.interval < std::time::Duration::from_millis(10) {
+        return Err((
+            format!("{key}.interval"),
+            "must be at least 10ms, e.g. \"2s\"".into(),
+        ));
+    }
+    if let Some(t) = c.timeout {
+        positive(&format!("{key}.timeout"), t, "1s")?;
+    }
+    if c.kind == CheckKind::Tcp {
+        for (name, set) in [
+            ("method", c.method.is_some()),
+            ("path", c.path.is_some()),
+            ("host", c.host.is_some()),
+            ("expect_status", c.expect_status.is_some()),
+        ] {
+            if set {
+                return Err((
+                    format!("{key}.{name}"),
+                    "only for HTTP checks: add type = \"http\" (a tcp check only connects)".into(),
+                ));
+            }
+        }
+        return Ok(());
+    }
+    let method = c.method();
+    // RFC 9110 token characters.
+    let tchar = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
+    if method.is_empty() || method.len() > 32 || !method.bytes().all(tchar) {
+        return Err((
+            format!("{key}.method"),
+            format!("invalid method {method:?}: expected a token such as \"GET\" or \"HEAD\""),
+        ));
+    }
+    let path = c.path();
+    if !path.starts_with('/')
+        || path.len() > 2048
+        || path
+            .bytes()
+            .any(|b| b.is_ascii_whitespace() || b.is_ascii_control())
+    {
+        return Err((
+            format!("{key}.path"),
+            format!(
+                "invalid path {path:?}: expected an absolute path without spaces, such as \
+                 \"/health\""
+            ),
+        ));
+    }
+    if let Some(host) = &c.host
+        && (host.is_empty()
+            || host.len() > 255
+            || host
+                .bytes()
+                .any(|b| b.is_ascii_whitespace() || b.is_ascii_control()))
+    {
+        return Err((
+            format!("{key}.host"),
+            format!("invalid host {host:?}: expected a host name such as \"app.example\""),
+        ));
+    }
+    Ok(())
 }
 
 /// CPUs this process may run on, for checking `cpus`.

@@ -42,6 +42,7 @@ use self::{
 };
 use crate::{
     config::{Addr, Config, SteeringMode},
+    health::Health,
     stage::{Stage, StageContext, StageRuntime, StageSettings, socket::ListenSocket},
     stats::{StatsSource, counters::Registry},
     steering::{self, Steering},
@@ -117,6 +118,8 @@ pub struct Generation {
     shared: Arc<Shared>,
     /// Per listener and per server counters.
     registry: Arc<Registry>,
+    /// Server states: checked while active, followed in every phase.
+    health: Arc<Health>,
     /// Data listeners (TCP and UNIX), stopped and resumed by the control
     /// loop.
     listeners: Vec<Arc<ListenSocket>>,
@@ -203,7 +206,17 @@ impl Generation {
     fn new(opts: Options, steering: Steering) -> Self {
         let registry = Arc::new(Registry::new(&opts.config));
         let maxconn = maxconn(&opts.config, &steering.label());
+        let health_map = steering.open_health().unwrap_or_else(|e| {
+            warn!(
+                "{}: server states stay in this generation (the pinned ones cannot be \
+                 opened: {e})",
+                steering.label()
+            );
+            None
+        });
+        let health = Health::new(&opts.config, health_map, steering.generation());
         Self {
+            health,
             label: steering.label(),
             pidfile: opts
                 .pidfile
@@ -245,6 +258,7 @@ impl Generation {
     /// Binds, registers, serves, and takes over: active when it returns.
     /// A failure before the flip leaves the running generation untouched.
     async fn start(&mut self) -> Result<()> {
+        self.health.spawn(self.life.subscribe());
         self.bind()?;
         self.bind_stats()?;
         // Written before the flip, so that a pidfile problem stops us while
@@ -276,6 +290,7 @@ impl Generation {
                 StageContext {
                     draining: self.life.draining(),
                     metrics: &self.registry,
+                    health: &self.health,
                     generation: self.steering.generation(),
                 },
             );
@@ -329,6 +344,7 @@ impl Generation {
                 maps: self.steering.open_maps()?.map(std::sync::Mutex::new),
                 own_slot: self.steering.slot(),
                 registry: self.registry.clone(),
+                health: self.health.clone(),
                 listener_backends: cfg
                     .listeners
                     .iter()

@@ -16,6 +16,7 @@ use std::sync::Arc;
 
 use crate::{
     config::{Addr, Backend},
+    health::{Health, ServerHealth},
     stage::socket::{self as net, Stream},
     stats::counters::{Metered, Registry, ServerCounter, ServerMetrics},
 };
@@ -23,10 +24,17 @@ use crate::{
 /// The servers of one backend and where the round-robin stands.
 pub struct Pool {
     pub name: String,
-    /// Each server with its figures.
-    servers: Vec<(Addr, Arc<ServerMetrics>)>,
+    servers: Vec<PoolServer>,
     connect_timeout: Duration,
     next: AtomicUsize,
+}
+
+/// One server with its figures and its health.
+struct PoolServer {
+    addr: Addr,
+    metrics: Arc<ServerMetrics>,
+    /// Whether the checks (this generation's or the active one's) say UP.
+    health: Arc<ServerHealth>,
 }
 
 /// Why a connection could not be forwarded: which side failed.
@@ -60,50 +68,85 @@ pub struct Transfer {
 }
 
 impl Pool {
-    pub fn new(backend: &Backend, metrics: &Registry) -> Self {
+    pub fn new(backend: &Backend, metrics: &Registry, health: &Health) -> Self {
         Self {
             name: backend.name.clone(),
             servers: backend
                 .servers
                 .iter()
-                .map(|s| (s.clone(), metrics.server(&backend.name, &s.to_string())))
+                .map(|s| PoolServer {
+                    addr: s.addr.clone(),
+                    metrics: metrics.server(&backend.name, &s.to_string()),
+                    health: health.server(&backend.name, &s.addr),
+                })
                 .collect(),
             connect_timeout: backend.connect_timeout,
             next: AtomicUsize::new(0),
         }
     }
 
-    /// Connects to the next server in turn, trying each server once.
+    /// Connects to the next UP server in turn (round-robin over the UP
+    /// servers), trying each UP server once. When no server is UP, every
+    /// server is tried in turn: a check can be wrong where a connection
+    /// still works, and a refused connect costs little.
     pub async fn connect(&self) -> Result<(Metered<Stream>, &Addr), ForwardError> {
-        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let turn = self.next.fetch_add(1, Ordering::Relaxed);
+        let up = self.servers.iter().filter(|s| s.health.is_up()).count();
         let mut last = None;
-        for i in 0..self.servers.len() {
-            let (server, metrics) = &self.servers[(start + i) % self.servers.len()];
-            let err = match timeout(self.connect_timeout, net::connect(server)).await {
-                Ok(Ok(stream)) => {
-                    metrics[ServerCounter::Up].store(1, Ordering::Relaxed);
-                    return Ok((Metered::server(stream, metrics), server));
+        let mut tried = 0;
+        // A state may change while we choose: a pass that found no UP
+        // server left is followed by a pass over all of them.
+        for only_up in [up > 0, false] {
+            let eligible = |s: &&PoolServer| !only_up || s.health.is_up();
+            let count = if only_up { up } else { self.servers.len() };
+            let order = self
+                .servers
+                .iter()
+                .filter(eligible)
+                .cycle()
+                .skip(turn % count)
+                .take(count);
+            for server in order {
+                tried += 1;
+                match self.try_server(server).await {
+                    Ok(stream) => return Ok((stream, &server.addr)),
+                    Err(e) => last = Some((&server.addr, e)),
                 }
-                Ok(Err(e)) => e,
-                Err(_) => io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    format!("connect timed out after {:?}", self.connect_timeout),
-                ),
-            };
-            metrics[ServerCounter::Errors].fetch_add(1, Ordering::Relaxed);
-            if metrics[ServerCounter::Up].swap(0, Ordering::Relaxed) == 1 {
-                tracing::warn!(backend = %self.name, %server, error = %err, "server DOWN");
             }
-            tracing::debug!(backend = %self.name, %server, error = %err, "server refused, trying the next");
-            last = Some((server, err));
+            if last.is_some() {
+                break;
+            }
         }
         let (server, source) = last.expect("a validated backend has servers");
         Err(ForwardError::NoServer {
             backend: self.name.clone(),
-            tried: self.servers.len(),
+            tried,
             server: server.to_string(),
             source,
         })
+    }
+
+    /// One connect attempt, counted; a failure marks the server down in
+    /// the passive `up` figure.
+    async fn try_server(&self, s: &PoolServer) -> io::Result<Metered<Stream>> {
+        let (server, metrics) = (&s.addr, &s.metrics);
+        let err = match timeout(self.connect_timeout, net::connect(server)).await {
+            Ok(Ok(stream)) => {
+                metrics[ServerCounter::Up].store(1, Ordering::Relaxed);
+                return Ok(Metered::server(stream, metrics));
+            }
+            Ok(Err(e)) => e,
+            Err(_) => io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("connect timed out after {:?}", self.connect_timeout),
+            ),
+        };
+        metrics[ServerCounter::Errors].fetch_add(1, Ordering::Relaxed);
+        if metrics[ServerCounter::Up].swap(0, Ordering::Relaxed) == 1 {
+            tracing::warn!(backend = %self.name, %server, error = %err, "server DOWN");
+        }
+        tracing::debug!(backend = %self.name, %server, error = %err, "server refused, trying the next");
+        Err(err)
     }
 
     /// Connects to a server and writes `preamble` (a PROXY v2 header, or
@@ -268,9 +311,67 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<'_, S> {
 
 #[cfg(test)]
 mod tests {
+    use proxy_common::{HEALTH_DOWN, HealthRecord};
     use tokio::io::{AsyncReadExt, duplex};
 
     use super::*;
+    use crate::config::Config;
+
+    /// A pool of three listening servers; returns it with their addresses
+    /// and listeners (kept open, never accepted: connects succeed).
+    async fn pool_of_three() -> (Pool, Arc<Health>, Vec<Addr>, Vec<tokio::net::TcpListener>) {
+        let mut listeners = Vec::new();
+        for _ in 0..3 {
+            listeners.push(tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap());
+        }
+        let addrs: Vec<Addr> = listeners
+            .iter()
+            .map(|l| Addr::Tcp(l.local_addr().unwrap()))
+            .collect();
+        let servers: Vec<String> = addrs.iter().map(|a| format!("\"{a}\"")).collect();
+        let text = format!(
+            "[global]\nname = \"unit\"\n[[listener]]\nname = \"front\"\nbind = [\"127.0.0.1:1\"]\n\
+             backend = \"app\"\n[[backend]]\nname = \"app\"\nservers = [{}]\n[backend.check]\n",
+            servers.join(", ")
+        );
+        let cfg = Config::parse(&text, "unit.toml", &|_| None).unwrap();
+        let health = Health::new(&cfg, None, 1);
+        let pool = Pool::new(&cfg.backends[0], &Registry::new(&cfg), &health);
+        (pool, health, addrs, listeners)
+    }
+
+    async fn picks(pool: &Pool, n: usize) -> Vec<Addr> {
+        let mut out = Vec::new();
+        for _ in 0..n {
+            let (_stream, addr) = pool.connect().await.expect("connects");
+            out.push(addr.clone());
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn round_robin_over_the_up_servers_only() {
+        let (pool, health, addrs, _listeners) = pool_of_three().await;
+        let count = |picked: &[Addr], a: &Addr| picked.iter().filter(|p| *p == a).count();
+        let all = picks(&pool, 9).await;
+        assert!(addrs.iter().all(|a| count(&all, a) == 3), "{all:?}");
+
+        // The second server DOWN: the other two share evenly, it gets none.
+        let down = HealthRecord {
+            state: HEALTH_DOWN,
+            ..Default::default()
+        };
+        health.server("app", &addrs[1]).set_for_tests(down);
+        let two = picks(&pool, 10).await;
+        assert_eq!(count(&two, &addrs[1]), 0, "{two:?}");
+        assert_eq!((count(&two, &addrs[0]), count(&two, &addrs[2])), (5, 5));
+
+        // All DOWN: every server is tried in turn rather than none.
+        health.server("app", &addrs[0]).set_for_tests(down);
+        health.server("app", &addrs[2]).set_for_tests(down);
+        let none_up = picks(&pool, 6).await;
+        assert!(addrs.iter().all(|a| count(&none_up, a) == 2), "{none_up:?}");
+    }
 
     #[tokio::test]
     async fn activity_resets_the_idle_deadline() {

@@ -40,6 +40,7 @@ use self::{
 };
 use crate::{
     config::{Backend, Config, Listener as ListenerConfig, Mode},
+    health::Health,
     stats::counters::{ListenerCounter, ListenerMetrics, Metered, Registry},
 };
 
@@ -79,6 +80,8 @@ pub struct StageContext<'a> {
     /// Becomes true when the generation drains.
     pub draining: watch::Receiver<bool>,
     pub metrics: &'a Registry,
+    /// Server states (health checks), which the round-robin follows.
+    pub health: &'a Health,
     /// This generation's number (0 without steering): sent to the next
     /// stage in the PROXY header, compared with the previous stage's.
     pub generation: u64,
@@ -288,7 +291,7 @@ impl Stage {
             access_log,
         } = settings;
         Arc::new(Self {
-            pool: Arc::new(Pool::new(&backend, ctx.metrics)),
+            pool: Arc::new(Pool::new(&backend, ctx.metrics, ctx.health)),
             metrics: ctx.metrics.listener(&name),
             log_name: Arc::from(name.as_str()),
             name,

@@ -170,7 +170,8 @@ table! {
     /// columns.
     ServerCounter, "server" {
         Up: "up", Gauge, Flag, 1, "proxy_server_up",
-            "1 when the last connection attempt succeeded.", "status";
+            "1 when the server is up: its health checks say so, or, unchecked, its last \
+            connection attempt succeeded.", "status";
         Current: "current", Gauge, Count, 0, "proxy_server_current_connections",
             "Open connections to the server.", "open";
         Total: "total", Counter, Count, 0, "proxy_server_connections_total",

@@ -181,7 +181,12 @@ fn table<T: Table>(h: &mut String, id: &str, label_headers: &[&str], rows: &[Row
     {
         let _ = write!(h, "<th>{d}</th>");
     }
+    let checks = rows.iter().any(|r| r.check.is_some());
+    if checks {
+        h.push_str("<th>last check</th><th>since</th>");
+    }
     h.push_str("</tr>");
+    let now_ms = crate::sys::unix_ms();
     for r in rows {
         h.push_str("<tr>");
         for (_, _, v) in &r.labels {
@@ -200,6 +205,21 @@ fn table<T: Table>(h: &mut String, id: &str, label_headers: &[&str], rows: &[Row
                 .map(|x| format!("{:.1}%", x * 100.0))
                 .unwrap_or_else(|| "-".into());
             let _ = write!(h, "<td>{shown}</td>");
+        }
+        if checks {
+            match &r.check {
+                // The reason on hover, HAProxy's words.
+                Some(c) => {
+                    let _ = write!(
+                        h,
+                        "<td class=\"l\" title=\"{}\">{}</td><td>{}</td>",
+                        esc(c.reason.unwrap_or("not checked yet")),
+                        esc(&c.last_check()),
+                        esc(&c.since(now_ms))
+                    );
+                }
+                None => h.push_str("<td class=\"l\">no check</td><td>-</td>"),
+            }
         }
         h.push_str("</tr>");
     }

@@ -22,7 +22,10 @@ use std::{collections::BTreeMap, sync::Arc};
 use proxy_common::{HISTORY_INTERVAL_MS, HistorySample, MAX_SLOTS};
 use serde::{Serialize, ser::SerializeMap};
 
-use crate::steering::{Maps, ProgramCounters, Slot, Totals};
+use crate::{
+    health::{CheckView, Health},
+    steering::{Maps, ProgramCounters, Slot, Totals},
+};
 use counters::{
     COMPRESSION_RATIO, Def, ListenerCounter, Registry, ServerCounter, Show, Table,
     compression_ratio, object_name,
@@ -43,6 +46,8 @@ pub struct StatsSource {
     pub own_slot: Option<Slot>,
     /// This generation's counters (used without maps).
     pub registry: Arc<Registry>,
+    /// Server states (kept fresh from the pinned map by the generation).
+    pub health: Arc<Health>,
     /// Backend of each listener, to filter servers.
     pub listener_backends: Vec<(String, String)>,
 }
@@ -56,6 +61,8 @@ pub struct Row<T: Table> {
     pub labels: Vec<(&'static str, &'static str, String)>,
     pub values: Vec<u64>,
     pub derived: Vec<(&'static Def, Option<f64>)>,
+    /// A server's health checks, when its backend checks it.
+    pub check: Option<CheckView>,
     _table: std::marker::PhantomData<T>,
 }
 
@@ -80,6 +87,7 @@ impl<T: Table> Row<T> {
             labels,
             values,
             derived: Vec::new(),
+            check: None,
             _table: std::marker::PhantomData,
         }
     }
@@ -111,6 +119,9 @@ impl<T: Table> Serialize for Row<T> {
         }
         for (d, v) in &self.derived {
             map.serialize_entry(d.name, v)?;
+        }
+        if let Some(check) = &self.check {
+            map.serialize_entry("check", check)?;
         }
         map.end()
     }
@@ -241,8 +252,15 @@ impl StatsSource {
                     ("server", "server", server.clone()),
                 ];
                 // `up` sums over live generations: up when every live
-                // generation that tried it succeeded last.
-                Row::new(labels, totals, &[backend, server])
+                // generation that tried it succeeded last. A checked
+                // server is up when its checks say so.
+                let mut row = Row::new(labels, totals, &[backend, server]);
+                let addr = server.parse().ok();
+                row.check = addr.and_then(|a| self.health.server(backend, &a).view());
+                if let Some(check) = &row.check {
+                    row.values[usize::from(ServerCounter::Up)] = u64::from(check.is_up());
+                }
+                row
             })
             .collect()
     }
@@ -291,6 +309,7 @@ mod tests {
             maps: None,
             own_slot: None,
             registry: Arc::new(Registry::new(&cfg)),
+            health: Health::none(),
             listener_backends: vec![("front".into(), "app".into())],
         }
     }

@@ -5,8 +5,9 @@ use std::fmt::Write;
 
 use super::{
     Row, View,
-    counters::{Kind, Show, Table},
+    counters::{Kind, ServerCounter, Show, Table},
 };
+use crate::health::CheckView;
 
 fn label(v: &str) -> String {
     v.replace('\\', "\\\\")
@@ -78,6 +79,75 @@ impl Exposition {
     }
 }
 
+impl Exposition {
+    /// The health-check families of the checked servers (HAProxy's
+    /// `check_status`, `check_duration`, `lastchg`).
+    fn checks(&mut self, servers: &[Row<ServerCounter>]) {
+        let checked: Vec<(String, &CheckView)> = servers
+            .iter()
+            .filter_map(|r| {
+                let labels = r
+                    .labels
+                    .iter()
+                    .map(|(_, k, v)| format!("{k}=\"{}\"", label(v)))
+                    .collect::<Vec<_>>()
+                    .join(",");
+                r.check.as_ref().map(|c| (labels, c))
+            })
+            .collect();
+        if checked.is_empty() {
+            return;
+        }
+        let each = |f: &dyn Fn(&CheckView) -> f64| -> Vec<(String, f64)> {
+            checked.iter().map(|(l, c)| (l.clone(), f(c))).collect()
+        };
+        self.family(
+            "proxy_server_check_up",
+            "gauge",
+            "1 when the server's health checks say UP, 0 when DOWN.",
+            each(&|c| f64::from(u8::from(c.is_up()))),
+        );
+        self.family(
+            "proxy_server_check_result",
+            "gauge",
+            "The last check's result (HAProxy's name as a label), 1 per checked server.",
+            checked
+                .iter()
+                .map(|(l, c)| {
+                    (
+                        format!("{l},result=\"{}\"", c.result.unwrap_or("none")),
+                        1.0,
+                    )
+                })
+                .collect(),
+        );
+        self.family(
+            "proxy_server_check_duration_seconds",
+            "gauge",
+            "How long the last check took.",
+            each(&|c| c.duration_ms / 1000.0),
+        );
+        self.family(
+            "proxy_server_check_http_status",
+            "gauge",
+            "The status of the last HTTP check (0 for tcp checks).",
+            each(&|c| f64::from(c.http_status.unwrap_or(0))),
+        );
+        self.family(
+            "proxy_server_check_consecutive_failures",
+            "gauge",
+            "Checks failed in a row.",
+            each(&|c| f64::from(c.failures)),
+        );
+        self.family(
+            "proxy_server_check_last_change_timestamp_seconds",
+            "gauge",
+            "When the server's check state last changed (Unix time).",
+            each(&|c| c.since_unix_ms as f64 / 1000.0),
+        );
+    }
+}
+
 /// Prometheus text exposition format 0.0.4.
 pub fn prometheus(v: &View) -> String {
     let mut e = Exposition {
@@ -126,6 +196,7 @@ pub fn prometheus(v: &View) -> String {
     );
     e.rows(&v.listeners);
     e.rows(&v.servers);
+    e.checks(&v.servers);
     if let Some(c) = &v.ebpf {
         // Slot counters restart when a new generation claims the slot: label
         // them with the generation, so that each series only ever grows.

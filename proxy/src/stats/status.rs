@@ -9,6 +9,7 @@ use serde::Serialize;
 
 use super::counters::{CONNECTIONS_AND_ERRORS, connections_and_errors};
 use crate::{
+    health::CheckView,
     steering::{self, Maps, ProgramCounters, Slot, SteeringError, canary::percent},
     sys,
 };
@@ -44,6 +45,40 @@ pub struct Status {
     pub counters: ProgramCounters,
     /// The canary beside the active generation, if one is set.
     pub canary: Option<CanaryStatus>,
+    /// Checked servers of the instance, from the pinned health states.
+    pub servers: Vec<ServerStatus>,
+}
+
+/// A checked server as `proxy status` shows it.
+#[derive(Debug, Serialize)]
+pub struct ServerStatus {
+    pub backend: String,
+    pub server: String,
+    pub check: CheckView,
+}
+
+/// The checked servers in the pinned health states, by backend and server.
+fn server_statuses(maps: &Maps) -> Result<Vec<ServerStatus>, SteeringError> {
+    let mut servers: Vec<ServerStatus> = maps
+        .health_records()?
+        .into_iter()
+        .filter_map(|(name, record)| {
+            let len = name
+                .name
+                .iter()
+                .position(|&b| b == 0)
+                .unwrap_or(name.name.len());
+            let name = std::str::from_utf8(&name.name[..len]).ok()?;
+            let (backend, server) = name.strip_prefix("server/")?.split_once('/')?;
+            Some(ServerStatus {
+                backend: backend.to_string(),
+                server: server.to_string(),
+                check: CheckView::from_record(&record),
+            })
+        })
+        .collect();
+    servers.sort_by(|a, b| (&a.backend, &a.server).cmp(&(&b.backend, &b.server)));
+    Ok(servers)
 }
 
 /// A canary as `proxy status` and the stats views report it.
@@ -184,6 +219,7 @@ pub fn from_maps(maps: &Maps, name: &str) -> Result<Status, SteeringError> {
         generations,
         counters,
         canary: canary_status(maps, active)?,
+        servers: server_statuses(maps)?,
     })
 }
 
@@ -226,6 +262,26 @@ pub fn render(status: &Status) -> String {
     if let Some(canary) = &status.canary {
         let _ = writeln!(out, "{}", canary.line());
     }
+    if !status.servers.is_empty() {
+        let _ = writeln!(
+            out,
+            "{:<40} {:<5} {:>10} {:<24} {:>8}",
+            "checked server", "state", "since", "last check", "checker"
+        );
+        let now_ms = sys::unix_ms();
+        for s in &status.servers {
+            let c = &s.check;
+            let _ = writeln!(
+                out,
+                "{:<40} {:<5} {:>10} {:<24} {:>8}",
+                format!("{}/{}", s.backend, s.server),
+                c.state,
+                c.since(now_ms),
+                c.last_check(),
+                format!("gen {}", c.checked_by),
+            );
+        }
+    }
     let c = &status.counters;
     let _ = writeln!(
         out,
@@ -233,4 +289,51 @@ pub fn render(status: &Status) -> String {
         c.fallback_new, c.fallback_migrate, MAX_SLOTS
     );
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use proxy_common::{CheckResult, HEALTH_DOWN, HealthRecord};
+
+    use super::*;
+
+    #[test]
+    fn render_lists_the_checked_servers() {
+        let now = sys::unix_ms();
+        let record = HealthRecord {
+            since_unix_ms: now - 12_000,
+            checked_unix_ms: now,
+            generation: 4,
+            duration_us: 1500,
+            state: HEALTH_DOWN,
+            failures: 3,
+            result: CheckResult::L7Status.code(),
+            http_status: 503,
+            ..Default::default()
+        };
+        let status = Status {
+            instance: "edge".into(),
+            pins: "/sys/fs/bpf/proxy/edge".into(),
+            active_slot: Some(0),
+            generations: Vec::new(),
+            counters: ProgramCounters::default(),
+            canary: None,
+            servers: vec![ServerStatus {
+                backend: "app".into(),
+                server: "10.0.0.7:80".into(),
+                check: CheckView::from_record(&record),
+            }],
+        };
+        let text = render(&status);
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("app/10.0.0.7:80"))
+            .unwrap_or_else(|| panic!("no server line in\n{text}"));
+        for part in ["DOWN", "12s", "L7STS 503 in 1.5ms", "gen 4"] {
+            assert!(line.contains(part), "{part:?} not in {line:?}");
+        }
+        let json = serde_json::to_value(&status).unwrap();
+        assert_eq!(json["servers"][0]["check"]["result"], "L7STS");
+        assert_eq!(json["servers"][0]["check"]["checked_by"], 4);
+    }
 }

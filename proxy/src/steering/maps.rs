@@ -13,11 +13,11 @@ use aya::{
     util::nr_cpus,
 };
 use proxy_common::{
-    ALL_MAPS, COUNTER_ENTRIES, Canary, Counter, GenRecord, GroupKey, HISTORY_LEN, HistorySample,
-    MAP_COUNTERS, MAP_GENS, MAP_GROUPS, MAP_HISTORY, MAP_METRICS, MAP_OBJECTS, MAP_SOCKS,
-    MAP_SPLIT, MAP_STATE, MAX_GROUPS, MAX_OBJECTS, MAX_SLOTS, MetricKey, NO_SLOT, ObjectName,
-    Published, RETIRED_SLOT, SPLIT_ENTRIES, STATE_ACTIVE_SLOT, STATE_CANARY, STATE_GEN_SEQ,
-    STATE_HISTORY_CURSOR, Split, sock_index,
+    ALL_MAPS, COUNTER_ENTRIES, Canary, Counter, GenRecord, GroupKey, HISTORY_LEN, HealthRecord,
+    HistorySample, MAP_COUNTERS, MAP_GENS, MAP_GROUPS, MAP_HEALTH, MAP_HISTORY, MAP_METRICS,
+    MAP_OBJECTS, MAP_SOCKS, MAP_SPLIT, MAP_STATE, MAX_GROUPS, MAX_OBJECTS, MAX_SLOTS, MetricKey,
+    NO_SLOT, ObjectName, Published, RETIRED_SLOT, SPLIT_ENTRIES, STATE_ACTIVE_SLOT, STATE_CANARY,
+    STATE_GEN_SEQ, STATE_HISTORY_CURSOR, Split, sock_index,
 };
 
 use super::{Group, Result, Slot, SteeringError, map_err};
@@ -34,8 +34,49 @@ pub struct Maps {
     objects: HashMap<MapData, ObjectName, u32>,
     history: Array<MapData, HistorySample>,
     split: PerCpuArray<MapData, u64>,
+    health: HealthMap,
     /// Object numbers already looked up or allocated.
     object_ids: StdHashMap<ObjectName, u32>,
+}
+
+/// The pinned health-check states ([`MAP_HEALTH`]), on a descriptor of
+/// their own: the checks and the per-generation refresh use it without
+/// taking the lock of the other maps.
+pub struct HealthMap {
+    map: HashMap<MapData, ObjectName, HealthRecord>,
+}
+
+impl HealthMap {
+    pub fn open(dir: &Path) -> Result<Self> {
+        let data = MapData::from_pin(dir.join(MAP_HEALTH))
+            .map_err(map_err(format!("opening pinned {MAP_HEALTH}")))?;
+        let map = HashMap::try_from(Map::HashMap(data)).map_err(map_err(format!(
+            "pinned {MAP_HEALTH} has an unexpected type or layout"
+        )))?;
+        Ok(Self { map })
+    }
+
+    /// The record of `server`, None when no generation wrote one yet.
+    pub fn get(&self, server: &ObjectName) -> Result<Option<HealthRecord>> {
+        match self.map.get(server, 0) {
+            Ok(r) => Ok(Some(r)),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(map_err("reading a server's health record")(e)),
+        }
+    }
+
+    pub fn set(&mut self, server: &ObjectName, record: &HealthRecord) -> Result<()> {
+        self.map.insert(server, record, 0).map_err(map_err(format!(
+            "writing a server's health record in {MAP_HEALTH}"
+        )))
+    }
+
+    pub fn all(&self) -> Result<Vec<(ObjectName, HealthRecord)>> {
+        self.map
+            .iter()
+            .map(|e| e.map_err(map_err("reading health records")))
+            .collect()
+    }
 }
 
 /// Per (object, counter): the instance total.
@@ -90,7 +131,13 @@ impl Maps {
             history: Array::try_from(Map::Array(pin(MAP_HISTORY)?)).map_err(conv(MAP_HISTORY))?,
             split: PerCpuArray::try_from(Map::PerCpuArray(pin(MAP_SPLIT)?))
                 .map_err(conv(MAP_SPLIT))?,
+            health: HealthMap::open(dir)?,
         })
+    }
+
+    /// Every server's health-check record, by object name.
+    pub fn health_records(&self) -> Result<Vec<(ObjectName, HealthRecord)>> {
+        self.health.all()
     }
 
     pub fn dir(&self) -> &Path {

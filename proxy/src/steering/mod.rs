@@ -13,7 +13,7 @@ mod maps;
 mod program;
 
 pub use canary::LiveCanary;
-pub use maps::{Locked, Maps, ProgramCounters, Totals};
+pub use maps::{HealthMap, Locked, Maps, ProgramCounters, Totals};
 pub use program::ensure_pinned;
 
 use std::{
@@ -287,6 +287,16 @@ impl Steering {
     pub fn open_maps(&self) -> Result<Option<Maps>> {
         match self {
             Steering::Ebpf(p) => Maps::open(p.maps.dir()).map(Some),
+            Steering::Reuseport => Ok(None),
+        }
+    }
+
+    /// A handle on the pinned health-check states (for the health checks),
+    /// opened now while we still have the privileges to; None without eBPF
+    /// steering (the states then live in this process only).
+    pub fn open_health(&self) -> Result<Option<HealthMap>> {
+        match self {
+            Steering::Ebpf(p) => HealthMap::open(p.maps.dir()).map(Some),
             Steering::Reuseport => Ok(None),
         }
     }
