@@ -8,7 +8,7 @@
 //!
 //! The servers are two small HTTP/1.1 servers in the test, each counting
 //! the check requests (`/health`) and the traffic requests apart; the load
-//! is plain `GET /work` requests, one connection each.
+//! is plain `GET /page` requests, one connection each.
 
 use std::{
     process::Command,
@@ -157,13 +157,13 @@ async fn serve(mut s: TcpStream, seen: &Seen, health: &AtomicU16, addr: &str) {
     let _ = s.shutdown().await;
 }
 
-/// One `GET /work` on a new connection: the response body, or why not.
-async fn get_work(addr: &str) -> Result<String, String> {
+/// One `GET /page` on a new connection: the response body, or why not.
+async fn get_page(addr: &str) -> Result<String, String> {
     let work = async {
         let mut s = TcpStream::connect(addr)
             .await
             .map_err(|e| format!("connect: {e}"))?;
-        s.write_all(b"GET /work HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
+        s.write_all(b"GET /page HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
             .await
             .map_err(|e| format!("write: {e}"))?;
         let mut got = Vec::new();
@@ -206,7 +206,7 @@ impl Load {
                             break;
                         }
                         let at = Instant::now();
-                        let r = get_work(PROXY_ADDR).await.map(|_| ());
+                        let r = get_page(PROXY_ADDR).await.map(|_| ());
                         results.lock().unwrap().push((at, r));
                         tokio::time::sleep(Duration::from_millis(3)).await;
                     }
@@ -607,7 +607,7 @@ fn generations_share_the_states() {
         let mut held = Vec::new();
         for _ in 0..HELD {
             let mut c = http_connect(PROXY_ADDR).await.expect("connects");
-            let (parts, body) = fetch(&mut c, request("GET", "/work", "test", &[]))
+            let (parts, body) = fetch(&mut c, request("GET", "/page", "test", &[]))
                 .await
                 .expect("served");
             assert_eq!(parts.status, 200);
@@ -627,7 +627,7 @@ fn generations_share_the_states() {
     let results: Vec<Result<String, String>> = rt.block_on(async {
         let mut out = Vec::new();
         for _ in 0..200 {
-            out.push(get_work(PROXY_ADDR).await);
+            out.push(get_page(PROXY_ADDR).await);
         }
         out
     });
@@ -677,7 +677,7 @@ fn generations_share_the_states() {
         let mut out = Vec::new();
         for c in held.iter_mut() {
             out.push(
-                fetch(c, request("GET", "/work", "test", &[]))
+                fetch(c, request("GET", "/page", "test", &[]))
                     .await
                     .map(|(_, body)| String::from_utf8_lossy(&body).into_owned()),
             );
