@@ -77,6 +77,14 @@ pub(super) fn de_h2_rate<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Erro
     in_range(d, 1..=1_000_000, "").map(|n| n as u32)
 }
 
+pub(super) fn de_pool_max_conn<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
+    in_range(
+        d,
+        0..=100_000,
+        " connections per server (0: one pool per client connection)",
+    )
+}
+
 pub(super) fn de_stats_maxconn<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
     in_range(d, 1..=1024, "")
 }

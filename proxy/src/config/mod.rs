@@ -463,6 +463,19 @@ pub struct Backend {
     /// every connection to a server.
     #[serde(default)]
     pub send_proxy_v2: bool,
+    /// http mode: idle connections kept per server and shared by the
+    /// clients of a listener (HAProxy `pool-max-conn`, nginx upstream
+    /// `keepalive`); 0 gives each client connection its own. A
+    /// `send_proxy_v2` backend never shares (the header names one client).
+    #[serde(
+        default = "default_pool_max_conn",
+        deserialize_with = "de_pool_max_conn"
+    )]
+    pub pool_max_conn: usize,
+    /// http mode: an idle server connection unused this long is closed
+    /// (HAProxy `pool-purge-delay`).
+    #[serde(default = "default_pool_purge_delay", deserialize_with = "de_duration")]
+    pub pool_purge_delay: Duration,
 }
 
 /// One server of a backend: `"IP:PORT"` or `"unix:/path"`, or the table
@@ -701,6 +714,14 @@ impl Config {
                 )
             })
     }
+}
+
+fn default_pool_max_conn() -> usize {
+    256
+}
+
+fn default_pool_purge_delay() -> Duration {
+    Duration::from_secs(5)
 }
 
 fn default_true() -> bool {

@@ -32,6 +32,8 @@ pub struct Pool {
 /// One server with its figures and its health.
 struct PoolServer {
     addr: Addr,
+    /// `addr` as text, made once (access lines, errors).
+    name: Arc<str>,
     metrics: Arc<ServerMetrics>,
     /// Whether the checks (this generation's or the active one's) say UP.
     health: Arc<ServerHealth>,
@@ -76,6 +78,7 @@ impl Pool {
                 .iter()
                 .map(|s| PoolServer {
                     addr: s.addr.clone(),
+                    name: Arc::from(s.addr.to_string()),
                     metrics: metrics.server(&backend.name, &s.to_string()),
                     health: health.server(&backend.name, &s.addr),
                 })
@@ -85,32 +88,65 @@ impl Pool {
         }
     }
 
+    /// How many servers the backend has.
+    pub fn servers(&self) -> usize {
+        self.servers.len()
+    }
+
+    /// The name (address) of server `i`.
+    pub fn server_name(&self, i: usize) -> &Arc<str> {
+        &self.servers[i].name
+    }
+
+    /// The next server in turn: round-robin over the UP servers, or over
+    /// all of them when none is UP.
+    pub fn pick(&self) -> usize {
+        let turn = self.next.fetch_add(1, Ordering::Relaxed);
+        let up = self.servers.iter().filter(|s| s.health.is_up()).count();
+        if up == 0 {
+            return turn % self.servers.len();
+        }
+        self.servers
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.health.is_up())
+            .nth(turn % up)
+            .map_or(0, |(i, _)| i)
+    }
+
     /// Connects to the next UP server in turn (round-robin over the UP
     /// servers), trying each UP server once. When no server is UP, every
     /// server is tried in turn: a check can be wrong where a connection
     /// still works, and a refused connect costs little.
     pub async fn connect(&self) -> Result<(Metered<Stream>, &Addr), ForwardError> {
-        let turn = self.next.fetch_add(1, Ordering::Relaxed);
+        let (stream, i) = self.connect_from(self.pick()).await?;
+        Ok((stream, &self.servers[i].addr))
+    }
+
+    /// Connects to server `start`, or to the UP servers after it in turn,
+    /// each tried once (all of them when none is UP); gives the index of
+    /// the server reached.
+    pub async fn connect_from(
+        &self,
+        start: usize,
+    ) -> Result<(Metered<Stream>, usize), ForwardError> {
+        let n = self.servers.len();
         let up = self.servers.iter().filter(|s| s.health.is_up()).count();
         let mut last = None;
         let mut tried = 0;
         // A state may change while we choose: a pass that found no UP
         // server left is followed by a pass over all of them.
         for only_up in [up > 0, false] {
-            let eligible = |s: &&PoolServer| !only_up || s.health.is_up();
-            let count = if only_up { up } else { self.servers.len() };
-            let order = self
-                .servers
-                .iter()
-                .filter(eligible)
-                .cycle()
-                .skip(turn % count)
-                .take(count);
-            for server in order {
+            for k in 0..n {
+                let i = (start + k) % n;
+                let server = &self.servers[i];
+                if only_up && !server.health.is_up() {
+                    continue;
+                }
                 tried += 1;
                 match self.try_server(server).await {
-                    Ok(stream) => return Ok((stream, &server.addr)),
-                    Err(e) => last = Some((&server.addr, e)),
+                    Ok(stream) => return Ok((stream, i)),
+                    Err(e) => last = Some((&server.name, e)),
                 }
             }
             if last.is_some() {
@@ -155,18 +191,27 @@ impl Pool {
         &self,
         preamble: &[u8],
     ) -> Result<(Metered<Stream>, String), ForwardError> {
-        let (mut server, addr) = self.connect().await?;
-        let addr = addr.to_string();
+        let (stream, i) = self.connect_from_with(self.pick(), preamble).await?;
+        Ok((stream, self.servers[i].name.to_string()))
+    }
+
+    /// [`Pool::connect_from`], then `preamble` written first.
+    pub async fn connect_from_with(
+        &self,
+        start: usize,
+        preamble: &[u8],
+    ) -> Result<(Metered<Stream>, usize), ForwardError> {
+        let (mut server, i) = self.connect_from(start).await?;
         if !preamble.is_empty() {
             server
                 .write_all(preamble)
                 .await
                 .map_err(|source| ForwardError::Preamble {
-                    server: addr.clone(),
+                    server: self.servers[i].name.to_string(),
                     source,
                 })?;
         }
-        Ok((server, addr))
+        Ok((server, i))
     }
 
     /// Forwards `client` to a server until both directions are closed, or

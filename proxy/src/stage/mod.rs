@@ -156,6 +156,11 @@ pub struct Stage {
     log_name: Arc<str>,
     generation: u64,
     pool: Arc<Pool>,
+    /// http mode: idle server connections shared by the clients (none for a
+    /// backend that gets a PROXY header, or `pool_max_conn = 0`).
+    shared_idle: Option<Arc<http::IdlePool>>,
+    /// Idle connections a client connection keeps for itself otherwise.
+    own_idle: (usize, Duration),
     metrics: Arc<ListenerMetrics>,
     http: Option<Arc<HttpSettings>>,
     /// Becomes true when the generation drains: HTTP keep-alive connections
@@ -245,19 +250,37 @@ struct PoolUpstream {
 impl Upstream for PoolUpstream {
     type Io = Metered<Stream>;
 
+    fn servers(&self) -> usize {
+        self.pool.servers()
+    }
+
+    fn pick(&self) -> usize {
+        self.pool.pick()
+    }
+
     fn connect(
         &self,
-    ) -> Pin<Box<dyn Future<Output = std::io::Result<(Metered<Stream>, Arc<str>)>> + Send + '_>>
+        server: usize,
+    ) -> Pin<Box<dyn Future<Output = std::io::Result<http::Connected<Metered<Stream>>>> + Send + '_>>
     {
         Box::pin(async move {
-            self.pool
-                .connect_with(&self.preamble)
+            let (io, server) = self
+                .pool
+                .connect_from_with(server, &self.preamble)
                 .await
-                .map(|(stream, server)| (stream, Arc::from(server)))
-                .map_err(std::io::Error::other)
+                .map_err(std::io::Error::other)?;
+            Ok(http::Connected {
+                io,
+                server,
+                name: self.pool.server_name(server).clone(),
+            })
         })
     }
 }
+
+/// Idle server connections one client connection keeps for itself (HTTP/2
+/// streams may have used several at once).
+const MAX_OWN_IDLE: usize = 8;
 
 /// The largest PROXY v2 header we accept: addresses plus generous TLVs.
 const MAX_PROXY_HEADER: usize = 4096;
@@ -292,6 +315,18 @@ impl Stage {
         } = settings;
         Arc::new(Self {
             pool: Arc::new(Pool::new(&backend, ctx.metrics, ctx.health)),
+            shared_idle: (http.is_some() && !backend.send_proxy_v2 && backend.pool_max_conn > 0)
+                .then(|| {
+                    Arc::new(http::IdlePool::new(
+                        backend.servers.len(),
+                        backend.pool_max_conn,
+                        backend.pool_purge_delay,
+                    ))
+                }),
+            own_idle: (
+                backend.pool_max_conn.clamp(1, MAX_OWN_IDLE),
+                backend.pool_purge_delay,
+            ),
             metrics: ctx.metrics.listener(&name),
             log_name: Arc::from(name.as_str()),
             name,
@@ -443,6 +478,14 @@ impl Stage {
                 self.generation,
                 self.access_log,
             )),
+            idle: match &self.shared_idle {
+                Some(shared) => shared.clone(),
+                None => Arc::new(http::IdlePool::new(
+                    self.pool.servers(),
+                    self.own_idle.0,
+                    self.own_idle.1,
+                )),
+            },
         };
         let upstream = Arc::new(PoolUpstream {
             pool: self.pool.clone(),

@@ -12,7 +12,6 @@
 use std::{
     convert::Infallible,
     error::Error as StdError,
-    future::Future,
     io,
     net::SocketAddr,
     pin::Pin,
@@ -48,7 +47,7 @@ use self::{
         strip_hop_by_hop,
     },
     log::{Logged, RequestLog, Termination},
-    upstream::{IdleConns, Sent, UpstreamBody},
+    upstream::{Sent, UpstreamBody},
 };
 use crate::config::{CompressionConfig, Http2Config};
 
@@ -59,6 +58,7 @@ mod upstream;
 
 pub use h2::Flood;
 pub use log::ConnLog;
+pub use upstream::{Connected, IdlePool, Upstream};
 
 /// gzip settings of a listener.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -129,31 +129,9 @@ pub struct Downstream {
     pub protocol: Protocol,
     /// What its access lines share (the real client, listener, generation).
     pub log: Arc<ConnLog>,
-}
-
-/// Something that opens a new upstream byte stream, and names the server.
-///
-/// Closures `Fn() -> impl Future<Output = io::Result<Io>>` implement it (as
-/// server "upstream"), so tests can pass one over a test server.
-pub trait Upstream: Send + Sync + 'static {
-    type Io: AsyncRead + AsyncWrite + Unpin + Send + 'static;
-    #[allow(clippy::type_complexity)]
-    fn connect(
-        &self,
-    ) -> Pin<Box<dyn Future<Output = io::Result<(Self::Io, Arc<str>)>> + Send + '_>>;
-}
-
-impl<F, Fut, Io> Upstream for F
-where
-    F: Fn() -> Fut + Send + Sync + 'static,
-    Fut: Future<Output = io::Result<Io>> + Send + 'static,
-    Io: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
-    type Io = Io;
-    fn connect(&self) -> Pin<Box<dyn Future<Output = io::Result<(Io, Arc<str>)>> + Send + '_>> {
-        let connecting = self();
-        Box::pin(async move { Ok((connecting.await?, Arc::from("upstream"))) })
-    }
+    /// Where its idle upstream connections wait: the stage's, shared by its
+    /// clients, or its own.
+    pub idle: Arc<IdlePool>,
 }
 
 /// What one downstream connection did.
@@ -225,8 +203,18 @@ type ProxyBody = UnsyncBoxBody<Bytes, BodyError>;
 /// The client's request body on its way upstream, counted for the access
 /// line when there is one.
 pub struct RequestBody {
-    inner: Incoming,
+    /// `None`: no body (a request repeated on another connection).
+    inner: Option<Incoming>,
     read: Option<Arc<AtomicU64>>,
+}
+
+impl RequestBody {
+    fn empty() -> Self {
+        Self {
+            inner: None,
+            read: None,
+        }
+    }
 }
 
 impl http_body::Body for RequestBody {
@@ -238,7 +226,10 @@ impl http_body::Body for RequestBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let this = &mut *self;
-        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        let Some(inner) = &mut this.inner else {
+            return Poll::Ready(None);
+        };
+        let polled = Pin::new(inner).poll_frame(cx);
         if let (Poll::Ready(Some(Ok(frame))), Some(read)) = (&polled, &this.read)
             && let Some(data) = frame.data_ref()
         {
@@ -248,11 +239,13 @@ impl http_body::Body for RequestBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.inner.as_ref().is_none_or(|b| b.is_end_stream())
     }
 
     fn size_hint(&self) -> http_body::SizeHint {
-        self.inner.size_hint()
+        self.inner
+            .as_ref()
+            .map_or_else(|| http_body::SizeHint::with_exact(0), |b| b.size_hint())
     }
 }
 
@@ -275,7 +268,7 @@ where
         settings: settings.clone(),
         forwarded_for: downstream.forwarded_for,
         draining: draining.clone(),
-        idle: Arc::new(IdleConns::default()),
+        idle: downstream.idle.clone(),
         counters: Arc::new(BodyCounters::default()),
         log: downstream.log.clone(),
         protocol: downstream.protocol,
@@ -408,7 +401,7 @@ struct ConnState<U> {
     forwarded_for: Option<SocketAddr>,
     draining: watch::Receiver<bool>,
     /// Upstream connections between two requests.
-    idle: Arc<IdleConns>,
+    idle: Arc<IdlePool>,
     counters: Arc<BodyCounters>,
     log: Arc<ConnLog>,
     protocol: Protocol,
@@ -437,7 +430,7 @@ impl<U: Upstream> ConnState<U> {
             let sent = tokio::time::timeout(limit, sending).await;
             match sent.unwrap_or(Err(HttpError::ServerTimeout(limit))) {
                 Ok(sent) => {
-                    log.server = Some(sent.conn.server.clone());
+                    log.server = Some(sent.conn.name.clone());
                     self.downstream_response(sent, is_head, client_gzip)
                 }
                 Err(e) => {
@@ -506,7 +499,7 @@ impl<U: Upstream> ConnState<U> {
         }
         let read = (!http_body::Body::is_end_stream(&body)).then(|| Arc::new(AtomicU64::new(0)));
         let body = RequestBody {
-            inner: body,
+            inner: Some(body),
             read: read.clone(),
         };
         (Request::from_parts(parts, body), read)
@@ -1716,6 +1709,7 @@ mod tests {
             forwarded_for: client_addr,
             protocol,
             log: Arc::new(ConnLog::new(client_addr, Arc::from("test"), 0, true)),
+            idle: Arc::new(IdlePool::new(1, 8, LONG)),
         }
     }
 
@@ -2038,5 +2032,126 @@ mod tests {
             .unwrap()
             .unwrap_err();
         assert!(matches!(err, HttpError::ClientStalled(_)), "{err}");
+    }
+
+    /// One client connection with one GET, its idle upstream connections
+    /// in `pool`.
+    async fn one_client(origin: SocketAddr, pool: &Arc<IdlePool>) {
+        let upstream = Arc::new(move || TcpStream::connect(origin));
+        let (client_io, server_io) = tokio::io::duplex(64 * 1024);
+        let (_drain, draining) = watch::channel(false);
+        let (settings, client_addr) = settings().split();
+        let mut down = h1(client_addr);
+        down.idle = pool.clone();
+        let serving = tokio::spawn(serve(server_io, upstream, settings, down, draining));
+        let (mut client, conn) = hyper::client::conn::http1::handshake(TokioIo::new(client_io))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let resp = client.send_request(get(&[])).await.unwrap();
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(&body[..], text(10_000));
+        drop(client);
+        timeout(LONG, serving).await.unwrap().unwrap().unwrap();
+    }
+
+    #[tokio::test]
+    async fn clients_share_the_stage_pool_of_idle_upstream_connections() {
+        let origin = start_origin(origin_default).await;
+        let shared = Arc::new(IdlePool::new(1, 4, LONG));
+        for _ in 0..3 {
+            one_client(origin.addr, &shared).await;
+        }
+        // Three client connections, one after the other: one server
+        // connection, waiting idle in the pool now.
+        assert_eq!(origin.accepts.load(SeqCst), 1);
+        assert_eq!(shared.idle(), 1);
+    }
+
+    #[tokio::test]
+    async fn idle_upstream_connections_are_purged_after_the_delay() {
+        let origin = start_origin(origin_default).await;
+        let pool = Arc::new(IdlePool::new(1, 4, Duration::from_millis(150)));
+        one_client(origin.addr, &pool).await;
+        one_client(origin.addr, &pool).await;
+        assert_eq!(origin.accepts.load(SeqCst), 1, "reused within the delay");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        one_client(origin.addr, &pool).await;
+        assert_eq!(origin.accepts.load(SeqCst), 2, "a new one past it");
+    }
+
+    #[tokio::test]
+    async fn pool_max_conn_zero_keeps_nothing() {
+        let origin = start_origin(origin_default).await;
+        let pool = Arc::new(IdlePool::new(1, 0, LONG));
+        one_client(origin.addr, &pool).await;
+        one_client(origin.addr, &pool).await;
+        assert_eq!(origin.accepts.load(SeqCst), 2);
+        assert_eq!(pool.idle(), 0);
+    }
+
+    /// An origin that answers the first request of each connection and
+    /// closes the connection when the second one arrives, without a word:
+    /// a server that timed out an idle keep-alive connection just as we
+    /// reused it.
+    async fn start_closing_origin() -> (SocketAddr, Arc<AtomicUsize>, JoinHandle<()>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepts = Arc::new(AtomicUsize::new(0));
+        let counted = accepts.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                counted.fetch_add(1, SeqCst);
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 4096];
+                    let mut seen = Vec::new();
+                    while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match s.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => seen.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    let _ = s
+                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                        .await;
+                    // The next request is read, then the connection closes.
+                    let _ = s.read(&mut buf).await;
+                });
+            }
+        });
+        (addr, accepts, task)
+    }
+
+    #[tokio::test]
+    async fn a_get_on_a_reused_connection_the_server_closed_is_repeated() {
+        let (addr, accepts, task) = start_closing_origin().await;
+        let mut proxy = Proxy::start(addr, settings()).await;
+        for _ in 0..3 {
+            let (parts, body) = proxy.fetch(get(&[])).await;
+            assert_eq!(parts.status, StatusCode::OK);
+            assert_eq!(&body[..], b"ok");
+        }
+        // Each GET after the first met a closed connection and went again
+        // on a new one.
+        assert_eq!(accepts.load(SeqCst), 3);
+        task.abort();
+    }
+
+    #[tokio::test]
+    async fn a_post_on_a_reused_connection_the_server_closed_is_not_repeated() {
+        let (addr, accepts, task) = start_closing_origin().await;
+        let mut proxy = Proxy::start(addr, settings()).await;
+        let (parts, _) = proxy.fetch(get(&[])).await;
+        assert_eq!(parts.status, StatusCode::OK);
+        let post = Request::builder()
+            .method(Method::POST)
+            .uri("/")
+            .header(header::HOST, "example.test")
+            .body(full(Bytes::from_static(b"once only")))
+            .unwrap();
+        let (parts, _) = proxy.fetch(post).await;
+        assert_eq!(parts.status, StatusCode::BAD_GATEWAY);
+        assert_eq!(accepts.load(SeqCst), 1);
+        task.abort();
     }
 }

@@ -1,14 +1,26 @@
-//! Upstream HTTP/1.1 connections of one downstream connection: opened on
-//! demand, kept idle between requests and reused.
+//! Upstream HTTP/1.1 connections: opened on demand, kept idle between
+//! requests and reused.
 //!
-//! An HTTP/1 client sends its requests one after the other, so it uses one
-//! upstream connection at a time; an HTTP/2 client has several streams open,
-//! and each takes an idle connection or opens one. A connection goes back to
-//! the idle list when its response body has been read to the end; one whose
-//! body was abandoned (the client went away) is closed instead, since the
-//! rest of that body would still be on the wire.
+//! The idle connections of a stage are shared by its client connections,
+//! per server (nginx's upstream `keepalive`, HAProxy's `http-reuse`): a new
+//! client connection, or an idle keep-alive client, holds no upstream
+//! connection. A backend that receives a PROXY header gets one per client
+//! instead (the header names one client), kept per client connection. The
+//! server of each request is chosen first (round-robin over the UP
+//! servers), then an idle connection to it is taken, or a new one opened.
+//!
+//! A connection goes back to the idle list when its response body has been
+//! read to the end; one whose body was abandoned (the client went away) is
+//! closed instead, since the rest of that body would still be on the wire.
+//! A request that fails on a reused connection before any of its response
+//! arrived is sent again on a new connection when that is safe: hyper gave
+//! it back unsent, or it is idempotent and has no body (nginx's
+//! `proxy_next_upstream error` on a kept-alive connection).
 
 use std::{
+    collections::VecDeque,
+    future::Future,
+    io,
     pin::Pin,
     sync::{Arc, Mutex},
     task::{Context, Poll},
@@ -17,48 +29,140 @@ use std::{
 
 use bytes::Bytes;
 use http_body::Frame;
-use hyper::{Request, Response, body::Incoming, client::conn::http1::SendRequest};
+use hyper::{Method, Request, Response, body::Incoming, client::conn::http1::SendRequest};
 use hyper_util::rt::TokioIo;
-use tokio::task::AbortHandle;
+use tokio::{io::AsyncRead, io::AsyncWrite, task::AbortHandle, time::Instant};
 
-use super::{BodyError, HttpError, RequestBody, Upstream};
+use super::{BodyError, HttpError, RequestBody};
 
-/// Idle connections kept per downstream connection: an HTTP/2 client that
-/// had many streams at once does not keep as many servers' sockets open.
-const MAX_IDLE: usize = 8;
+/// A new upstream byte stream, and which server it reached.
+pub struct Connected<Io> {
+    pub io: Io,
+    /// Index of the server among [`Upstream::servers`].
+    pub server: usize,
+    /// Its name, for access lines.
+    pub name: Arc<str>,
+}
+
+/// The servers requests go to.
+///
+/// Closures `Fn() -> impl Future<Output = io::Result<Io>>` implement it as
+/// one server named "upstream", so tests can pass one over a test server.
+pub trait Upstream: Send + Sync + 'static {
+    type Io: AsyncRead + AsyncWrite + Unpin + Send + 'static;
+    /// How many servers there are (idle connections are kept per server).
+    fn servers(&self) -> usize;
+    /// The server the next request goes to.
+    fn pick(&self) -> usize;
+    /// Opens a connection to `server`, or to the next one that answers.
+    #[allow(clippy::type_complexity)]
+    fn connect(
+        &self,
+        server: usize,
+    ) -> Pin<Box<dyn Future<Output = io::Result<Connected<Self::Io>>> + Send + '_>>;
+}
+
+impl<F, Fut, Io> Upstream for F
+where
+    F: Fn() -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = io::Result<Io>> + Send + 'static,
+    Io: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    type Io = Io;
+    fn servers(&self) -> usize {
+        1
+    }
+    fn pick(&self) -> usize {
+        0
+    }
+    fn connect(
+        &self,
+        _server: usize,
+    ) -> Pin<Box<dyn Future<Output = io::Result<Connected<Io>>> + Send + '_>> {
+        let connecting = self();
+        Box::pin(async move {
+            Ok(Connected {
+                io: connecting.await?,
+                server: 0,
+                name: Arc::from("upstream"),
+            })
+        })
+    }
+}
 
 /// An open upstream connection: the request side, and the task driving it.
 pub(super) struct UpstreamConn {
     sender: SendRequest<RequestBody>,
     task: AbortHandle,
-    /// The server it goes to, for access lines.
-    pub server: Arc<str>,
+    server: usize,
+    /// The server's name, for access lines.
+    pub name: Arc<str>,
 }
 
 impl Drop for UpstreamConn {
-    // The driving task must not outlive the downstream connection (the lead
-    // cuts connections at the hard deadline by dropping the serve task).
+    // The driving task must not outlive its connection: a closed idle list
+    // (its client, or its generation, gone) closes its connections.
     fn drop(&mut self) {
         self.task.abort();
     }
 }
 
-/// The idle upstream connections of one downstream connection.
-#[derive(Default)]
-pub(super) struct IdleConns {
-    conns: Mutex<Vec<UpstreamConn>>,
+/// Idle upstream connections, per server: of a stage, or of one client
+/// connection.
+pub struct IdlePool {
+    servers: Box<[Mutex<VecDeque<(UpstreamConn, Instant)>>]>,
+    /// Idle connections kept per server (HAProxy `pool-max-conn`).
+    max_per_server: usize,
+    /// An idle connection unused this long is closed (HAProxy
+    /// `pool-purge-delay`).
+    purge_after: Duration,
 }
 
-impl IdleConns {
-    fn take(&self) -> Option<UpstreamConn> {
-        self.conns.lock().unwrap_or_else(|e| e.into_inner()).pop()
+impl IdlePool {
+    pub fn new(servers: usize, max_per_server: usize, purge_after: Duration) -> Self {
+        Self {
+            servers: (0..servers.max(1)).map(|_| Mutex::default()).collect(),
+            max_per_server,
+            purge_after,
+        }
+    }
+
+    fn list(&self, server: usize) -> std::sync::MutexGuard<'_, VecDeque<(UpstreamConn, Instant)>> {
+        let list = &self.servers[server % self.servers.len()];
+        list.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The most recently used idle connection to `server`; the ones unused
+    /// for `purge_after` are closed on the way.
+    fn take(&self, server: usize) -> Option<UpstreamConn> {
+        let mut list = self.list(server);
+        let (conn, since) = list.pop_back()?;
+        let now = Instant::now();
+        while list
+            .front()
+            .is_some_and(|(_, since)| now.duration_since(*since) >= self.purge_after)
+        {
+            list.pop_front();
+        }
+        (now.duration_since(since) < self.purge_after).then_some(conn)
     }
 
     fn put(&self, conn: UpstreamConn) {
-        let mut conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
-        if conns.len() < MAX_IDLE && !conn.sender.is_closed() {
-            conns.push(conn);
+        if conn.sender.is_closed() || self.max_per_server == 0 {
+            return;
         }
+        let mut list = self.list(conn.server);
+        if list.len() >= self.max_per_server {
+            // The oldest goes: the most recent ones are the likeliest to
+            // still be open at the server.
+            list.pop_front();
+        }
+        list.push_back((conn, Instant::now()));
+    }
+
+    /// Idle connections now, over all servers.
+    pub fn idle(&self) -> usize {
+        (0..self.servers.len()).map(|s| self.list(s).len()).sum()
     }
 }
 
@@ -70,18 +174,18 @@ pub(super) struct Sent {
     pub connected: bool,
 }
 
-/// Sends a request on an idle upstream connection, or on a new one when
-/// there is none (or the idle ones turn out closed).
+/// Sends a request to the next server, on an idle connection to it or on a
+/// new one.
 pub(super) async fn send<U: Upstream>(
     upstream: &U,
-    idle: &IdleConns,
+    idle: &IdlePool,
     mut req: Request<RequestBody>,
 ) -> Result<Sent, HttpError> {
-    // A reused connection may turn out closed by the server just as we
-    // send; hyper hands the request back when none of it was written, and
-    // then the next idle one, or a fresh connection, gets it.
+    let server = upstream.pick();
+    let mut fresh_only = false;
     loop {
-        let (mut conn, connected) = match idle.take() {
+        let reused = if fresh_only { None } else { idle.take(server) };
+        let (mut conn, connected) = match reused {
             Some(mut conn) => {
                 // Resolves at once for a connection whose previous response
                 // was read to its end, or fails if the server closed it.
@@ -90,8 +194,11 @@ pub(super) async fn send<U: Upstream>(
                 }
                 (conn, false)
             }
-            None => (connect(upstream).await?, true),
+            None => (connect(upstream, server).await?, true),
         };
+        // A copy to send again should the reused connection fail after
+        // taking the request: only a request that may be repeated.
+        let replay = (!connected).then(|| replayable(&req)).flatten();
         match conn.sender.try_send_request(req).await {
             Ok(response) => {
                 return Ok(Sent {
@@ -100,10 +207,16 @@ pub(super) async fn send<U: Upstream>(
                     connected,
                 });
             }
-            Err(mut e) => match e.take_message() {
-                Some(unsent) if !connected => {
+            Err(mut e) => match (e.take_message(), replay) {
+                // Not written at all: any request may go again.
+                (Some(unsent), _) if !connected => {
                     tracing::debug!(error = %e.error(), "upstream connection unusable, reopening");
                     req = unsent;
+                }
+                (None, Some(copy)) => {
+                    tracing::debug!(error = %e.error(), "reused upstream connection failed, repeating the request on a new one");
+                    req = copy;
+                    fresh_only = true;
                 }
                 _ => return Err(HttpError::Upstream(e.into_error())),
             },
@@ -111,9 +224,26 @@ pub(super) async fn send<U: Upstream>(
     }
 }
 
-async fn connect<U: Upstream>(upstream: &U) -> Result<UpstreamConn, HttpError> {
-    let (io, server) = upstream
-        .connect()
+/// A copy of `req` when it is idempotent (RFC 9110 9.2.2) and has no body.
+fn replayable(req: &Request<RequestBody>) -> Option<Request<RequestBody>> {
+    let idempotent = matches!(
+        *req.method(),
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    );
+    if !idempotent || !http_body::Body::is_end_stream(req.body()) {
+        return None;
+    }
+    let mut copy = Request::new(RequestBody::empty());
+    *copy.method_mut() = req.method().clone();
+    *copy.uri_mut() = req.uri().clone();
+    *copy.version_mut() = req.version();
+    *copy.headers_mut() = req.headers().clone();
+    Some(copy)
+}
+
+async fn connect<U: Upstream>(upstream: &U, server: usize) -> Result<UpstreamConn, HttpError> {
+    let Connected { io, server, name } = upstream
+        .connect(server)
         .await
         .map_err(HttpError::UpstreamConnect)?;
     let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
@@ -129,6 +259,7 @@ async fn connect<U: Upstream>(upstream: &U) -> Result<UpstreamConn, HttpError> {
         sender,
         task,
         server,
+        name,
     })
 }
 
@@ -142,11 +273,11 @@ pub(super) struct UpstreamBody {
     deadline: Pin<Box<tokio::time::Sleep>>,
     waiting: bool,
     /// Until the body ends: the connection, and where it goes back to.
-    conn: Option<(UpstreamConn, Arc<IdleConns>)>,
+    conn: Option<(UpstreamConn, Arc<IdlePool>)>,
 }
 
 impl UpstreamBody {
-    pub fn new(inner: Incoming, limit: Duration, conn: UpstreamConn, idle: Arc<IdleConns>) -> Self {
+    pub fn new(inner: Incoming, limit: Duration, conn: UpstreamConn, idle: Arc<IdlePool>) -> Self {
         Self {
             inner,
             limit,
