@@ -54,6 +54,9 @@ pub struct GenStatus {
     pub active_conns: u64,
     pub steered: u64,
     pub migrated_in: u64,
+    /// Upgraded connections (WebSocket tunnels) it still holds.
+    #[serde(default)]
+    pub tunnels: u64,
 }
 
 #[derive(Clone, Debug, Deserialize)]

@@ -290,6 +290,7 @@ async fn through_gzip(
         header_read_timeout: DEADLINE,
         max_header_size: 16 * 1024,
         server_timeout: DEADLINE,
+        tunnel: Default::default(),
     });
     let (client_io, server_io) = tokio::io::duplex(64 * 1024);
     let (_drain, draining) = watch::channel(false);

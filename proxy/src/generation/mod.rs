@@ -275,6 +275,7 @@ impl Generation {
                 StageSettings::try_from((cfg, l))?,
                 StageContext {
                     draining: self.life.draining(),
+                    drain_deadline: self.life.drain_deadline(),
                     metrics: &self.registry,
                     generation: self.steering.generation(),
                 },

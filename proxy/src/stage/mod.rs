@@ -74,10 +74,21 @@ pub enum ConnError {
     Http(#[from] HttpError),
 }
 
+/// When a draining generation cuts what is left (`hard_stop_after` after
+/// the drain began), and the window before it over which its upgraded
+/// tunnels close (`close_spread_time`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DrainDeadline {
+    pub at: tokio::time::Instant,
+    pub spread: Duration,
+}
+
 /// What a stage gets from its generation.
 pub struct StageContext<'a> {
     /// Becomes true when the generation drains.
     pub draining: watch::Receiver<bool>,
+    /// Set when the generation drains: tunnels close before it.
+    pub drain_deadline: watch::Receiver<Option<DrainDeadline>>,
     pub metrics: &'a Registry,
     /// This generation's number (0 without steering): sent to the next
     /// stage in the PROXY header, compared with the previous stage's.
@@ -95,7 +106,8 @@ pub struct StageSettings {
     /// Deadline of the PROXY v2 header, when the listener requires one.
     accept_proxy: Option<Duration>,
     tls: Option<TlsAcceptor>,
-    /// tcp mode: the longest silence in both directions.
+    /// tcp mode and upgraded http connections: the longest silence in
+    /// both directions.
     tunnel_timeout: Duration,
     /// http mode: the longest a response waits for the client to read.
     client_timeout: Duration,
@@ -124,6 +136,12 @@ impl TryFrom<(&Config, &ListenerConfig)> for StageSettings {
                     header_read_timeout: l.http_request_timeout,
                     max_header_size: l.max_header_size,
                     server_timeout: backend.server_timeout,
+                    // The drain deadline and counters come with the
+                    // generation, in Stage::new.
+                    tunnel: http::upgrade::TunnelSettings {
+                        idle_timeout: l.tunnel_timeout,
+                        ..Default::default()
+                    },
                 })
             }),
             accept_proxy: l.accept_proxy.then_some(l.accept_proxy_timeout),
@@ -270,9 +288,18 @@ impl Stage {
             tunnel_timeout,
             client_timeout,
         } = settings;
+        let metrics = ctx.metrics.listener(&name);
+        // Upgraded tunnels (http/upgrade.rs) count in the listener's figures
+        // and close before the generation's drain deadline.
+        let http = http.map(|h| {
+            let mut h = (*h).clone();
+            h.tunnel.drain_deadline = ctx.drain_deadline.clone();
+            h.tunnel.metrics = metrics.clone();
+            Arc::new(h)
+        });
         Arc::new(Self {
             pool: Arc::new(Pool::new(&backend, ctx.metrics)),
-            metrics: ctx.metrics.listener(&name),
+            metrics,
             name,
             generation: ctx.generation,
             http,

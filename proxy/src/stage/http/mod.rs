@@ -48,6 +48,7 @@ use self::headers::{
 use crate::config::CompressionConfig;
 
 pub mod headers;
+pub mod upgrade;
 
 /// gzip settings of a listener.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -84,6 +85,9 @@ pub struct HttpSettings {
     /// How long the server may take to start its response (504 after it),
     /// and the longest silence in a response body (cut after it).
     pub server_timeout: Duration,
+    /// Connections upgraded by a 101 (WebSocket...): idle limit, drain
+    /// deadline, counters.
+    pub tunnel: upgrade::TunnelSettings,
 }
 
 /// Something that opens a new upstream byte stream.
@@ -153,6 +157,9 @@ pub enum HttpError {
     UpstreamBody(String),
     #[error("compressing the response body for the downstream client: {0}")]
     Compress(String),
+    /// After a 101: the tunnel failed or idled out (it names the side).
+    #[error("{0}")]
+    Tunnel(#[from] upgrade::TunnelError),
 }
 
 /// Error of the response bodies handed to hyper; it comes back (inside a
@@ -246,6 +253,7 @@ where
         draining,
         conn: Mutex::new(None),
         counters: Arc::new(BodyCounters::default()),
+        tunnel: Default::default(),
     });
     let service = {
         let shared = shared.clone();
@@ -267,7 +275,20 @@ where
         .timer(TokioTimer::new())
         .header_read_timeout(settings.header_read_timeout)
         .serve_connection(TokioIo::new(io), service)
+        // Upgrade hook: hyper hands the connection to a 101's tunnel.
+        .with_upgrades()
         .await;
+    // Upgrade hook: after a 101 the connection is a tunnel (upgrade.rs),
+    // done only when the tunnel is.
+    let tunnel = shared
+        .tunnel
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .take();
+    if let (Ok(()), Some(tunnel)) = (&result, tunnel) {
+        let end = tunnel.await?;
+        tracing::debug!(?end, "upgraded tunnel ended");
+    }
     let stats = shared.counters.snapshot();
     match result {
         Ok(()) => Ok(stats),
@@ -356,11 +377,16 @@ struct ConnState<U> {
     /// requests of an HTTP/1 connection one after the other anyway.
     conn: Mutex<Option<UpstreamConn>>,
     counters: Arc<BodyCounters>,
+    /// The tunnel after a 101, run by `serve` once hyper lets go.
+    tunnel: upgrade::TunnelSlot,
 }
 
 impl<U: Upstream> ConnState<U> {
-    async fn handle(&self, req: Request<Incoming>) -> Response<ProxyBody> {
+    async fn handle(&self, mut req: Request<Incoming>) -> Response<ProxyBody> {
         self.counters.requests.fetch_add(1, Ordering::Relaxed);
+        // Upgrade hook (upgrade.rs): an HTTP/1.1 upgrade request keeps its
+        // Upgrade header upstream; a 101 answer makes the connection a tunnel.
+        let upgrade = upgrade::Requested::take(&mut req);
         let is_head = req.method() == Method::HEAD;
         // Like nginx and HAProxy, no gzip for HTTP/1.0 clients: they would
         // get it delimited by the connection close.
@@ -372,9 +398,20 @@ impl<U: Upstream> ConnState<U> {
             )
         } else {
             let limit = self.settings.server_timeout;
-            let sent = tokio::time::timeout(limit, self.send(self.upstream_request(req))).await;
+            let mut req = self.upstream_request(req);
+            if let Some(upgrade) = &upgrade {
+                upgrade.forward(req.headers_mut());
+            }
+            let sent = tokio::time::timeout(limit, self.send(req)).await;
             match sent.unwrap_or(Err(HttpError::ServerTimeout(limit))) {
-                Ok(resp) => self.downstream_response(resp, is_head, client_gzip),
+                Ok(resp) => {
+                    match upgrade::switch(upgrade, resp, &self.tunnel, &self.settings.tunnel) {
+                        upgrade::Switched::Answered(answer) => answer,
+                        upgrade::Switched::Http(resp) => {
+                            self.downstream_response(resp, is_head, client_gzip)
+                        }
+                    }
+                }
                 Err(e @ HttpError::ServerTimeout(_)) => {
                     tracing::warn!(error = %e, "answering 504");
                     text_response(
@@ -394,7 +431,8 @@ impl<U: Upstream> ConnState<U> {
         if resp.status().is_server_error() {
             self.counters.server_errors.fetch_add(1, Ordering::Relaxed);
         }
-        if *self.draining.borrow() {
+        // A 101 keeps its `Connection: upgrade` (the tunnel closes with the drain).
+        if *self.draining.borrow() && resp.status() != StatusCode::SWITCHING_PROTOCOLS {
             resp.headers_mut()
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
@@ -477,7 +515,8 @@ impl<U: Upstream> ConnState<U> {
             .upstream_connects
             .fetch_add(1, Ordering::Relaxed);
         let task = tokio::spawn(async move {
-            if let Err(e) = conn.await {
+            // Upgrade hook: a 101 hands the connection to the tunnel.
+            if let Err(e) = conn.with_upgrades().await {
                 tracing::debug!(error = %e, "upstream connection ended with an error");
             }
         })
@@ -611,6 +650,7 @@ mod tests {
                 header_read_timeout: self.header_read_timeout,
                 max_header_size: self.max_header_size,
                 server_timeout: self.server_timeout,
+                tunnel: Default::default(),
             };
             (Arc::new(settings), self.client_addr)
         }
