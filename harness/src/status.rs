@@ -168,6 +168,11 @@ pub struct ListenerStats {
     pub proxy_header_errors: u64,
     pub http_requests: u64,
     pub compression_ratio: Option<f64>,
+    /// Upgraded connections open now, and since the start.
+    #[serde(default)]
+    pub tunnels: u64,
+    #[serde(default)]
+    pub tunnels_total: u64,
 }
 
 #[derive(Clone, Debug, Deserialize)]

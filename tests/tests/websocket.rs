@@ -27,8 +27,11 @@ use std::{
 
 use proxy_harness::{
     BACKEND_ADDR, PROXY_ADDR, Proxy, Sandbox, Signal,
-    config::{ConfigToml, Table, global_toml},
-    report, wait_until,
+    config::{ConfigToml, STATS_ADDR, Table, global_toml},
+    http_get::http_get_ok,
+    report,
+    status::StatsJson,
+    wait_until,
 };
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -179,6 +182,7 @@ fn ws_config(sb: &Sandbox) -> std::path::PathBuf {
         1,
     );
     let text = ConfigToml::new(global)
+        .table(Table::new("[stats]").str("bind", STATS_ADDR))
         .table(Table::http("front", PROXY_ADDR, "app"))
         .table(Table::backend("app", &[BACKEND_ADDR]))
         .render();
@@ -256,6 +260,45 @@ fn websocket_tunnels_outlive_the_handover_then_close_1001() {
                     .generation(id1.generation)
                     .is_some_and(|g| g.tunnels == BEFORE as u64)
         },
+    );
+    // The stats listener (now served by generation 2) sums the tunnels of
+    // both generations, in /stats.json and /metrics alike.
+    let both = (BEFORE + AFTER) as u64;
+    let polled_until = Instant::now() + Duration::from_secs(3);
+    loop {
+        let (r, _) = http_get_ok(STATS_ADDR, "/stats.json", Duration::from_secs(5));
+        let json: StatsJson = serde_json::from_str(&r.body)
+            .unwrap_or_else(|e| panic!("/stats.json does not parse ({e}):\n{}", r.body));
+        let front = json.listener("front");
+        if front.tunnels == both && front.tunnels_total == both {
+            break;
+        }
+        assert!(
+            Instant::now() < polled_until,
+            "/stats.json must show {both} tunnels on front: {front:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (metrics, _) = http_get_ok(STATS_ADDR, "/metrics", Duration::from_secs(5));
+    let sample = |family: &str| {
+        metrics
+            .body
+            .lines()
+            .find(|l| l.starts_with(&format!("{family}{{")) && l.contains("listener=\"front\""))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse::<f64>().ok())
+    };
+    assert_eq!(
+        sample("proxy_listener_current_tunnels"),
+        Some(both as f64),
+        "/metrics:\n{}",
+        metrics.body
+    );
+    assert_eq!(
+        sample("proxy_listener_tunnels_total"),
+        Some(both as f64),
+        "/metrics:\n{}",
+        metrics.body
     );
     assert!(
         unix_now() < deadline - CLOSE_SPREAD,

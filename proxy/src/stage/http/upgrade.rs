@@ -762,6 +762,137 @@ mod tests {
         assert_eq!(end, TunnelEnd::Drained { close_frames: 1 });
     }
 
+    /// Reads up to the end of a response head (and `extra` bytes more).
+    async fn read_head(io: &mut (impl AsyncRead + Unpin), extra: usize) -> String {
+        let mut got = Vec::new();
+        let mut byte = [0u8; 1];
+        while !got.ends_with(b"\r\n\r\n") {
+            assert_eq!(io.read(&mut byte).await.unwrap(), 1, "closed mid-head");
+            got.push(byte[0]);
+        }
+        let mut body = vec![0u8; extra];
+        io.read_exact(&mut body).await.unwrap();
+        got.extend(body);
+        String::from_utf8_lossy(&got).to_lowercase()
+    }
+
+    #[tokio::test]
+    async fn serve_tunnels_after_a_101_and_stays_http_otherwise() {
+        use tokio::net::{TcpListener, TcpStream};
+        // The origin: 200 "ok" on keep-alive, or 101 and an echo on /ws.
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let heads = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+        let seen = heads.clone();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let seen = seen.clone();
+                tokio::spawn(async move {
+                    loop {
+                        let mut head = Vec::new();
+                        let mut byte = [0u8; 1];
+                        while !head.ends_with(b"\r\n\r\n") {
+                            if stream.read(&mut byte).await.unwrap_or(0) == 0 {
+                                return;
+                            }
+                            head.push(byte[0]);
+                        }
+                        let head = String::from_utf8_lossy(&head).to_lowercase();
+                        seen.lock().unwrap().push(head.clone());
+                        if !head.starts_with("get /ws ") {
+                            stream
+                                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                                .await
+                                .unwrap();
+                            continue;
+                        }
+                        stream
+                            .write_all(
+                                b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\n\
+                                  Upgrade: echo\r\nKeep-Alive: timeout=5\r\nX-Origin: yes\r\n\r\n",
+                            )
+                            .await
+                            .unwrap();
+                        let (mut rx, mut tx) = stream.split();
+                        let _ = tokio::io::copy(&mut rx, &mut tx).await;
+                        let _ = tx.shutdown().await;
+                        return;
+                    }
+                });
+            }
+        });
+        let settings = TunnelSettings::default();
+        let metrics = settings.metrics.clone();
+        let settings = Arc::new(super::super::HttpSettings {
+            compression: None,
+            header_read_timeout: Duration::from_secs(5),
+            max_header_size: 16 * 1024,
+            server_timeout: Duration::from_secs(5),
+            tunnel: settings,
+        });
+        let (mut client, server_io) = duplex(64 * 1024);
+        let (_drain, draining) = watch::channel(false);
+        let upstream = Arc::new(move || TcpStream::connect(addr));
+        let serving = tokio::spawn(super::super::serve(
+            server_io, upstream, settings, None, draining,
+        ));
+        // Answered 200: plain HTTP, the connection goes on.
+        client
+            .write_all(b"GET /plain HTTP/1.1\r\nHost: a\r\nConnection: keep-alive, Upgrade\r\nUpgrade: echo\r\n\r\n")
+            .await
+            .unwrap();
+        let head = read_head(&mut client, 2).await;
+        assert!(
+            head.starts_with("http/1.1 200 ok\r\n") && head.ends_with("ok"),
+            "{head}"
+        );
+        // Answered 101: the client gets it without the other hop-by-hop
+        // headers, then the bytes tunnel.
+        client
+            .write_all(
+                b"GET /ws HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n",
+            )
+            .await
+            .unwrap();
+        let head = read_head(&mut client, 0).await;
+        assert!(
+            head.starts_with("http/1.1 101 switching protocols\r\n"),
+            "{head}"
+        );
+        assert!(head.contains("\r\nconnection: upgrade\r\n"), "{head}");
+        assert!(head.contains("\r\nupgrade: echo\r\n"), "{head}");
+        assert!(head.contains("\r\nx-origin: yes\r\n"), "{head}");
+        assert!(!head.contains("keep-alive"), "{head}");
+        client.write_all(b"hello").await.unwrap();
+        let mut echo = [0u8; 5];
+        client.read_exact(&mut echo).await.unwrap();
+        assert_eq!(&echo, b"hello");
+        assert_eq!(metrics[ListenerCounter::TunnelsOpen].load(Relaxed), 1);
+        assert!(
+            !serving.is_finished(),
+            "the connection lasts as long as its tunnel"
+        );
+        client.shutdown().await.unwrap();
+        let mut rest = Vec::new();
+        client.read_to_end(&mut rest).await.unwrap();
+        let stats = timeout(Duration::from_secs(5), serving)
+            .await
+            .expect("serve ends with the tunnel")
+            .unwrap()
+            .unwrap();
+        assert_eq!(stats.requests, 2);
+        assert_eq!(metrics[ListenerCounter::TunnelsOpen].load(Relaxed), 0);
+        assert_eq!(metrics[ListenerCounter::TunnelsTotal].load(Relaxed), 1);
+        // Both requests went upstream with the upgrade headers, the first
+        // without the other hop-by-hop token.
+        let heads = heads.lock().unwrap();
+        assert_eq!(heads.len(), 2, "{heads:?}");
+        for head in heads.iter() {
+            assert!(head.contains("\r\nconnection: upgrade\r\n"), "{head}");
+            assert!(head.contains("\r\nupgrade: echo\r\n"), "{head}");
+        }
+    }
+
     #[tokio::test]
     async fn idle_tunnel_ends_at_the_timeout_and_counts() {
         let (proxy_client, mut client) = duplex(1024);
