@@ -334,9 +334,10 @@ where
         }
         () = close_at => {
             let _ = stop_tx.send(true);
-            // Each direction ends within FRAME_GRACE + REPLY_GRACE; the
-            // bound is for writes the peer does not take.
-            match timeout(FRAME_GRACE + REPLY_GRACE * 2, &mut both).await {
+            // Each direction ends within FRAME_GRACE + REPLY_GRACE; this
+            // bound is for writes a peer does not take, and keeps the end
+            // before the deadline.
+            match timeout(CLOSE_MARGIN, &mut both).await {
                 Ok(Ok((a, b))) => Ok(TunnelEnd::Drained {
                     close_frames: u8::from(a == Pumped::Closed(true))
                         + u8::from(b == Pumped::Closed(true)),
