@@ -61,6 +61,8 @@ fn unix_now() -> f64 {
 
 /// A Python helper process and the lines it prints.
 struct Py {
+    /// Its stderr, quoted when it does not answer.
+    log: std::path::PathBuf,
     stdin: ChildStdin,
     lines: Receiver<String>,
     child: Arc<Mutex<Child>>,
@@ -69,12 +71,13 @@ struct Py {
 impl Py {
     fn start(sb: &Sandbox, args: &[&str]) -> Py {
         let script = sb.write_file("ws.py", WS_PY);
+        let log = sb.dir.join(format!("ws-{}.log", args[0]));
         let mut child = Command::new("python3")
             .arg(&script)
             .args(args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(sb.dir.join(format!("ws-{}.log", args[0]))).unwrap())
+            .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .unwrap_or_else(|e| {
                 panic!("running python3 (the websockets package is needed: cargo xtask test installs it): {e}")
@@ -91,6 +94,7 @@ impl Py {
             }
         });
         Py {
+            log,
             stdin,
             lines,
             child: sb.adopt(child),
@@ -103,9 +107,9 @@ impl Py {
     }
 
     /// The next line, which must start with `prefix`.
-    fn expect(&self, prefix: &str, timeout: Duration, sb: &Sandbox) -> String {
+    fn expect(&self, prefix: &str, timeout: Duration) -> String {
         let line = self.lines.recv_timeout(timeout).unwrap_or_else(|e| {
-            let stderr = std::fs::read_to_string(sb.dir.join("ws-client.log")).unwrap_or_default();
+            let stderr = std::fs::read_to_string(&self.log).unwrap_or_default();
             panic!("no line {prefix:?} from the python helper within {timeout:?} ({e}); its stderr:\n{stderr}")
         });
         assert!(
@@ -196,13 +200,13 @@ fn websocket_tunnels_outlive_the_handover_then_close_1001() {
     let server_log = sb.dir.join("server-closes.jsonl");
     let (host, port) = BACKEND_ADDR.split_once(':').unwrap();
     let server = Py::start(&sb, &["server", host, port, server_log.to_str().unwrap()]);
-    server.expect("ready", Duration::from_secs(10), &sb);
+    server.expect("ready", Duration::from_secs(10));
 
     let mut g1 = Proxy::start(&sb, &cfg, &[]);
     let id1 = g1.wait_active(&sb, Duration::from_secs(10));
     let mut clients = Py::start(&sb, &["client", &format!("ws://{PROXY_ADDR}")]);
     clients.send(&format!("open a {BEFORE}"));
-    let opened = clients.expect("opened a", Duration::from_secs(20), &sb);
+    let opened = clients.expect("opened a", Duration::from_secs(20));
     assert_eq!(
         opened,
         format!("opened a {BEFORE} 0"),
@@ -265,7 +269,7 @@ fn websocket_tunnels_outlive_the_handover_then_close_1001() {
 
     // New WebSockets go to generation 2.
     clients.send(&format!("open b {AFTER}"));
-    let opened = clients.expect("opened b", Duration::from_secs(10), &sb);
+    let opened = clients.expect("opened b", Duration::from_secs(10));
     assert_eq!(opened, format!("opened b {AFTER} 0"));
     sb.wait_status(
         "generation 2 to hold the new tunnels",
@@ -324,7 +328,7 @@ fn websocket_tunnels_outlive_the_handover_then_close_1001() {
 
     // Generation 1 closes its tunnels and exits before its deadline.
     clients.send(&format!("wait a {}", HARD_STOP_AFTER + 5.0));
-    let closed = clients.expect("closed a", Duration::from_secs(20), &sb);
+    let closed = clients.expect("closed a", Duration::from_secs(20));
     assert_eq!(closed, "closed a 0", "every old tunnel was closed");
     let exit = g1.expect_exit(Duration::from_secs(5));
     let g1_exit = unix_now();
@@ -334,9 +338,9 @@ fn websocket_tunnels_outlive_the_handover_then_close_1001() {
     // The new tunnels outlived it; they close normally now.
     std::thread::sleep(Duration::from_millis(300));
     clients.send("finish b");
-    clients.expect("finished b", Duration::from_secs(10), &sb);
+    clients.expect("finished b", Duration::from_secs(10));
     clients.send("report");
-    let recs = parse_report(&clients.expect("report", Duration::from_secs(10), &sb));
+    let recs = parse_report(&clients.expect("report", Duration::from_secs(10)));
     let closes = server_closes(&sb);
 
     let old: Vec<&ClientRec> = recs.iter().filter(|c| c.group == "a").collect();
