@@ -54,6 +54,9 @@ pub struct GenStatus {
     pub active_conns: u64,
     pub steered: u64,
     pub migrated_in: u64,
+    /// Upgraded connections (WebSocket tunnels) it still holds.
+    #[serde(default)]
+    pub tunnels: u64,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -165,6 +168,11 @@ pub struct ListenerStats {
     pub proxy_header_errors: u64,
     pub http_requests: u64,
     pub compression_ratio: Option<f64>,
+    /// Upgraded connections open now, and since the start.
+    #[serde(default)]
+    pub tunnels: u64,
+    #[serde(default)]
+    pub tunnels_total: u64,
 }
 
 #[derive(Clone, Debug, Deserialize)]

@@ -290,10 +290,19 @@ async fn through_gzip(
         header_read_timeout: DEADLINE,
         max_header_size: 16 * 1024,
         server_timeout: DEADLINE,
+        client_timeout: DEADLINE,
+        http2: Default::default(),
+        tunnel: Default::default(),
     });
     let (client_io, server_io) = tokio::io::duplex(64 * 1024);
     let (_drain, draining) = watch::channel(false);
-    let serve = tokio::spawn(http::serve(server_io, upstream, settings, None, draining));
+    let serve = tokio::spawn(http::serve(
+        server_io,
+        upstream,
+        settings,
+        http::Downstream::http1(None),
+        draining,
+    ));
 
     let (mut client, conn) = hyper::client::conn::http1::handshake(TokioIo::new(client_io))
         .await

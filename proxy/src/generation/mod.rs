@@ -289,6 +289,7 @@ impl Generation {
                 StageSettings::try_from((cfg, l))?,
                 StageContext {
                     draining: self.life.draining(),
+                    drain_deadline: self.life.drain_deadline(),
                     metrics: &self.registry,
                     health: &self.health,
                     generation: self.steering.generation(),

@@ -266,9 +266,10 @@ impl Pool {
     }
 }
 
-/// When a forwarded stream last moved a byte, either way.
+/// When a forwarded stream last moved a byte, either way (tcp mode, and
+/// the upgraded tunnels of http mode).
 #[derive(Default)]
-struct Activity {
+pub(crate) struct Activity {
     /// Milliseconds after `start`.
     last_ms: std::sync::atomic::AtomicU64,
     start: std::sync::OnceLock<tokio::time::Instant>,
@@ -285,7 +286,7 @@ impl Activity {
     }
 
     /// Resolves once nothing moved for `limit`.
-    async fn idle_for(&self, limit: Duration) {
+    pub(crate) async fn idle_for(&self, limit: Duration) {
         let start = self.start();
         loop {
             let last = start + Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
@@ -299,13 +300,13 @@ impl Activity {
 }
 
 /// A stream whose reads and writes count as activity.
-struct Watched<'a, S> {
+pub(crate) struct Watched<'a, S> {
     inner: S,
     activity: &'a Activity,
 }
 
 impl<'a, S> Watched<'a, S> {
-    fn new(inner: S, activity: &'a Activity) -> Self {
+    pub(crate) fn new(inner: S, activity: &'a Activity) -> Self {
         activity.start();
         Self { inner, activity }
     }

@@ -75,10 +75,21 @@ pub enum ConnError {
     Http(#[from] HttpError),
 }
 
+/// When a draining generation cuts what is left (`hard_stop_after` after
+/// the drain began), and the window before it over which its upgraded
+/// tunnels close (`close_spread_time`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DrainDeadline {
+    pub at: tokio::time::Instant,
+    pub spread: Duration,
+}
+
 /// What a stage gets from its generation.
 pub struct StageContext<'a> {
     /// Becomes true when the generation drains.
     pub draining: watch::Receiver<bool>,
+    /// Set when the generation drains: tunnels close before it.
+    pub drain_deadline: watch::Receiver<Option<DrainDeadline>>,
     pub metrics: &'a Registry,
     /// Server states (health checks), which the round-robin follows.
     pub health: &'a Health,
@@ -98,7 +109,8 @@ pub struct StageSettings {
     /// Deadline of the PROXY v2 header, when the listener requires one.
     accept_proxy: Option<Duration>,
     tls: Option<TlsAcceptor>,
-    /// tcp mode: the longest silence in both directions.
+    /// tcp mode and upgraded http connections: the longest silence in
+    /// both directions.
     tunnel_timeout: Duration,
     /// http mode: the longest a response waits for the client to read.
     client_timeout: Duration,
@@ -138,6 +150,12 @@ impl TryFrom<(&Config, &ListenerConfig)> for StageSettings {
                     server_timeout: backend.server_timeout,
                     client_timeout: l.client_timeout,
                     http2: l.http2.clone(),
+                    // The drain deadline and counters come with the
+                    // generation, in Stage::new.
+                    tunnel: http::upgrade::TunnelSettings {
+                        idle_timeout: l.tunnel_timeout,
+                        ..Default::default()
+                    },
                 })
             }),
             accept_proxy: l.accept_proxy.then_some(l.accept_proxy_timeout),
@@ -313,6 +331,15 @@ impl Stage {
             client_timeout,
             access_log,
         } = settings;
+        let metrics = ctx.metrics.listener(&name);
+        // Upgraded tunnels (http/upgrade.rs) count in the listener's figures
+        // and close before the generation's drain deadline.
+        let http = http.map(|h| {
+            let mut h = (*h).clone();
+            h.tunnel.drain_deadline = ctx.drain_deadline.clone();
+            h.tunnel.metrics = metrics.clone();
+            Arc::new(h)
+        });
         Arc::new(Self {
             pool: Arc::new(Pool::new(&backend, ctx.metrics, ctx.health)),
             shared_idle: (http.is_some() && !backend.send_proxy_v2 && backend.pool_max_conn > 0)
@@ -327,7 +354,7 @@ impl Stage {
                 backend.pool_max_conn.clamp(1, MAX_OWN_IDLE),
                 backend.pool_purge_delay,
             ),
-            metrics: ctx.metrics.listener(&name),
+            metrics,
             log_name: Arc::from(name.as_str()),
             name,
             generation: ctx.generation,

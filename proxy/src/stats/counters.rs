@@ -130,6 +130,12 @@ table! {
             "Response body bytes before compression (http mode).", "";
         BodyOut: "body_out", Counter, Hidden, 0, "",
             "Response body bytes after compression (http mode).", "";
+        // Appended after the others: the index is the key in the pinned map,
+        // which generations of different builds share.
+        TunnelsOpen: "tunnels", Gauge, Count, 0, "proxy_listener_current_tunnels",
+            "Open upgraded HTTP connections (WebSocket and other 101 tunnels).", "tunnels";
+        TunnelsTotal: "tunnels_total", Counter, Count, 0, "proxy_listener_tunnels_total",
+            "HTTP connections upgraded into tunnels.", "tunnels total";
     }
 }
 

@@ -52,11 +52,11 @@ th{{background:#eef}} td.l{{text-align:left}} tr.active td{{background:#dfd}} .d
             .map(|s| s.to_string())
             .unwrap_or_else(|| "none".into()),
     );
-    h.push_str("<h2>Generations</h2><table id=\"generations\"><tr><th>slot</th><th>generation</th><th>pid</th><th>state</th><th>age</th><th>accepted</th><th>open</th><th>steered</th><th>migrated in</th></tr>");
+    h.push_str("<h2>Generations</h2><table id=\"generations\"><tr><th>slot</th><th>generation</th><th>pid</th><th>state</th><th>age</th><th>accepted</th><th>open</th><th>tunnels</th><th>steered</th><th>migrated in</th></tr>");
     for g in &v.generations {
         let _ = write!(
             h,
-            "<tr class=\"{cls}\" data-generation=\"{gen}\" data-state=\"{state}\"><td>{slot}</td><td>{gen}</td><td>{pid}</td><td class=\"l\">{state}{star}</td><td>{age}</td><td>{acc}</td><td>{open}</td><td>{st}</td><td>{mig}</td></tr>",
+            "<tr class=\"{cls}\" data-generation=\"{gen}\" data-state=\"{state}\"><td>{slot}</td><td>{gen}</td><td>{pid}</td><td class=\"l\">{state}{star}</td><td>{age}</td><td>{acc}</td><td>{open}</td><td>{tunnels}</td><td>{st}</td><td>{mig}</td></tr>",
             cls = if g.active { "active" } else { "" },
             slot = g.slot,
             gen = g.generation,
@@ -70,6 +70,7 @@ th{{background:#eef}} td.l{{text-align:left}} tr.active td{{background:#dfd}} .d
             age = humantime::format_duration(std::time::Duration::from_secs(g.age_ms / 1000)),
             acc = g.accepted,
             open = g.active_conns,
+            tunnels = g.tunnels,
             st = g.steered,
             mig = g.migrated_in,
         );

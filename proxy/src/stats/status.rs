@@ -7,7 +7,7 @@ use std::{fmt::Write, path::Path};
 use proxy_common::{MAX_SLOTS, Phase};
 use serde::Serialize;
 
-use super::counters::{CONNECTIONS_AND_ERRORS, connections_and_errors};
+use super::counters::{CONNECTIONS_AND_ERRORS, ListenerCounter, connections_and_errors};
 use crate::{
     health::CheckView,
     steering::{self, Maps, ProgramCounters, Slot, SteeringError, canary::percent},
@@ -34,6 +34,10 @@ pub struct GenStatus {
     /// Steering counters of this slot (since this generation claimed it).
     pub steered: u64,
     pub migrated_in: u64,
+    /// Upgraded connections (WebSocket...) it still holds, from its last
+    /// published counters (at most a second old): what a draining
+    /// generation waits for before `close_spread_time` closes them.
+    pub tunnels: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -190,13 +194,14 @@ pub fn from_maps(maps: &Maps, name: &str) -> Result<Status, SteeringError> {
         .into_iter()
         .filter(|(_, r)| !r.is_free())
         .map(|(slot, r)| {
+            let tunnels = maps.listener_sums(slot, &[ListenerCounter::TunnelsOpen as u32])?[0];
             let alive = steering::is_alive(&r);
             let state = match r.phase() {
                 Some(p) if alive || p == Phase::Stopped => p.name().to_string(),
                 Some(p) => format!("dead ({})", p.name()),
                 None => format!("unknown ({})", r.state),
             };
-            GenStatus {
+            Ok(GenStatus {
                 slot: slot.0,
                 generation: r.generation,
                 pid: r.pid,
@@ -209,9 +214,10 @@ pub fn from_maps(maps: &Maps, name: &str) -> Result<Status, SteeringError> {
                 active_conns: r.active_conns,
                 steered: counters.selected[slot.0 as usize],
                 migrated_in: counters.migrated[slot.0 as usize],
-            }
+                tunnels,
+            })
         })
-        .collect();
+        .collect::<Result<_, SteeringError>>()?;
     Ok(Status {
         instance: name.to_string(),
         pins: dir.display().to_string(),
@@ -238,13 +244,13 @@ pub fn render(status: &Status) -> String {
     );
     let _ = writeln!(
         out,
-        "{:>4} {:>4} {:>8} {:<18} {:>10} {:>10} {:>8} {:>10} {:>10}",
-        "slot", "gen", "pid", "state", "age", "accepted", "open", "steered", "migrated"
+        "{:>4} {:>4} {:>8} {:<18} {:>10} {:>10} {:>8} {:>8} {:>10} {:>10}",
+        "slot", "gen", "pid", "state", "age", "accepted", "open", "tunnels", "steered", "migrated"
     );
     for g in &status.generations {
         let _ = writeln!(
             out,
-            "{:>4} {:>4} {:>8} {:<18} {:>10} {:>10} {:>8} {:>10} {:>10}",
+            "{:>4} {:>4} {:>8} {:<18} {:>10} {:>10} {:>8} {:>8} {:>10} {:>10}",
             g.slot,
             g.generation,
             g.pid,
@@ -252,6 +258,7 @@ pub fn render(status: &Status) -> String {
             humantime::format_duration(std::time::Duration::from_secs(g.age_ms / 1000)).to_string(),
             g.accepted,
             g.active_conns,
+            g.tunnels,
             g.steered,
             g.migrated_in
         );

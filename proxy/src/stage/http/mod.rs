@@ -54,6 +54,7 @@ use crate::config::{CompressionConfig, Http2Config};
 mod h2;
 pub mod headers;
 pub mod log;
+pub mod upgrade;
 mod upstream;
 
 pub use h2::Flood;
@@ -102,6 +103,9 @@ pub struct HttpSettings {
     pub client_timeout: Duration,
     /// Limits of HTTP/2 client connections.
     pub http2: Http2Config,
+    /// Connections upgraded by a 101 (WebSocket...): idle limit, drain
+    /// deadline, counters.
+    pub tunnel: upgrade::TunnelSettings,
 }
 
 /// What the client speaks, as ALPN (ours, or a previous stage's) said.
@@ -132,6 +136,19 @@ pub struct Downstream {
     /// Where its idle upstream connections wait: the stage's, shared by its
     /// clients, or its own.
     pub idle: Arc<IdlePool>,
+}
+
+impl Downstream {
+    /// An HTTP/1 client connection with its own idle server connections and
+    /// no access lines (tests and tools).
+    pub fn http1(forwarded_for: Option<SocketAddr>) -> Self {
+        Self {
+            forwarded_for,
+            protocol: Protocol::Http1,
+            log: Arc::new(ConnLog::new(forwarded_for, Arc::from("-"), 0, false)),
+            idle: Arc::new(IdlePool::new(1, 8, Duration::from_secs(5))),
+        }
+    }
 }
 
 /// What one downstream connection did.
@@ -184,6 +201,9 @@ pub enum HttpError {
     UpstreamBody(String),
     #[error("compressing the response body for the downstream client: {0}")]
     Compress(String),
+    /// After a 101: the tunnel failed or idled out (it names the side).
+    #[error("{0}")]
+    Tunnel(#[from] upgrade::TunnelError),
 }
 
 /// Error of the response bodies handed to hyper; it comes back (inside a
@@ -272,6 +292,7 @@ where
         counters: Arc::new(BodyCounters::default()),
         log: downstream.log.clone(),
         protocol: downstream.protocol,
+        tunnel: Default::default(),
     });
     let service = {
         let shared = shared.clone();
@@ -312,9 +333,22 @@ where
                 .timer(TokioTimer::new())
                 .header_read_timeout(settings.header_read_timeout)
                 .serve_connection(TokioIo::new(io), service)
+                // Upgrade hook: hyper hands the connection to a 101's tunnel.
+                .with_upgrades()
                 .await
         }
     };
+    // Upgrade hook: after a 101 the connection is a tunnel (upgrade.rs),
+    // done only when the tunnel is.
+    let tunnel = shared
+        .tunnel
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .take();
+    if let (Ok(()), Some(tunnel)) = (&result, tunnel) {
+        let end = tunnel.await?;
+        tracing::debug!(?end, "upgraded tunnel ended");
+    }
     let stats = shared.counters.snapshot();
     match result {
         Ok(()) => Ok(stats),
@@ -405,13 +439,21 @@ struct ConnState<U> {
     counters: Arc<BodyCounters>,
     log: Arc<ConnLog>,
     protocol: Protocol,
+    /// The tunnel after a 101, run by `serve` once hyper lets go.
+    tunnel: upgrade::TunnelSlot,
 }
 
 impl<U: Upstream> ConnState<U> {
-    async fn handle(&self, req: Request<Incoming>) -> Response<Logged> {
+    async fn handle(&self, mut req: Request<Incoming>) -> Response<Logged> {
         self.counters.requests.fetch_add(1, Ordering::Relaxed);
         let target = req.uri().path_and_query().map_or("/", |p| p.as_str());
         let mut log = RequestLog::start(self.log.clone(), req.version(), req.method(), target);
+        // Upgrade hook (upgrade.rs): an HTTP/1.1 upgrade request keeps its
+        // Upgrade header upstream; a 101 answer makes the connection a tunnel.
+        let upgrade = match self.protocol {
+            Protocol::Http1 => upgrade::Requested::take(&mut req),
+            Protocol::Http2 => None,
+        };
         let is_head = req.method() == Method::HEAD;
         // Like nginx and HAProxy, no gzip for HTTP/1.0 clients: they would
         // get it delimited by the connection close.
@@ -424,13 +466,22 @@ impl<U: Upstream> ConnState<U> {
             )
         } else {
             let limit = self.settings.server_timeout;
-            let (req, read) = self.upstream_request(req);
+            let (mut req, read) = self.upstream_request(req);
+            if let Some(upgrade) = &upgrade {
+                upgrade.forward(req.headers_mut());
+            }
             log.bytes_in = read;
             let sending = upstream::send(&*self.upstream, &self.idle, req);
             let sent = tokio::time::timeout(limit, sending).await;
             match sent.unwrap_or(Err(HttpError::ServerTimeout(limit))) {
+                Ok(sent) if sent.response.status() == StatusCode::SWITCHING_PROTOCOLS => {
+                    log.server = Some(sent.conn.name.clone());
+                    self.switch(upgrade, sent)
+                }
                 Ok(sent) => {
                     log.server = Some(sent.conn.name.clone());
+                    // Dropping `upgrade` tells hyper that no upgrade comes.
+                    drop(upgrade);
                     self.downstream_response(sent, is_head, client_gzip)
                 }
                 Err(e) => {
@@ -456,8 +507,12 @@ impl<U: Upstream> ConnState<U> {
         if resp.status().is_server_error() {
             self.counters.server_errors.fetch_add(1, Ordering::Relaxed);
         }
-        // HTTP/2 drains with GOAWAY instead (and has no Connection header).
-        if self.protocol == Protocol::Http1 && *self.draining.borrow() {
+        // HTTP/2 drains with GOAWAY instead (and has no Connection header); a
+        // 101 keeps its `Connection: upgrade` (the tunnel closes with the drain).
+        if self.protocol == Protocol::Http1
+            && *self.draining.borrow()
+            && resp.status() != StatusCode::SWITCHING_PROTOCOLS
+        {
             resp.headers_mut()
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
@@ -503,6 +558,33 @@ impl<U: Upstream> ConnState<U> {
             read: read.clone(),
         };
         (Request::from_parts(parts, body), read)
+    }
+
+    /// A 101: the client connection becomes a tunnel to the server's
+    /// (upgrade.rs); that server connection is never reused.
+    fn switch(&self, upgrade: Option<upgrade::Requested>, sent: Sent) -> Response<ProxyBody> {
+        let Sent {
+            response,
+            conn,
+            connected,
+        } = sent;
+        if connected {
+            self.counters
+                .upstream_connects
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        let answer = upgrade::switch(upgrade, response, &self.tunnel, &self.settings.tunnel);
+        // The server connection's task hands its socket to the tunnel: it
+        // must live until then.
+        let mut slot = self.tunnel.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(tunnel) = slot.take() {
+            *slot = Some(Box::pin(async move {
+                let end = tunnel.await;
+                drop(conn);
+                end
+            }));
+        }
+        answer
     }
 
     fn downstream_response(
@@ -646,6 +728,7 @@ mod tests {
                 server_timeout: self.server_timeout,
                 client_timeout: LONG,
                 http2: Http2Config::default(),
+                tunnel: Default::default(),
             };
             (Arc::new(settings), self.client_addr)
         }

@@ -250,7 +250,8 @@ async fn connect<U: Upstream>(upstream: &U, server: usize) -> Result<UpstreamCon
         .await
         .map_err(HttpError::UpstreamHandshake)?;
     let task = tokio::spawn(async move {
-        if let Err(e) = conn.await {
+        // A 101 hands the connection to the tunnel (upgrade.rs).
+        if let Err(e) = conn.with_upgrades().await {
             tracing::debug!(error = %e, "upstream connection ended with an error");
         }
     })
