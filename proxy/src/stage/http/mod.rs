@@ -2022,6 +2022,90 @@ mod tests {
         }
     }
 
+    /// Reads one frame: (type, flags, stream, payload).
+    async fn read_frame<R: AsyncReadExt + Unpin>(r: &mut R) -> (u8, u8, u32, Vec<u8>) {
+        let mut head = [0u8; 9];
+        r.read_exact(&mut head).await.expect("a frame header");
+        let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+        let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+        let mut payload = vec![0u8; len];
+        r.read_exact(&mut payload).await.expect("a frame payload");
+        (head[3], head[4], stream, payload)
+    }
+
+    /// RFC 9113 6.8: a draining generation first sends GOAWAY with the
+    /// largest stream id and a PING; once the PING comes back, the final
+    /// GOAWAY names the last stream it took, which is still answered.
+    #[tokio::test]
+    async fn h2_drain_is_the_two_phase_goaway() {
+        let origin = start_origin(|_req: Request<Incoming>| async move {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            Response::new(full(Bytes::from_static(b"late but whole")))
+        })
+        .await;
+        let upstream = Arc::new(move || TcpStream::connect(origin.addr));
+        let (client, server) = tokio::io::duplex(64 * 1024);
+        let (drain, draining) = watch::channel(false);
+        let (settings, client_addr) = settings().split();
+        let serving = tokio::spawn(serve(
+            server,
+            upstream,
+            settings,
+            downstream(client_addr, Protocol::Http2),
+            draining,
+        ));
+        let (mut rd, mut wr) = tokio::io::split(client);
+        let mut hello = raw::start();
+        hello.extend(raw::frame(0x1, 0x5, 1, &raw::GET_ROOT));
+        wr.write_all(&hello).await.unwrap();
+        // Our SETTINGS, then the ack of the client's.
+        let mut seen = Vec::new();
+        while seen.iter().filter(|(t, _, _, _)| *t == 0x4).count() < 2 {
+            seen.push(timeout(LONG, read_frame(&mut rd)).await.unwrap());
+        }
+        wr.write_all(&raw::frame(0x4, 0x1, 0, &[])).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        drain.send(true).unwrap();
+        // Phase one: GOAWAY (last id 2^31-1), and a PING.
+        let mut first = Vec::new();
+        let ping = loop {
+            let (kind, flags, _, payload) = timeout(LONG, read_frame(&mut rd)).await.unwrap();
+            if kind == 0x7 {
+                first.push(u32::from_be_bytes(payload[..4].try_into().unwrap()) & 0x7fff_ffff);
+            }
+            if kind == 0x6 && flags & 0x1 == 0 {
+                break payload;
+            }
+        };
+        assert_eq!(
+            first,
+            [0x7fff_ffff],
+            "phase one: GOAWAY with the largest id"
+        );
+        // Answer the PING: phase two follows.
+        wr.write_all(&raw::frame(0x6, 0x1, 0, &ping)).await.unwrap();
+        let mut goaways = Vec::new();
+        let mut body = Vec::new();
+        let mut ended = false;
+        while !ended {
+            match timeout(LONG, read_frame(&mut rd)).await {
+                Ok((0x7, _, _, payload)) => {
+                    goaways.push(u32::from_be_bytes(payload[..4].try_into().unwrap()) & 0x7fff_ffff)
+                }
+                Ok((0x0, flags, 1, payload)) => {
+                    body.extend(payload);
+                    ended = flags & 0x1 != 0;
+                }
+                Ok(_) => {}
+                Err(_) => panic!("no end of stream 1"),
+            }
+        }
+        assert_eq!(goaways, [1], "the final GOAWAY names stream 1");
+        assert_eq!(body, b"late but whole");
+        let stats = timeout(LONG, serving).await.unwrap().unwrap().unwrap();
+        assert_eq!(stats.requests, 1);
+    }
+
     #[tokio::test]
     async fn h2_rapid_reset_closes_the_connection() {
         let origin = start_origin(origin_default).await;
