@@ -31,6 +31,11 @@ const DEBIAN: &[(&str, &str)] = &[
         "the handover lab's baselines (and its smoke test)",
     ),
     ("nftables", "the handover lab's held final ACKs"),
+    ("nginx", "the PROXY v1 sender in front of accept_proxy"),
+    (
+        "libnginx-mod-stream",
+        "nginx's stream module (proxy_protocol on), a separate package",
+    ),
 ];
 
 /// What the handover lab drives besides our proxy.
