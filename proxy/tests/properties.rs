@@ -275,6 +275,42 @@ proptest! {
     }
 }
 
+proptest! {
+    #[test]
+    fn proxy_v1_outcome_does_not_depend_on_the_split(
+        (line, _) in v1_line(),
+        edits in prop::collection::vec(
+            (any::<prop::sample::Index>(), prop::sample::select(&b" \r\n.:0159afPX\x00\xff"[..])),
+            1..4,
+        ),
+        cut in any::<prop::sample::Index>(),
+        sizes in pieces(),
+    ) {
+        // A valid line with a few bytes overwritten, maybe cut short, and
+        // a payload: whatever the verdict, it must be the same whether the
+        // bytes come at once or in pieces (the reader checks each prefix).
+        let mut input = line.into_bytes();
+        for (at, byte) in edits {
+            let at = at.index(input.len());
+            input[at] = byte;
+        }
+        input.truncate(cut.index(input.len() + 1).max(1));
+        input.extend_from_slice(b"payload");
+        let rt = runtime();
+        let verdict = |sizes: &[usize]| {
+            let mut reader = Pieces::new(&input, sizes);
+            let result = rt.block_on(read_header(&mut reader, Versions::Any, DEADLINE, MAX_LEN));
+            match result {
+                Ok((header, extra)) => format!("Ok({header:?}, {extra:?}, at {})", reader.pos),
+                Err(ProxyError::Malformed(_)) => "Malformed".to_string(),
+                Err(ProxyError::Unexpected { .. }) => "Unexpected".to_string(),
+                Err(e) => format!("{e:?}"),
+            }
+        };
+        prop_assert_eq!(verdict(&sizes), verdict(&[]), "{:?}", String::from_utf8_lossy(&input));
+    }
+}
+
 /// A valid v1 line (TCP4, TCP6, or UNKNOWN with or without some text after
 /// it, at most 107 bytes) and the header it says.
 fn v1_line() -> impl Strategy<Value = (String, ProxyHeader)> {

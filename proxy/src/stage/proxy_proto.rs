@@ -320,6 +320,12 @@ async fn read_v1<S: AsyncRead + Unpin>(
             // The same checks as every shorter prefix had, so that how the
             // bytes were split cannot change the outcome.
             v1_min_len(&line[..lf], versions)?;
+            if line[lf - 1] != b'\r' {
+                let seen = quote(&line[..=lf]);
+                return Err(ProxyError::Malformed(format!(
+                    "v1 {seen}: \\n without the \\r before it"
+                )));
+            }
             break lf + 1;
         }
         let min_len = v1_min_len(&line[..got], versions)?;
@@ -336,36 +342,47 @@ async fn read_v1<S: AsyncRead + Unpin>(
         got += n;
     };
     let text = &line[..end];
+    // Empty: no read went past the shortest header that could follow.
+    let extra = line[end..got].to_vec();
+    // The spec lets an UNKNOWN line carry anything up to its `\r\n`, but
+    // ppp 2.3 refuses more than four words after UNKNOWN: recognised here.
+    // Like a v2 LOCAL header, it keeps the socket's own addresses.
+    if text
+        .strip_prefix(b"PROXY UNKNOWN")
+        .is_some_and(|rest| rest.starts_with(b" ") || rest.starts_with(b"\r"))
+    {
+        let header = ProxyHeader {
+            source: None,
+            destination: None,
+            tlvs: Vec::new(),
+        };
+        return Ok((header, extra));
+    }
     let header = v1::Header::try_from(text)
         .map_err(|e| ProxyError::Malformed(format!("v1 {}: {e}", quote(text))))?;
     let (source, destination) = match header.addresses {
         v1::Addresses::Tcp4(a) => (
-            SocketAddr::new(IpAddr::V4(a.source_address), a.source_port),
-            SocketAddr::new(IpAddr::V4(a.destination_address), a.destination_port),
+            Some(SocketAddr::new(IpAddr::V4(a.source_address), a.source_port)),
+            Some(SocketAddr::new(
+                IpAddr::V4(a.destination_address),
+                a.destination_port,
+            )),
         ),
         v1::Addresses::Tcp6(a) => (
-            SocketAddr::new(IpAddr::V6(a.source_address), a.source_port),
-            SocketAddr::new(IpAddr::V6(a.destination_address), a.destination_port),
+            Some(SocketAddr::new(IpAddr::V6(a.source_address), a.source_port)),
+            Some(SocketAddr::new(
+                IpAddr::V6(a.destination_address),
+                a.destination_port,
+            )),
         ),
-        // Like a v2 LOCAL header: keep the socket's own addresses.
-        v1::Addresses::Unknown => {
-            return Ok((
-                ProxyHeader {
-                    source: None,
-                    destination: None,
-                    tlvs: Vec::new(),
-                },
-                line[end..got].to_vec(),
-            ));
-        }
+        v1::Addresses::Unknown => (None, None),
     };
     let header = ProxyHeader {
-        source: Some(source),
-        destination: Some(destination),
+        source,
+        destination,
         tlvs: Vec::new(),
     };
-    // Empty: no read went past the shortest header that could follow.
-    Ok((header, line[end..got].to_vec()))
+    Ok((header, extra))
 }
 
 /// The length of the shortest v1 header that starts with `seen` (which has
@@ -1059,6 +1076,7 @@ mod tests {
             &b"PROXY UNKNOWN\r\n"[..],
             b"PROXY UNKNOWN 192.0.2.1 198.51.100.2 1 2\r\n",
             b"PROXY UNKNOWN whatever the sender likes\r\n",
+            b"PROXY UNKNOWN     \r\n",
         ] {
             let mut input = line.to_vec();
             input.extend_from_slice(b"hello");
