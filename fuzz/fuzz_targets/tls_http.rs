@@ -33,7 +33,7 @@ use hyper_util::rt::TokioIo;
 use libfuzzer_sys::fuzz_target;
 use proxy::stage::{
     http::{self, Compression, HttpSettings},
-    proxy_proto::{self, encode_header, read_header, tls_tlvs},
+    proxy_proto::{self, Versions, encode_header, read_header, tls_tlvs},
     tls::{CertSource, TlsAcceptor, TlsSettings},
 };
 use proxy_fuzz::runtime;
@@ -112,7 +112,8 @@ type Tasks = Arc<Mutex<Vec<JoinHandle<()>>>>;
 /// `accept_proxy` in http mode whose backend wants PROXY v2.
 async fn proxy_side(mut io: DuplexStream, draining: bool, tasks: Tasks) {
     let f = fixture();
-    let Ok((header, _)) = read_header(&mut io, Duration::from_secs(5), 4096).await else {
+    let Ok((header, _)) = read_header(&mut io, Versions::Any, Duration::from_secs(5), 4096).await
+    else {
         return;
     };
     let Ok((tls, info)) = f.acceptor.accept(io).await else {
@@ -144,7 +145,7 @@ async fn proxy_side(mut io: DuplexStream, draining: bool, tasks: Tasks) {
 /// The upstream: checks the PROXY header, then serves HTTP/1.1 echoing the
 /// request body as text/plain (which the proxy compresses).
 async fn origin(mut io: DuplexStream, client: Option<SocketAddr>) {
-    let (header, _) = read_header(&mut io, Duration::from_secs(5), 4096)
+    let (header, _) = read_header(&mut io, Versions::V2, Duration::from_secs(5), 4096)
         .await
         .expect("the proxy sends a valid PROXY header upstream");
     assert_eq!(header.source, client);

@@ -4,6 +4,9 @@
 //!   same header, however the bytes arrive, and stops at its end;
 //! - PROXY v2: every strict prefix of a valid header is incomplete (truncated
 //!   at end of stream, a timeout while the stream stays open), never invalid;
+//! - PROXY v1: the same two for text lines (TCP4, TCP6, UNKNOWN): read back
+//!   as their addresses however the bytes arrive, never a byte of the
+//!   payload after the `\r\n` consumed, every strict prefix incomplete;
 //! - gzip: a response body that `http::serve` compresses gunzips to what the
 //!   upstream sent, however the upstream split it;
 //! - Accept-Encoding: `accepts_gzip` agrees with the reference model in
@@ -33,7 +36,7 @@ use hyper_util::rt::TokioIo;
 use proptest::prelude::*;
 use proxy::stage::{
     http::{self, Compression, HttpSettings, headers::accepts_gzip},
-    proxy_proto::{ProxyError, ProxyHeader, encode_header, read_header, tlv},
+    proxy_proto::{ProxyError, ProxyHeader, Versions, encode_header, read_header, tlv},
 };
 use tokio::{
     io::{AsyncRead, ReadBuf},
@@ -182,7 +185,7 @@ proptest! {
         input.extend_from_slice(&payload);
         let mut reader = Pieces::new(&input, &sizes);
         let (read, extra) = runtime()
-            .block_on(read_header(&mut reader, DEADLINE, MAX_LEN))
+            .block_on(read_header(&mut reader, Versions::Any, DEADLINE, MAX_LEN))
             .expect("reads back");
         prop_assert_eq!(read, expected(source, destination, &tlvs));
         prop_assert!(extra.is_empty());
@@ -202,9 +205,14 @@ proptest! {
         for cut in 0..header.len() {
             let mut reader = Pieces::new(&header[..cut], &sizes);
             let err = rt
-                .block_on(read_header(&mut reader, DEADLINE, MAX_LEN))
+                .block_on(read_header(&mut reader, Versions::Any, DEADLINE, MAX_LEN))
                 .expect_err("a strict prefix is not a header");
-            let want = if cut < 16 { 16 } else { header.len() };
+            // Nothing yet: the shortest header of either version (v1's).
+            let want = match cut {
+                0 => 15,
+                1..16 => 16,
+                _ => header.len(),
+            };
             prop_assert!(
                 matches!(err, ProxyError::Truncated { got, expected } if got == cut && expected == want),
                 "prefix of {} of {} bytes: {:?}", cut, header.len(), err
@@ -216,10 +224,132 @@ proptest! {
         let mut reader = Pieces::new(&header[..cut], &sizes);
         reader.stay_open = true;
         let err = rt
-            .block_on(read_header(&mut reader, Duration::from_millis(2), MAX_LEN))
+            .block_on(read_header(&mut reader, Versions::Any, Duration::from_millis(2), MAX_LEN))
             .expect_err("a strict prefix is not a header");
         prop_assert!(matches!(err, ProxyError::Timeout(_)), "open prefix of {}: {:?}", cut, err);
     }
+
+    #[test]
+    fn proxy_v1_round_trips(
+        (line, want) in v1_line(),
+        versions in prop_oneof![Just(Versions::Any), Just(Versions::V1)],
+        sizes in pieces(),
+        payload in prop::collection::vec(any::<u8>(), 0..32),
+    ) {
+        let mut input = line.clone().into_bytes();
+        input.extend_from_slice(&payload);
+        let mut reader = Pieces::new(&input, &sizes);
+        let (read, extra) = runtime()
+            .block_on(read_header(&mut reader, versions, DEADLINE, MAX_LEN))
+            .map_err(|e| TestCaseError::fail(format!("{line:?}: {e}")))?;
+        prop_assert_eq!(read, want, "{:?}", line);
+        prop_assert!(extra.is_empty());
+        prop_assert_eq!(&input[reader.pos..], &payload[..], "the payload stays in the stream");
+    }
+
+    #[test]
+    fn proxy_v1_prefixes_are_incomplete_not_invalid(
+        (line, _) in v1_line(),
+        sizes in pieces(),
+        open_cut in any::<prop::sample::Index>(),
+    ) {
+        let rt = runtime();
+        for cut in 0..line.len() {
+            let mut reader = Pieces::new(&line.as_bytes()[..cut], &sizes);
+            let err = rt
+                .block_on(read_header(&mut reader, Versions::Any, DEADLINE, MAX_LEN))
+                .expect_err("a strict prefix is not a header");
+            prop_assert!(
+                matches!(err, ProxyError::Truncated { got, expected }
+                    if got == cut && expected > cut.max(14) && expected <= line.len()),
+                "prefix of {} of {:?}: {:?}", cut, line, err
+            );
+        }
+        let cut = open_cut.index(line.len());
+        let mut reader = Pieces::new(&line.as_bytes()[..cut], &sizes);
+        reader.stay_open = true;
+        let err = rt
+            .block_on(read_header(&mut reader, Versions::Any, Duration::from_millis(2), MAX_LEN))
+            .expect_err("a strict prefix is not a header");
+        prop_assert!(matches!(err, ProxyError::Timeout(_)), "open prefix of {}: {:?}", cut, err);
+    }
+}
+
+proptest! {
+    #[test]
+    fn proxy_v1_outcome_does_not_depend_on_the_split(
+        (line, _) in v1_line(),
+        edits in prop::collection::vec(
+            (any::<prop::sample::Index>(), prop::sample::select(&b" \r\n.:0159afPX\x00\xff"[..])),
+            1..4,
+        ),
+        cut in any::<prop::sample::Index>(),
+        sizes in pieces(),
+    ) {
+        // A valid line with a few bytes overwritten, maybe cut short, and
+        // a payload: whatever the verdict, it must be the same whether the
+        // bytes come at once or in pieces (the reader checks each prefix).
+        let mut input = line.into_bytes();
+        for (at, byte) in edits {
+            let at = at.index(input.len());
+            input[at] = byte;
+        }
+        input.truncate(cut.index(input.len() + 1).max(1));
+        input.extend_from_slice(b"payload");
+        let rt = runtime();
+        let verdict = |sizes: &[usize]| {
+            let mut reader = Pieces::new(&input, sizes);
+            let result = rt.block_on(read_header(&mut reader, Versions::Any, DEADLINE, MAX_LEN));
+            match result {
+                Ok((header, extra)) => format!("Ok({header:?}, {extra:?}, at {})", reader.pos),
+                Err(ProxyError::Malformed(_)) => "Malformed".to_string(),
+                Err(ProxyError::Unexpected { .. }) => "Unexpected".to_string(),
+                Err(e) => format!("{e:?}"),
+            }
+        };
+        prop_assert_eq!(verdict(&sizes), verdict(&[]), "{:?}", String::from_utf8_lossy(&input));
+    }
+}
+
+/// A valid v1 line (TCP4, TCP6, or UNKNOWN with or without some text after
+/// it, at most 107 bytes) and the header it says.
+fn v1_line() -> impl Strategy<Value = (String, ProxyHeader)> {
+    let ports = (any::<u16>(), any::<u16>());
+    let tcp4 = (any::<[u8; 4]>(), any::<[u8; 4]>(), ports).prop_map(|(s, d, (sp, dp))| {
+        let (s, d) = (Ipv4Addr::from(s), Ipv4Addr::from(d));
+        (
+            format!("PROXY TCP4 {s} {d} {sp} {dp}\r\n"),
+            (SocketAddr::from((s, sp)), SocketAddr::from((d, dp))),
+        )
+    });
+    let tcp6 = (any::<[u8; 16]>(), any::<[u8; 16]>(), ports).prop_map(|(s, d, (sp, dp))| {
+        let (s, d) = (Ipv6Addr::from(s), Ipv6Addr::from(d));
+        (
+            format!("PROXY TCP6 {s} {d} {sp} {dp}\r\n"),
+            (SocketAddr::from((s, sp)), SocketAddr::from((d, dp))),
+        )
+    });
+    let with_addresses = prop_oneof![tcp4, tcp6].prop_map(|(line, (s, d))| {
+        let header = ProxyHeader {
+            source: Some(s),
+            destination: Some(d),
+            tlvs: Vec::new(),
+        };
+        (line, header)
+    });
+    let unknown = prop::option::of("[ -~]{0,91}").prop_map(|tail| {
+        let line = match tail {
+            None => "PROXY UNKNOWN\r\n".to_string(),
+            Some(tail) => format!("PROXY UNKNOWN {tail}\r\n"),
+        };
+        let header = ProxyHeader {
+            source: None,
+            destination: None,
+            tlvs: Vec::new(),
+        };
+        (line, header)
+    });
+    prop_oneof![with_addresses, unknown]
 }
 
 /// Bytes that compress a little and a lot: runs of one byte between random

@@ -35,6 +35,11 @@ const DEBIAN: &[(&str, &str)] = &[
         "nghttp2-client",
         "h2load, the HTTP/2 load of the http2 test",
     ),
+    ("nginx", "the PROXY v1 sender in front of accept_proxy"),
+    (
+        "libnginx-mod-stream",
+        "nginx's stream module (proxy_protocol on), a separate package",
+    ),
 ];
 
 /// What the handover lab drives besides our proxy.

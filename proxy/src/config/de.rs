@@ -1,5 +1,5 @@
 //! Deserializers of single values with the errors an operator can act on:
-//! integers with their allowed range, durations and addresses.
+//! integers with their allowed range, durations, addresses and `accept_proxy`.
 
 use std::{fmt, marker::PhantomData, net::SocketAddr, path::PathBuf, str::FromStr, time::Duration};
 
@@ -8,7 +8,7 @@ use serde::{
     de::{self, Deserializer, Visitor},
 };
 
-use super::{Addr, Server, StatusSet};
+use super::{AcceptProxy, Addr, Server, StatusSet};
 
 // ---------------------------------------------------------------------------
 // Integer fields. They are range-checked while deserializing, reading the raw
@@ -157,6 +157,44 @@ pub(super) fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D
         "a duration string such as \"500ms\", \"30s\" or \"2m\"",
         parse_duration,
     )
+}
+
+const ACCEPT_PROXY_EXPECTED: &str =
+    "true (a PROXY v1 or v2 header), false (none), \"v1\" or \"v2\" (only that version)";
+
+/// `accept_proxy`: a boolean, or the one version a listener takes.
+impl<'de> Deserialize<'de> for AcceptProxy {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct AcceptProxyVisitor;
+
+        impl Visitor<'_> for AcceptProxyVisitor {
+            type Value = AcceptProxy;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(ACCEPT_PROXY_EXPECTED)
+            }
+
+            fn visit_bool<E: de::Error>(self, v: bool) -> Result<AcceptProxy, E> {
+                Ok(if v {
+                    AcceptProxy::Any
+                } else {
+                    AcceptProxy::Off
+                })
+            }
+
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<AcceptProxy, E> {
+                match v {
+                    "v1" => Ok(AcceptProxy::V1),
+                    "v2" => Ok(AcceptProxy::V2),
+                    _ => Err(E::custom(format!(
+                        "invalid value {v:?}: expected {ACCEPT_PROXY_EXPECTED}"
+                    ))),
+                }
+            }
+        }
+
+        d.deserialize_any(AcceptProxyVisitor)
+    }
 }
 
 const ADDR_EXPECTED: &str = "expected IP:PORT or unix:/path";

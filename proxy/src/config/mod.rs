@@ -220,6 +220,21 @@ impl Default for CanaryConfig {
     }
 }
 
+/// `accept_proxy`: which PROXY protocol header a listener requires before
+/// the payload (`true`, `false`, `"v1"` or `"v2"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AcceptProxy {
+    /// `false`: no header; the first bytes are payload.
+    #[default]
+    Off,
+    /// `true`: a v1 or v2 header, told apart by their signatures.
+    Any,
+    /// `"v1"`: only the v1 text line (nginx `proxy_protocol on`).
+    V1,
+    /// `"v2"`: only the binary v2 header (our own chained stages).
+    V2,
+}
+
 /// How new connections are steered to the active generation's sockets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -266,10 +281,11 @@ pub struct Listener {
     /// without it the stage shares the default runtime.
     #[serde(default)]
     pub cpus: Option<Vec<usize>>,
-    /// Require a PROXY v2 header from the peer (a previous stage or a load
-    /// balancer) and take the client address from it.
+    /// Require a PROXY header from the peer (a previous stage or a load
+    /// balancer) and take the client address from it: `true` takes v1 or
+    /// v2 (HAProxy's `accept-proxy`), `"v1"` or `"v2"` only that version.
     #[serde(default)]
-    pub accept_proxy: bool,
+    pub accept_proxy: AcceptProxy,
     /// One deadline for the whole PROXY header.
     #[serde(
         default = "default_accept_proxy_timeout",
@@ -1761,7 +1777,7 @@ connect_timeout = "500ms"
         let l = &cfg.listeners[0];
         assert_eq!(l.mode, Mode::Http);
         assert_eq!(l.cpus, Some(vec![0]));
-        assert!(l.accept_proxy);
+        assert_eq!(l.accept_proxy, AcceptProxy::Any);
         assert_eq!(l.unix_mode, 0o600);
         let c = l.compression.as_ref().expect("compression");
         assert_eq!((c.algo.as_str(), c.level, c.min_size), ("gzip", 6, 256));
@@ -1773,9 +1789,46 @@ connect_timeout = "500ms"
         let l = &cfg.listeners[0];
         assert_eq!(
             (l.mode, l.accept_proxy, l.unix_mode),
-            (Mode::Tcp, false, 0o660)
+            (Mode::Tcp, AcceptProxy::Off, 0o660)
         );
         assert!(!cfg.backends[0].send_proxy_v2);
+    }
+
+    #[test]
+    fn accept_proxy_values() {
+        let with = |value: &str| {
+            minimal_with(
+                "backend = \"app\"\n",
+                &format!("backend = \"app\"\naccept_proxy = {value}\n"),
+            )
+        };
+        for (value, want) in [
+            ("true", AcceptProxy::Any),
+            ("false", AcceptProxy::Off),
+            ("\"v1\"", AcceptProxy::V1),
+            ("\"v2\"", AcceptProxy::V2),
+        ] {
+            let cfg = parse(&with(value)).unwrap_or_else(|e| panic!("{value}: {e}"));
+            assert_eq!(cfg.listeners[0].accept_proxy, want, "{value}");
+        }
+        let cfg = parse_env(&with("\"${PP:-v2}\""), &[]).unwrap();
+        assert_eq!(cfg.listeners[0].accept_proxy, AcceptProxy::V2);
+        let allowed = "true (a PROXY v1 or v2 header), false (none), \"v1\" or \"v2\"";
+        for bad in [
+            "\"v3\"",
+            "\"true\"",
+            "\"V2\"",
+            "\"\"",
+            "1",
+            "[\"v1\", \"v2\"]",
+        ] {
+            assert_err(&with(bad), "listener[0].accept_proxy", allowed);
+        }
+        assert_err(
+            &with("\"v3\""),
+            "listener[0].accept_proxy",
+            "invalid value \"v3\"",
+        );
     }
 
     #[test]

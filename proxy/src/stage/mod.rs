@@ -1,7 +1,7 @@
 //! A stage: what one listener does with each accepted connection, and the
 //! runtime it does it on.
 //!
-//! The pipeline of a connection is `[PROXY v2 header] -> [TLS] -> tcp | http
+//! The pipeline of a connection is `[PROXY v1/v2 header] -> [TLS] -> tcp | http
 //! -> backend [PROXY v2 header]`, each step configured per listener. A stage
 //! with `cpus` runs on its own tokio runtime whose threads are pinned there,
 //! the way HAProxy gives TLS or compression listeners their own cores.
@@ -34,7 +34,7 @@ use tracing::{info, warn};
 use self::{
     forward::{ForwardError, Pool, Transfer},
     http::{Compression, HttpError, HttpSettings, Upstream},
-    proxy_proto::ProxyError,
+    proxy_proto::{ProxyError, Versions},
     socket::{PeerAddr, Stream},
     tls::{TlsAcceptor, TlsError},
 };
@@ -106,8 +106,9 @@ pub struct StageSettings {
     backend: Backend,
     /// HTTP mode: compression and timeouts; None in tcp mode.
     http: Option<Arc<HttpSettings>>,
-    /// Deadline of the PROXY v2 header, when the listener requires one.
-    accept_proxy: Option<Duration>,
+    /// Versions and deadline of the PROXY header, when the listener
+    /// requires one.
+    accept_proxy: Option<(Versions, Duration)>,
     tls: Option<TlsAcceptor>,
     /// tcp mode and upgraded http connections: the longest silence in
     /// both directions.
@@ -158,7 +159,7 @@ impl TryFrom<(&Config, &ListenerConfig)> for StageSettings {
                     },
                 })
             }),
-            accept_proxy: l.accept_proxy.then_some(l.accept_proxy_timeout),
+            accept_proxy: Versions::of(l.accept_proxy).map(|v| (v, l.accept_proxy_timeout)),
             tls,
             tunnel_timeout: l.tunnel_timeout,
             client_timeout: l.client_timeout,
@@ -184,7 +185,7 @@ pub struct Stage {
     /// Becomes true when the generation drains: HTTP keep-alive connections
     /// then answer their next request with `Connection: close`.
     draining: watch::Receiver<bool>,
-    accept_proxy: Option<Duration>,
+    accept_proxy: Option<(Versions, Duration)>,
     tls: Option<TlsAcceptor>,
     tunnel_timeout: Duration,
     client_timeout: Duration,
@@ -436,9 +437,9 @@ impl Stage {
         mut stream: Metered<Stream>,
         client: &mut ClientInfo,
     ) -> Result<Done, ConnError> {
-        if let Some(deadline) = self.accept_proxy {
+        if let Some((versions, deadline)) = self.accept_proxy {
             let (header, _) =
-                proxy_proto::read_header(&mut stream, deadline, MAX_PROXY_HEADER).await?;
+                proxy_proto::read_header(&mut stream, versions, deadline, MAX_PROXY_HEADER).await?;
             // LOCAL (health checks of the previous hop) keeps the socket's
             // own addresses.
             if header.source.is_some() {

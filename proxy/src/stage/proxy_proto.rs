@@ -1,19 +1,33 @@
-//! PROXY protocol version 2 (HAProxy's binary header): reading the header a
-//! load balancer in front of us sends, and writing one for a backend behind us.
+//! PROXY protocol (HAProxy's header that carries the client's addresses
+//! through a proxy): reading the header a load balancer in front of us
+//! sends, and writing one for a backend behind us.
 //!
-//! Only the binary v2 format is accepted; the v1 text form is refused, because
-//! a listener that is configured for PROXY must not guess what it is reading.
-//! Parsing is done by the `ppp` crate; this module decides how much to read,
-//! how long to wait, and what to make of the result.
+//! Both versions are read, as HAProxy's `accept-proxy` reads them: the v1
+//! text line (`PROXY TCP4 192.0.2.1 198.51.100.1 51234 443\r\n`, which
+//! nginx's `proxy_protocol on` and HAProxy's `send-proxy` send) and the
+//! binary v2 header (HAProxy's `send-proxy-v2`, and our own chained stages,
+//! whose TLVs only v2 can carry). Their first byte tells them apart, and a
+//! listener may take only one of them ([`Versions`]). Anything else is
+//! refused, never taken as "no header": a listener configured for PROXY
+//! must not guess what it is reading. Only v2 is written.
+//!
+//! Parsing is done by the `ppp` crate; this module decides how much to read
+//! (never a byte of the payload after the header), how long to wait, and
+//! what to make of the result.
 
 use std::{
-    io,
+    fmt, io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     time::Duration,
 };
 
-use ppp::v2::{self, Addresses, Command, ParseError, Protocol, Version};
+use ppp::{
+    v1,
+    v2::{self, Addresses, Command, ParseError, Protocol, Version},
+};
 use tokio::io::{AsyncRead, AsyncReadExt};
+
+use crate::config::AcceptProxy;
 
 /// Length of the fixed part of a v2 header: 12-byte signature, version and
 /// command, family and transport, 2-byte length of what follows.
@@ -21,6 +35,17 @@ const FIXED_LEN: usize = 16;
 
 /// Bytes that start every v2 header.
 const SIGNATURE: &[u8; 12] = b"\r\n\r\n\0\r\nQUIT\n";
+
+/// Bytes that start every v1 header.
+const V1_PREFIX: &[u8; 6] = b"PROXY ";
+
+/// The shortest v1 header, `PROXY UNKNOWN\r\n`. A v2 header is longer, so
+/// this many bytes can be read before the version is known without taking
+/// payload bytes of either.
+const V1_MIN_LEN: usize = 15;
+
+/// The longest v1 header, `\r\n` included (spec section 2.1).
+const V1_MAX_LEN: usize = 107;
 
 /// Largest value one TLV can carry: its length field is 16 bits.
 const MAX_TLV_VALUE: usize = u16::MAX as usize;
@@ -65,27 +90,91 @@ pub mod tlv {
     pub const CLIENT_CERT_SESS: u8 = 0x04;
 }
 
-/// What a v2 header said about the connection.
+/// Which PROXY protocol versions a listener takes (`accept_proxy`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Versions {
+    /// v1 or v2, told apart by their first byte (`accept_proxy = true`,
+    /// HAProxy's `accept-proxy`).
+    Any,
+    /// Only the v1 text line (`accept_proxy = "v1"`).
+    V1,
+    /// Only the binary v2 header (`accept_proxy = "v2"`).
+    V2,
+}
+
+impl Versions {
+    /// What a listener configured with `accept` takes; None: no header.
+    pub fn of(accept: AcceptProxy) -> Option<Self> {
+        match accept {
+            AcceptProxy::Off => None,
+            AcceptProxy::Any => Some(Self::Any),
+            AcceptProxy::V1 => Some(Self::V1),
+            AcceptProxy::V2 => Some(Self::V2),
+        }
+    }
+
+    fn takes_v1(self) -> bool {
+        self != Self::V2
+    }
+
+    fn takes_v2(self) -> bool {
+        self != Self::V1
+    }
+
+    /// Who sends such headers, for the error an operator reads.
+    fn senders(self) -> &'static str {
+        match self {
+            Self::Any => {
+                "v1: nginx `proxy_protocol on`, HAProxy `send-proxy`; \
+                 v2: HAProxy `send-proxy-v2`, our `send_proxy_v2`"
+            }
+            Self::V1 => "nginx `proxy_protocol on`, HAProxy `send-proxy`",
+            Self::V2 => {
+                "HAProxy `send-proxy-v2`, our `send_proxy_v2`; nginx sends v1, \
+                 which `accept_proxy = true` takes"
+            }
+        }
+    }
+}
+
+impl fmt::Display for Versions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Any => "v1 or v2",
+            Self::V1 => "v1",
+            Self::V2 => "v2",
+        })
+    }
+}
+
+/// What a PROXY header said about the connection.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProxyHeader {
     /// The original client; `None` for a LOCAL header (a health check from the
-    /// balancer itself) and for address families that carry no IP (UNSPEC,
-    /// UNIX), in which case the socket's own peer address is the one to use.
+    /// balancer itself), a v1 `UNKNOWN` line and for address families that
+    /// carry no IP (UNSPEC, UNIX), in which case the socket's own peer
+    /// address is the one to use.
     pub source: Option<SocketAddr>,
     /// The address the client connected to; `None` exactly when `source` is.
     pub destination: Option<SocketAddr>,
-    /// Type-length-value extensions in the order they came, see [`tlv`].
+    /// Type-length-value extensions in the order they came, see [`tlv`]
+    /// (v2 only: a v1 line has none).
     pub tlvs: Vec<(u8, Vec<u8>)>,
 }
 
 /// Why no PROXY header could be read or written.
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
+    /// The first bytes are not the signature of a version the listener
+    /// takes: another protocol, or the other PROXY version.
     #[error(
-        "malformed PROXY protocol v2 header: {0}; the peer must send a binary v2 header \
-         (HAProxy `send-proxy-v2`, nginx `proxy_protocol on`) before any data, \
-         or PROXY must be turned off for this listener"
+        "expected a PROXY protocol {accepted} header, got {seen}; the peer must send \
+         one before any data ({}), or accept_proxy must be turned off for this listener",
+        .accepted.senders()
     )]
+    Unexpected { seen: String, accepted: Versions },
+    /// A header of the right version, but broken.
+    #[error("malformed PROXY protocol header: {0}")]
     Malformed(String),
     #[error(
         "PROXY header payload of {len} bytes is over the limit of {max} bytes; \
@@ -98,26 +187,28 @@ pub enum ProxyError {
     )]
     Timeout(Duration),
     #[error(
-        "connection closed after {got} of {expected} PROXY header bytes; the peer \
-         gave up or does not speak PROXY protocol"
+        "connection closed after {got} bytes of a PROXY header of at least {expected} \
+         bytes; the peer gave up or does not speak PROXY protocol"
     )]
     Truncated { got: usize, expected: usize },
     #[error("reading the PROXY header failed: {0}")]
     Io(#[source] io::Error),
 }
 
-/// Reads one PROXY v2 header from the start of `io`, within `deadline` in
-/// total, refusing headers whose address-and-TLV part is over `max_len` bytes.
+/// Reads one PROXY header of `versions` from the start of `io`, within
+/// `deadline` in total, refusing v2 headers whose address-and-TLV part is
+/// over `max_len` bytes (a v1 line has at most 107 bytes anyway).
 ///
 /// Exactly the header's bytes are consumed, never any payload after it, so the
 /// returned `Vec` (bytes read past the header, to replay before the stream) is
 /// always empty; it is there so that callers do not depend on that.
 pub async fn read_header<S: AsyncRead + Unpin>(
     io: &mut S,
+    versions: Versions,
     deadline: Duration,
     max_len: usize,
 ) -> Result<(ProxyHeader, Vec<u8>), ProxyError> {
-    match tokio::time::timeout(deadline, read_header_inner(io, max_len)).await {
+    match tokio::time::timeout(deadline, read_header_inner(io, versions, max_len)).await {
         Ok(result) => result,
         Err(_) => Err(ProxyError::Timeout(deadline)),
     }
@@ -125,24 +216,55 @@ pub async fn read_header<S: AsyncRead + Unpin>(
 
 async fn read_header_inner<S: AsyncRead + Unpin>(
     io: &mut S,
+    versions: Versions,
     max_len: usize,
 ) -> Result<(ProxyHeader, Vec<u8>), ProxyError> {
-    let mut fixed = [0u8; FIXED_LEN];
-    let mut got = 0;
-    // Read the fixed part piecewise rather than with read_exact, so that a peer
-    // sending something else (v1 text, TLS, HTTP) is refused as soon as its
-    // first bytes are seen, instead of waiting for 16 bytes it may never send.
+    // Until the first byte says which version this is, read no more than the
+    // shortest header the listener takes; one read, so that a peer sending
+    // something else (TLS, HTTP) is refused as soon as it is seen.
+    let first = if versions.takes_v1() {
+        V1_MIN_LEN
+    } else {
+        FIXED_LEN
+    };
+    let mut head = [0u8; FIXED_LEN];
+    let got = io.read(&mut head[..first]).await.map_err(ProxyError::Io)?;
+    if got == 0 {
+        return Err(ProxyError::Truncated {
+            got,
+            expected: first,
+        });
+    }
+    if head[0] == SIGNATURE[0] && versions.takes_v2() {
+        read_v2(io, versions, head, got, max_len).await
+    } else if head[0] == V1_PREFIX[0] && versions.takes_v1() {
+        read_v1(io, versions, &head[..got]).await
+    } else {
+        Err(unexpected(&head[..got], versions))
+    }
+}
+
+/// The rest of a v2 header whose first `got` bytes are in `fixed`.
+async fn read_v2<S: AsyncRead + Unpin>(
+    io: &mut S,
+    versions: Versions,
+    mut fixed: [u8; FIXED_LEN],
+    mut got: usize,
+    max_len: usize,
+) -> Result<(ProxyHeader, Vec<u8>), ProxyError> {
+    check_signature(&fixed[..got], versions)?;
+    // Piecewise again: a peer whose bytes stop matching the signature is
+    // refused then, not after 16 bytes it may never send.
     while got < FIXED_LEN {
         let n = io.read(&mut fixed[got..]).await.map_err(ProxyError::Io)?;
         if n == 0 {
-            check_signature(&fixed[..got])?;
             return Err(ProxyError::Truncated {
                 got,
                 expected: FIXED_LEN,
             });
         }
         got += n;
-        check_signature(&fixed[..got])?;
+        check_signature(&fixed[..got], versions)?;
     }
 
     // Let ppp judge version, command, family and transport now, before waiting
@@ -179,21 +301,189 @@ async fn read_header_inner<S: AsyncRead + Unpin>(
     Ok((to_proxy_header(&header)?, Vec::new()))
 }
 
-/// Refuses `seen` unless it is a prefix of the v2 signature, and says what it
-/// looks like instead, since that is what an operator needs to fix the peer.
-fn check_signature(seen: &[u8]) -> Result<(), ProxyError> {
+/// The rest of a v1 line that starts with `first`.
+///
+/// The line ends at its `\r\n`, which a read must not go past: each read
+/// asks for no more than the shortest header that can still follow what was
+/// seen ([`v1_min_len`]), so a few reads instead of one per byte, and the
+/// payload stays in the stream.
+async fn read_v1<S: AsyncRead + Unpin>(
+    io: &mut S,
+    versions: Versions,
+    first: &[u8],
+) -> Result<(ProxyHeader, Vec<u8>), ProxyError> {
+    let mut line = [0u8; V1_MAX_LEN];
+    line[..first.len()].copy_from_slice(first);
+    let mut got = first.len();
+    let end = loop {
+        if let Some(lf) = line[..got].iter().position(|&b| b == b'\n') {
+            // The same checks as every shorter prefix had, so that how the
+            // bytes were split cannot change the outcome.
+            v1_min_len(&line[..lf], versions)?;
+            if line[lf - 1] != b'\r' {
+                let seen = quote(&line[..=lf]);
+                return Err(ProxyError::Malformed(format!(
+                    "v1 {seen}: \\n without the \\r before it"
+                )));
+            }
+            break lf + 1;
+        }
+        let min_len = v1_min_len(&line[..got], versions)?;
+        let n = io
+            .read(&mut line[got..min_len])
+            .await
+            .map_err(ProxyError::Io)?;
+        if n == 0 {
+            return Err(ProxyError::Truncated {
+                got,
+                expected: min_len,
+            });
+        }
+        got += n;
+    };
+    let text = &line[..end];
+    // Empty: no read went past the shortest header that could follow.
+    let extra = line[end..got].to_vec();
+    // The spec lets an UNKNOWN line carry anything up to its `\r\n`, but
+    // ppp 2.3 refuses more than four words after UNKNOWN: recognised here.
+    // Like a v2 LOCAL header, it keeps the socket's own addresses.
+    if text
+        .strip_prefix(b"PROXY UNKNOWN")
+        .is_some_and(|rest| rest.starts_with(b" ") || rest.starts_with(b"\r"))
+    {
+        let header = ProxyHeader {
+            source: None,
+            destination: None,
+            tlvs: Vec::new(),
+        };
+        return Ok((header, extra));
+    }
+    let header = v1::Header::try_from(text)
+        .map_err(|e| ProxyError::Malformed(format!("v1 {}: {e}", quote(text))))?;
+    let (source, destination) = match header.addresses {
+        v1::Addresses::Tcp4(a) => (
+            Some(SocketAddr::new(IpAddr::V4(a.source_address), a.source_port)),
+            Some(SocketAddr::new(
+                IpAddr::V4(a.destination_address),
+                a.destination_port,
+            )),
+        ),
+        v1::Addresses::Tcp6(a) => (
+            Some(SocketAddr::new(IpAddr::V6(a.source_address), a.source_port)),
+            Some(SocketAddr::new(
+                IpAddr::V6(a.destination_address),
+                a.destination_port,
+            )),
+        ),
+        v1::Addresses::Unknown => (None, None),
+    };
+    let header = ProxyHeader {
+        source,
+        destination,
+        tlvs: Vec::new(),
+    };
+    Ok((header, extra))
+}
+
+/// The length of the shortest v1 header that starts with `seen` (which has
+/// no `\n` yet), or why no v1 header does, as soon as that shows: a sender
+/// of something else is refused without waiting for its `\r\n`.
+fn v1_min_len(seen: &[u8], versions: Versions) -> Result<usize, ProxyError> {
+    let refuse = |why: &str| ProxyError::Malformed(format!("v1 {}: {why}", quote(seen)));
+    let n = seen.len().min(V1_PREFIX.len());
+    if seen[..n] != V1_PREFIX[..n] {
+        return Err(unexpected(seen, versions));
+    }
+    if let Some(b) = seen
+        .iter()
+        .find(|&&b| !(b.is_ascii_graphic() || b == b' ' || b == b'\r'))
+    {
+        return Err(refuse(&format!("byte {b:#04x} where text was expected")));
+    }
+    let min_len = match seen.iter().position(|&b| b == b'\r') {
+        // Only the `\n` can follow, and only after complete fields.
+        Some(cr) if cr + 1 == seen.len() => {
+            if v1_min_len(&seen[..cr], versions)? != cr + 2 {
+                return Err(refuse("\\r\\n before the fields are complete"));
+            }
+            seen.len() + 1
+        }
+        Some(_) => return Err(refuse("\\r not followed by \\n")),
+        None if seen.len() <= V1_PREFIX.len() => V1_MIN_LEN,
+        None => v1_min_len_of_fields(seen, &seen[V1_PREFIX.len()..]).map_err(refuse)?,
+    };
+    if min_len > V1_MAX_LEN {
+        return Err(refuse(
+            "no \\r\\n within 107 bytes, the most a v1 header may have",
+        ));
+    }
+    Ok(min_len)
+}
+
+/// [`v1_min_len`] once `seen` is past `PROXY ` (`fields` is the rest) and
+/// has no `\r`: what the protocol and the address fields still need.
+fn v1_min_len_of_fields(seen: &[u8], fields: &[u8]) -> Result<usize, &'static str> {
+    const BAD_PROTOCOL: &str = "the protocol must be TCP4, TCP6 or UNKNOWN";
+    let mut fields = fields.split(|&b| b == b' ');
+    let protocol = fields.next().unwrap_or_default();
+    // What came after the protocol: the last one may still be arriving.
+    let fields: Vec<&[u8]> = fields.collect();
+    if fields.is_empty() {
+        // The protocol itself is arriving: the shortest of those it can be.
+        return [
+            (&b"UNKNOWN"[..], V1_MIN_LEN),
+            (b"TCP6", "PROXY TCP6 :: :: 0 0\r\n".len()),
+            (b"TCP4", "PROXY TCP4 0.0.0.0 0.0.0.0 0 0\r\n".len()),
+        ]
+        .into_iter()
+        .filter(|(name, _)| name.starts_with(protocol))
+        .map(|(_, len)| len)
+        .min()
+        .ok_or(BAD_PROTOCOL);
+    }
+    // The shortest source address, destination address and ports.
+    let shortest: [usize; 4] = match protocol {
+        // Anything up to the `\r\n`.
+        b"UNKNOWN" => return Ok(seen.len() + 2),
+        b"TCP4" => [7, 7, 1, 1],
+        b"TCP6" => [2, 2, 1, 1],
+        _ => return Err(BAD_PROTOCOL),
+    };
+    if fields.len() > shortest.len() {
+        return Err("more than 4 fields after the protocol");
+    }
+    let current = fields.len() - 1;
+    if (0..current).any(|i| fields[i].len() < shortest[i]) {
+        return Err("a field too short for an address or a port");
+    }
+    let mut rest = shortest[current].saturating_sub(fields[current].len());
+    rest += shortest[current + 1..].iter().map(|s| 1 + s).sum::<usize>();
+    Ok(seen.len() + rest + 2)
+}
+
+/// Refuses `seen` unless it is a prefix of the v2 signature.
+fn check_signature(seen: &[u8], versions: Versions) -> Result<(), ProxyError> {
     let n = seen.len().min(SIGNATURE.len());
     if seen[..n] == SIGNATURE[..n] {
         return Ok(());
     }
-    let what = if seen.starts_with(b"PROXY") {
-        "a PROXY protocol v1 text header (\"PROXY ...\"); only v2 is accepted".to_string()
+    Err(unexpected(seen, versions))
+}
+
+/// The error for first bytes that are no header `versions` allows, saying
+/// what they look like instead, since that is what an operator needs to fix
+/// the peer.
+fn unexpected(seen: &[u8], accepted: Versions) -> ProxyError {
+    let seen = if seen.starts_with(b"PROXY") {
+        format!("a PROXY protocol v1 text header ({})", describe(seen))
+    } else if seen.starts_with(SIGNATURE) {
+        "a PROXY protocol v2 header".to_string()
     } else if seen.first() == Some(&0x16) {
-        "a TLS handshake instead of the v2 signature".to_string()
+        format!("a TLS handshake ({})", describe(seen))
     } else {
-        format!("{} instead of the v2 signature", describe(seen))
+        describe(seen)
     };
-    Err(ProxyError::Malformed(what))
+    ProxyError::Unexpected { seen, accepted }
 }
 
 /// Shows the first bytes of unexpected input as text when printable, else hex.
@@ -210,8 +500,13 @@ fn describe(seen: &[u8]) -> String {
     }
 }
 
+/// A v1 line (at most 107 bytes, checked to be text) as a quoted string.
+fn quote(line: &[u8]) -> String {
+    format!("{:?}", String::from_utf8_lossy(line))
+}
+
 fn malformed(err: &ParseError) -> ProxyError {
-    ProxyError::Malformed(err.to_string())
+    ProxyError::Malformed(format!("v2: {err}"))
 }
 
 fn to_proxy_header(header: &v2::Header<'_>) -> Result<ProxyHeader, ProxyError> {
@@ -417,7 +712,7 @@ mod tests {
 
     async fn decode(bytes: &[u8]) -> Result<(ProxyHeader, Vec<u8>), ProxyError> {
         let mut input = bytes;
-        read_header(&mut input, DEADLINE, MAX).await
+        read_header(&mut input, Versions::Any, DEADLINE, MAX).await
     }
 
     #[tokio::test]
@@ -542,23 +837,55 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn v1_text_rejected() {
-        let err = decode(b"PROXY TCP4 192.0.2.1 192.0.2.2 1234 80\r\nGET / HTTP/1.1\r\n")
+    async fn v1_refused_when_v2_required() {
+        let mut input = &b"PROXY TCP4 192.0.2.1 192.0.2.2 1234 80\r\nGET / HTTP/1.1\r\n"[..];
+        let err = read_header(&mut input, Versions::V2, DEADLINE, MAX)
             .await
             .unwrap_err();
-        match err {
-            ProxyError::Malformed(msg) => assert!(msg.contains("v1"), "{msg}"),
-            other => panic!("expected Malformed, got {other:?}"),
+        match &err {
+            ProxyError::Unexpected { seen, accepted } => {
+                assert!(seen.contains("v1 text header"), "{seen}");
+                assert_eq!(*accepted, Versions::V2);
+            }
+            other => panic!("expected Unexpected, got {other:?}"),
         }
+        let msg = err.to_string();
+        assert!(msg.contains("expected a PROXY protocol v2 header"), "{msg}");
+        assert!(msg.contains("nginx sends v1"), "{msg}");
     }
 
     #[tokio::test]
-    async fn short_v1_rejected_without_waiting() {
+    async fn v2_refused_when_v1_required() {
+        let bytes = encode_header(Some("10.0.0.1:1".parse().unwrap()), None, &[]).unwrap();
+        let mut input = &bytes[..];
+        let err = read_header(&mut input, Versions::V1, DEADLINE, MAX)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ProxyError::Unexpected {
+                    accepted: Versions::V1,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        assert!(
+            err.to_string()
+                .contains("expected a PROXY protocol v1 header")
+        );
+    }
+
+    #[tokio::test]
+    async fn short_v1_refused_by_v2_without_waiting() {
         // Only 15 bytes and the stream stays open: refusing must not need 16.
         let (mut client, mut server) = tokio::io::duplex(64);
         client.write_all(b"PROXY UNKNOWN\r\n").await.unwrap();
-        let err = read_header(&mut server, DEADLINE, MAX).await.unwrap_err();
-        assert!(matches!(err, ProxyError::Malformed(_)), "{err:?}");
+        let err = read_header(&mut server, Versions::V2, DEADLINE, MAX)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, ProxyError::Unexpected { .. }), "{err:?}");
     }
 
     #[tokio::test]
@@ -571,7 +898,7 @@ mod tests {
             &[0xff; 32][..],
         ] {
             let err = decode(input).await.unwrap_err();
-            assert!(matches!(err, ProxyError::Malformed(_)), "{err:?}");
+            assert!(matches!(err, ProxyError::Unexpected { .. }), "{err:?}");
         }
         // Right signature, wrong version nibble.
         let mut bytes = encode_header(Some("10.0.0.1:1".parse().unwrap()), None, &[]).unwrap();
@@ -618,7 +945,9 @@ mod tests {
         client.write_all(&bytes[..20]).await.unwrap();
         let started = std::time::Instant::now();
         let deadline = Duration::from_millis(300);
-        let err = read_header(&mut server, deadline, MAX).await.unwrap_err();
+        let err = read_header(&mut server, Versions::Any, deadline, MAX)
+            .await
+            .unwrap_err();
         assert!(
             matches!(err, ProxyError::Timeout(d) if d == deadline),
             "{err:?}"
@@ -642,7 +971,7 @@ mod tests {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         });
-        let err = read_header(&mut server, Duration::from_millis(400), MAX)
+        let err = read_header(&mut server, Versions::Any, Duration::from_millis(400), MAX)
             .await
             .unwrap_err();
         assert!(matches!(err, ProxyError::Timeout(_)), "{err:?}");
@@ -658,7 +987,9 @@ mod tests {
         )
         .unwrap();
         let mut input = &bytes[..16];
-        let err = read_header(&mut input, DEADLINE, 512).await.unwrap_err();
+        let err = read_header(&mut input, Versions::Any, DEADLINE, 512)
+            .await
+            .unwrap_err();
         match err {
             ProxyError::TooLarge { len, max } => {
                 assert_eq!(len, 12 + 3 + 600);
@@ -683,13 +1014,214 @@ mod tests {
         let mut input = encode_header(Some(src), None, &[(tlv::AUTHORITY, b"x".to_vec())]).unwrap();
         input.extend_from_slice(b"hello backend");
         let mut reader = &input[..];
-        let (header, extra) = read_header(&mut reader, DEADLINE, MAX).await.unwrap();
+        let (header, extra) = read_header(&mut reader, Versions::Any, DEADLINE, MAX)
+            .await
+            .unwrap();
         assert_eq!(header.source, Some(src));
         assert_eq!(header.destination, Some("0.0.0.0:0".parse().unwrap()));
         assert!(extra.is_empty());
         let mut rest = Vec::new();
         reader.read_to_end(&mut rest).await.unwrap();
         assert_eq!(rest, b"hello backend");
+    }
+
+    /// Reads `input` from a slice (every read gets all it asks for) as a
+    /// listener taking `versions`; returns the header and what is left.
+    async fn decode_v1(input: &[u8]) -> Result<(ProxyHeader, Vec<u8>), ProxyError> {
+        let mut reader = input;
+        let (header, extra) = read_header(&mut reader, Versions::Any, DEADLINE, MAX).await?;
+        assert!(extra.is_empty(), "read past the header: {extra:?}");
+        Ok((header, reader.to_vec()))
+    }
+
+    #[tokio::test]
+    async fn v1_tcp4_and_tcp6() {
+        for (line, src, dst) in [
+            (
+                "PROXY TCP4 192.0.2.1 198.51.100.2 51234 443\r\n",
+                "192.0.2.1:51234",
+                "198.51.100.2:443",
+            ),
+            (
+                "PROXY TCP4 255.255.255.255 255.255.255.255 65535 65535\r\n",
+                "255.255.255.255:65535",
+                "255.255.255.255:65535",
+            ),
+            (
+                "PROXY TCP6 2001:db8::1 2001:db8::2 40000 8443\r\n",
+                "[2001:db8::1]:40000",
+                "[2001:db8::2]:8443",
+            ),
+            ("PROXY TCP6 :: ::1 0 1\r\n", "[::]:0", "[::1]:1"),
+        ] {
+            for versions in [Versions::Any, Versions::V1] {
+                let mut input = line.as_bytes().to_vec();
+                input.extend_from_slice(b"GET / HTTP/1.1\r\n\r\n");
+                let mut reader = &input[..];
+                let (header, extra) = read_header(&mut reader, versions, DEADLINE, MAX)
+                    .await
+                    .unwrap_or_else(|e| panic!("{line:?}: {e}"));
+                assert!(extra.is_empty());
+                assert_eq!(header.source, Some(src.parse().unwrap()), "{line:?}");
+                assert_eq!(header.destination, Some(dst.parse().unwrap()), "{line:?}");
+                assert!(header.tlvs.is_empty());
+                assert_eq!(reader, b"GET / HTTP/1.1\r\n\r\n", "{line:?}: payload");
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn v1_unknown_keeps_the_socket_addresses() {
+        for line in [
+            &b"PROXY UNKNOWN\r\n"[..],
+            b"PROXY UNKNOWN 192.0.2.1 198.51.100.2 1 2\r\n",
+            b"PROXY UNKNOWN whatever the sender likes\r\n",
+            b"PROXY UNKNOWN     \r\n",
+        ] {
+            let mut input = line.to_vec();
+            input.extend_from_slice(b"hello");
+            let (header, rest) = decode_v1(&input).await.unwrap();
+            assert_eq!((header.source, header.destination), (None, None));
+            assert_eq!(rest, b"hello", "{:?}", String::from_utf8_lossy(line));
+        }
+    }
+
+    #[tokio::test]
+    async fn v1_payload_stays_however_the_bytes_arrive() {
+        // One byte at a time, the payload right after the header.
+        let line = b"PROXY TCP4 192.0.2.1 198.51.100.2 51234 443\r\n";
+        let (mut client, mut server) = tokio::io::duplex(4);
+        tokio::spawn(async move {
+            for b in line.iter().chain(b"payload") {
+                client.write_all(&[*b]).await.unwrap();
+            }
+        });
+        let (header, extra) = read_header(&mut server, Versions::Any, DEADLINE, MAX)
+            .await
+            .unwrap();
+        assert!(extra.is_empty());
+        assert_eq!(header.source, Some("192.0.2.1:51234".parse().unwrap()));
+        let mut rest = Vec::new();
+        server.read_to_end(&mut rest).await.unwrap();
+        assert_eq!(rest, b"payload");
+    }
+
+    #[test]
+    fn v1_reads_never_pass_the_line_end() {
+        // The bound each read uses is at most the rest of any valid line.
+        for line in [
+            &b"PROXY UNKNOWN\r\n"[..],
+            b"PROXY UNKNOWN x\r\n",
+            b"PROXY TCP4 0.0.0.0 0.0.0.0 0 0\r\n",
+            b"PROXY TCP4 192.0.2.1 198.51.100.2 51234 443\r\n",
+            b"PROXY TCP6 :: :: 0 0\r\n",
+            b"PROXY TCP6 ::ffff:192.0.2.1 2001:db8::2 65535 1\r\n",
+        ] {
+            for cut in 1..line.len() {
+                let min = v1_min_len(&line[..cut], Versions::Any)
+                    .unwrap_or_else(|e| panic!("{:?} cut at {cut}: {e}", line));
+                assert!(
+                    min > cut && min <= line.len(),
+                    "{:?} cut at {cut}: bound {min}",
+                    String::from_utf8_lossy(line)
+                );
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn v1_truncated() {
+        let line = b"PROXY TCP4 192.0.2.1 198.51.100.2 51234 443\r\n";
+        for cut in [1, 5, 6, 10, 11, 20, line.len() - 2, line.len() - 1] {
+            match decode_v1(&line[..cut]).await.unwrap_err() {
+                ProxyError::Truncated { got, expected } => {
+                    assert_eq!(got, cut);
+                    assert!(
+                        expected > cut && expected <= line.len(),
+                        "cut {cut}: {expected}"
+                    );
+                }
+                other => panic!("cut at {cut}: expected Truncated, got {other:?}"),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn v1_too_long() {
+        // 107 bytes is the most a v1 line may have, `\r\n` included.
+        let longest = format!("PROXY UNKNOWN {}\r\n", "a".repeat(107 - 16));
+        assert_eq!(longest.len(), 107);
+        let (header, _) = decode_v1(longest.as_bytes()).await.unwrap();
+        assert_eq!(header.source, None);
+
+        // One more, on a stream that stays open: refused at byte 107.
+        let (mut client, mut server) = tokio::io::duplex(256);
+        let too_long = format!("PROXY UNKNOWN {}\r\n", "a".repeat(107 - 15));
+        client.write_all(too_long.as_bytes()).await.unwrap();
+        let err = read_header(&mut server, Versions::Any, DEADLINE, MAX)
+            .await
+            .unwrap_err();
+        match err {
+            ProxyError::Malformed(msg) => assert!(msg.contains("107"), "{msg}"),
+            other => panic!("expected Malformed, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn v1_garbage_refused_without_waiting() {
+        for input in [
+            &b"PROXY TCP5 192.0.2.1 198.51.100.2 1 2\r\n"[..],
+            b"PROXY tcp4 192.0.2.1 198.51.100.2 1 2\r\n",
+            b"PROXY  TCP4 192.0.2.1 198.51.100.2 1 2\r\n",
+            b"PROXY TCP4 192.0.2.1 198.51.100.2 1 2 3\r\n",
+            b"PROXY TCP4 192.0.2.1  198.51.100.2 1 2\r\n",
+            b"PROXY TCP4 192.0.2.1 198.51.100.2 1\r\n",
+            b"PROXY TCP4 192.0.2.1 198.51.100.2 1 2\n",
+            b"PROXY TCP4 192.0.2.1 198.51.100.2 1 2\rX",
+            b"PROXY TCP4 300.0.2.1 198.51.100.2 1 2\r\n",
+            b"PROXY TCP4 2001:db8::1 2001:db8::2 1 2\r\n",
+            b"PROXY TCP6 192.0.2.1 198.51.100.2 1 2\r\n",
+            b"PROXY TCP4 192.0.2.1 198.51.100.2 65536 2\r\n",
+            b"PROXY TCP4 192.0.2.1 198.51.100.2 01 2\r\n",
+            b"PROXY TCP4 192.0.2.1\x00",
+            b"PROXY \x16\x03\x01",
+            b"PROXY\r\n",
+            b"PROXY TCP4\r\n",
+            b"PROXY TCP4 1.2 198.51.100.2 1 2\r\n",
+            b"PROXY TCP4 192.0.2.1 198.51.100.2 1\r",
+        ] {
+            // The stream stays open: a reader waiting for more would time out.
+            let (mut client, mut server) = tokio::io::duplex(256);
+            client.write_all(input).await.unwrap();
+            let err = read_header(&mut server, Versions::Any, DEADLINE, MAX)
+                .await
+                .unwrap_err();
+            let what = String::from_utf8_lossy(input);
+            match &err {
+                ProxyError::Malformed(msg) => assert!(msg.starts_with("v1 \"PROXY"), "{msg}"),
+                ProxyError::Unexpected { seen, .. } => {
+                    assert!(seen.contains("PROXY"), "{what:?}: {seen}")
+                }
+                other => panic!("{what:?}: expected Malformed, got {other:?}"),
+            }
+            drop(client);
+        }
+    }
+
+    #[tokio::test]
+    async fn neither_signature_names_what_came() {
+        let err = decode(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.contains("expected a PROXY protocol v1 or v2 header"),
+            "{msg}"
+        );
+        assert!(msg.contains("text \"GET / HTTP/1\""), "{msg}");
+        assert!(msg.contains("nginx `proxy_protocol on`"), "{msg}");
+        let err = decode(&[0x16, 0x03, 0x01, 0x00, 0xa5]).await.unwrap_err();
+        assert!(err.to_string().contains("a TLS handshake"), "{err}");
     }
 
     #[test]
