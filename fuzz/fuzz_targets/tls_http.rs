@@ -97,6 +97,9 @@ fn fixture() -> &'static Fixture {
             header_read_timeout: Duration::from_secs(5),
             max_header_size: 16 * 1024,
             server_timeout: Duration::from_secs(5),
+            client_timeout: Duration::from_secs(5),
+            http2: Default::default(),
+            tunnel: Default::default(),
         });
         Fixture {
             acceptor,
@@ -139,7 +142,13 @@ async fn proxy_side(mut io: DuplexStream, draining: bool, tasks: Tasks) {
         }
     });
     let (_drain, draining) = watch::channel(draining);
-    let _ = http::serve(tls, upstream, f.settings.clone(), client, draining).await;
+    let _ = http::serve(
+        tls,
+        upstream,
+        f.settings.clone(),
+        http::Downstream::http1(client),
+        draining,
+    ).await;
 }
 
 /// The upstream: checks the PROXY header, then serves HTTP/1.1 echoing the
