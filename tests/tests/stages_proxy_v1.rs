@@ -457,7 +457,11 @@ fn nginx_proxy_protocol_v1_client_reaches_the_backend() {
     let log = proxy.log();
     let from_client = log
         .lines()
-        .filter(|l| l.contains("outcome=\"ok\"") || l.contains("outcome=ok"))
+        // tcp mode: a line per connection (outcome ok); http mode: a line
+        // per request (termination --).
+        .filter(|l| {
+            l.contains("outcome=\"ok\"") || l.contains("outcome=ok") || l.contains("termination=--")
+        })
         .filter(|l| l.contains(&format!("client={CLIENT_IP}:")))
         .count();
     assert!(
