@@ -148,7 +148,8 @@ async fn proxy_side(mut io: DuplexStream, draining: bool, tasks: Tasks) {
         f.settings.clone(),
         http::Downstream::http1(client),
         draining,
-    ).await;
+    )
+    .await;
 }
 
 /// The upstream: checks the PROXY header, then serves HTTP/1.1 echoing the

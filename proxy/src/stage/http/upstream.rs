@@ -107,10 +107,13 @@ impl Drop for UpstreamConn {
     }
 }
 
+/// Idle connections to one server, oldest first, with when each was left.
+type IdleList = VecDeque<(UpstreamConn, Instant)>;
+
 /// Idle upstream connections, per server: of a stage, or of one client
 /// connection.
 pub struct IdlePool {
-    servers: Box<[Mutex<VecDeque<(UpstreamConn, Instant)>>]>,
+    servers: Box<[Mutex<IdleList>]>,
     /// Idle connections kept per server (HAProxy `pool-max-conn`).
     max_per_server: usize,
     /// An idle connection unused this long is closed (HAProxy
@@ -127,7 +130,7 @@ impl IdlePool {
         }
     }
 
-    fn list(&self, server: usize) -> std::sync::MutexGuard<'_, VecDeque<(UpstreamConn, Instant)>> {
+    fn list(&self, server: usize) -> std::sync::MutexGuard<'_, IdleList> {
         let list = &self.servers[server % self.servers.len()];
         list.lock().unwrap_or_else(|e| e.into_inner())
     }
