@@ -170,9 +170,8 @@ impl TryFrom<(&Config, &ListenerConfig)> for StageSettings {
 
 /// What one listener does with its connections.
 pub struct Stage {
-    pub name: String,
-    /// The name again, shared by the access lines of HTTP requests.
-    log_name: Arc<str>,
+    /// The listener's name (shared by the access lines of HTTP requests).
+    pub name: Arc<str>,
     generation: u64,
     pool: Arc<Pool>,
     /// http mode: idle server connections shared by the clients (none for a
@@ -356,8 +355,7 @@ impl Stage {
                 backend.pool_purge_delay,
             ),
             metrics,
-            log_name: Arc::from(name.as_str()),
-            name,
+            name: Arc::from(name),
             generation: ctx.generation,
             http,
             draining: ctx.draining,
@@ -502,7 +500,7 @@ impl Stage {
             protocol: http::Protocol::from_alpn(alpn),
             log: Arc::new(http::ConnLog::new(
                 client.source,
-                self.log_name.clone(),
+                self.name.clone(),
                 self.generation,
                 self.access_log,
             )),

@@ -1789,10 +1789,9 @@ mod tests {
 
     fn downstream(client_addr: Option<SocketAddr>, protocol: Protocol) -> Downstream {
         Downstream {
-            forwarded_for: client_addr,
             protocol,
-            log: Arc::new(ConnLog::new(client_addr, Arc::from("test"), 0, true)),
             idle: Arc::new(IdlePool::new(1, 8, LONG)),
+            ..Downstream::http1(client_addr)
         }
     }
 
