@@ -449,23 +449,32 @@ impl Stage {
                 client.from_older_generation = self.generation > 0 && theirs < self.generation;
             }
         }
+        // Each path is boxed: a connection's task holds only the state of
+        // the path it takes (TLS state alone is several KiB).
         match &self.tls {
-            Some(acceptor) => {
-                let (tls, info) = acceptor.accept(stream).await?;
-                self.metrics[ListenerCounter::TlsHandshakes].fetch_add(1, Relaxed);
-                if info.resumed {
-                    self.metrics[ListenerCounter::TlsResumed].fetch_add(1, Relaxed);
-                }
-                client.tlvs = proxy_proto::tls_tlvs(
-                    info.sni.as_deref(),
-                    info.alpn.as_deref(),
-                    info.version,
-                    &info.cipher,
-                );
-                self.finish(tls::FlushingTls::new(tls), client).await
-            }
-            None => self.finish(stream, client).await,
+            Some(acceptor) => Box::pin(self.tls_then_finish(acceptor, stream, client)).await,
+            None => Box::pin(self.finish(stream, client)).await,
         }
+    }
+
+    async fn tls_then_finish(
+        &self,
+        acceptor: &TlsAcceptor,
+        stream: Metered<Stream>,
+        client: &mut ClientInfo,
+    ) -> Result<Done, ConnError> {
+        let (tls, info) = acceptor.accept(stream).await?;
+        self.metrics[ListenerCounter::TlsHandshakes].fetch_add(1, Relaxed);
+        if info.resumed {
+            self.metrics[ListenerCounter::TlsResumed].fetch_add(1, Relaxed);
+        }
+        client.tlvs = proxy_proto::tls_tlvs(
+            info.sni.as_deref(),
+            info.alpn.as_deref(),
+            info.version,
+            &info.cipher,
+        );
+        self.finish(tls::FlushingTls::new(tls), client).await
     }
 
     /// The payload part: bytes to the backend (tcp mode) or HTTP/1.1

@@ -304,7 +304,7 @@ where
 
     let result = match downstream.protocol {
         Protocol::Http2 => {
-            let served = h2::serve(
+            let served = Box::pin(h2::serve(
                 io,
                 service,
                 &settings.http2,
@@ -315,7 +315,7 @@ where
                 },
                 downstream.log,
                 draining,
-            )
+            ))
             .await;
             return served.map(|()| shared.counters.snapshot());
         }
