@@ -134,7 +134,7 @@ fn run(cli: Cli) -> Result<()> {
             fuzz::replay(&ws)?;
             // One test at a time: the load tests measure rates on 2 cores.
             cargo(&ws)
-                .args(["test", "--release"])
+                .args(["test", "--profile", "ci"])
                 .env("PROXY_BIN", &proxy)
                 .env("PROXY_EBPF_OBJECT", ebpf_object(&ws))
                 .env("NO_COLOR", "1")
@@ -148,7 +148,7 @@ fn run(cli: Cli) -> Result<()> {
             require_root("soak")?;
             let proxy = test_proxy(&ws)?;
             cargo(&ws)
-                .args(["test", "--release", "-p", "proxy-integration-tests"])
+                .args(["test", "--profile", "ci", "-p", "proxy-integration-tests"])
                 .args(["--test", "soak_chain", "--"])
                 .args(["--ignored", "--nocapture", "--test-threads=1"])
                 .env("PROXY_BIN", &proxy)
@@ -434,8 +434,8 @@ fn ebpf_cargo(ws: &Path) -> Command {
 }
 
 /// The proxy the tests drive: built with the fault injection they use
-/// (PROXY_TEST_HOOK) and copied aside, since `cargo test` rebuilds
-/// `target/release/proxy` without that feature for the proxy's own tests.
+/// (PROXY_TEST_HOOK) with the product's profile, and copied aside, since a
+/// later `cargo build --release` makes `target/release/proxy` without it.
 fn test_proxy(ws: &Path) -> Result<PathBuf> {
     let built = build_all(ws, &["test-hooks"])?;
     let aside = ws.join("target/release/proxy-test-hooks");
