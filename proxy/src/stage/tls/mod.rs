@@ -1,7 +1,7 @@
 //! TLS termination: loads certificates and keys once, picks a certificate by
 //! the client's SNI, and runs server handshakes bounded by a timeout.
 //!
-//! Built on rustls with the ring provider, TLS 1.2 and 1.3 only. Several
+//! Built on rustls with the aws-lc-rs provider, TLS 1.2 and 1.3 only. Several
 //! certificates may be configured: each is reachable by the DNS names in its
 //! SubjectAltName (or its CN when it has none), exactly or through a wildcard
 //! `*.example.com`; the first one is the default for unknown or absent SNI.
@@ -177,7 +177,7 @@ impl TlsAcceptor {
         if settings.certs.is_empty() {
             return Err(TlsError::NoCertificates);
         }
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
 
         let mut keys = Vec::with_capacity(settings.certs.len());
         for source in &settings.certs {
@@ -205,7 +205,7 @@ impl TlsAcceptor {
             rustls::server::ServerSessionMemoryCache::new(settings.session_cache)
         };
         if settings.session_tickets {
-            config.ticketer = rustls::crypto::ring::Ticketer::new().map_err(TlsError::Config)?;
+            config.ticketer = rustls::crypto::aws_lc_rs::Ticketer::new().map_err(TlsError::Config)?;
         }
         if settings.session_cache == 0 && !settings.session_tickets {
             // Nothing a ticket could resume: send none.
@@ -701,7 +701,7 @@ mod tests {
     }
 
     fn provider() -> Arc<CryptoProvider> {
-        Arc::new(rustls::crypto::ring::default_provider())
+        Arc::new(rustls::crypto::aws_lc_rs::default_provider())
     }
 
     /// Accepts any server certificate, to see which one a server presents for
