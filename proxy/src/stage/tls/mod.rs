@@ -205,7 +205,8 @@ impl TlsAcceptor {
             rustls::server::ServerSessionMemoryCache::new(settings.session_cache)
         };
         if settings.session_tickets {
-            config.ticketer = rustls::crypto::aws_lc_rs::Ticketer::new().map_err(TlsError::Config)?;
+            config.ticketer =
+                rustls::crypto::aws_lc_rs::Ticketer::new().map_err(TlsError::Config)?;
         }
         if settings.session_cache == 0 && !settings.session_tickets {
             // Nothing a ticket could resume: send none.
