@@ -392,17 +392,24 @@ impl Generation {
             return Ok(());
         }
         if let Steering::Ebpf(_) = self.steering {
+            let stop = self.opts.hook == Some(TestHook::StopAfterFlip);
+            if stop {
+                warn!(
+                    "{label}: PROXY_TEST_HOOK=stop-after-flip: stopping myself right after the flip"
+                );
+            }
             let previous = self.steering.flip()?;
+            // At once: the accept loops run on other threads, and the
+            // stalled generation this models takes no connection.
+            if stop {
+                sys::stop_self();
+            }
             let _ = self.shared.flipped_at.set(Instant::now());
             info!(
                 previous_slot = previous.map_or(-1, |p| i64::from(p.0)),
                 "{label}: flipped the active slot to {}",
                 self.steering.slot().map_or(0, |s| s.0)
             );
-            if self.opts.hook == Some(TestHook::StopAfterFlip) {
-                warn!("{label}: PROXY_TEST_HOOK=stop-after-flip: stopping myself");
-                sys::stop_self();
-            }
         }
         self.enter(Phase::Active);
         self.shared.sweep.notify_waiters();

@@ -47,20 +47,33 @@ pub(super) fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-/// Appends the client to X-Forwarded-For, folding earlier lines into one.
-pub(super) fn set_forwarded_for(headers: &mut HeaderMap, addr: SocketAddr) {
+/// The client's address as an X-Forwarded-For element, made once per
+/// connection.
+pub(super) fn forwarded_for_value(addr: SocketAddr) -> HeaderValue {
     let ip = addr.ip().to_canonical().to_string();
+    HeaderValue::from_str(&ip).expect("an IP address is a valid header value")
+}
+
+/// Appends the client (`ip`, from [`forwarded_for_value`]) to
+/// X-Forwarded-For, folding earlier lines into one.
+pub(super) fn set_forwarded_for(headers: &mut HeaderMap, ip: &HeaderValue) {
+    let name = HeaderName::from_static("x-forwarded-for");
     let mut value = Vec::new();
-    for existing in headers.get_all(header::HeaderName::from_static("x-forwarded-for")) {
+    for existing in headers.get_all(&name) {
         let existing = existing.as_bytes().trim_ascii();
         if !existing.is_empty() {
             value.extend_from_slice(existing);
             value.extend_from_slice(b", ");
         }
     }
+    if value.is_empty() {
+        // The usual case: no earlier proxy, the value is shared, not copied.
+        headers.insert(name, ip.clone());
+        return;
+    }
     value.extend_from_slice(ip.as_bytes());
     if let Ok(value) = HeaderValue::from_bytes(&value) {
-        headers.insert(HeaderName::from_static("x-forwarded-for"), value);
+        headers.insert(name, value);
     }
 }
 

@@ -43,8 +43,8 @@ use tokio_util::io::{ReaderStream, StreamReader};
 
 use self::{
     headers::{
-        accepts_gzip, add_vary_accept_encoding, compressible, mark_gzipped, set_forwarded_for,
-        strip_hop_by_hop,
+        accepts_gzip, add_vary_accept_encoding, compressible, forwarded_for_value, mark_gzipped,
+        set_forwarded_for, strip_hop_by_hop,
     },
     log::{Logged, RequestLog, Termination},
     upstream::{Sent, UpstreamBody},
@@ -286,7 +286,7 @@ where
     let shared = Arc::new(ConnState {
         upstream,
         settings: settings.clone(),
-        forwarded_for: downstream.forwarded_for,
+        forwarded_for: downstream.forwarded_for.map(forwarded_for_value),
         draining: draining.clone(),
         idle: downstream.idle.clone(),
         counters: Arc::new(BodyCounters::default()),
@@ -432,7 +432,7 @@ struct ConnState<U> {
     settings: Arc<HttpSettings>,
     /// The real client (from the socket or a PROXY v2 header), sent upstream
     /// in `X-Forwarded-For`; `None` leaves that header as the client sent it.
-    forwarded_for: Option<SocketAddr>,
+    forwarded_for: Option<HeaderValue>,
     draining: watch::Receiver<bool>,
     /// Upstream connections between two requests.
     idle: Arc<IdlePool>,
@@ -549,8 +549,8 @@ impl<U: Upstream> ConnState<U> {
         }
         parts.version = Version::HTTP_11;
         strip_hop_by_hop(&mut parts.headers);
-        if let Some(addr) = self.forwarded_for {
-            set_forwarded_for(&mut parts.headers, addr);
+        if let Some(ip) = &self.forwarded_for {
+            set_forwarded_for(&mut parts.headers, ip);
         }
         let read = (!http_body::Body::is_end_stream(&body)).then(|| Arc::new(AtomicU64::new(0)));
         let body = RequestBody {
