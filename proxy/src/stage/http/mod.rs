@@ -294,11 +294,14 @@ where
         protocol: downstream.protocol,
         tunnel: Default::default(),
     });
+    // The request's future is boxed: hyper keeps a slot of the service
+    // future's size for the whole connection, and ours is about 2.6 KiB,
+    // which every idle keep-alive client would hold.
     let service = {
         let shared = shared.clone();
         service_fn(move |req| {
             let shared = shared.clone();
-            async move { Ok::<_, Infallible>(shared.handle(req).await) }
+            Box::pin(async move { Ok::<_, Infallible>(shared.handle(req).await) })
         })
     };
 
