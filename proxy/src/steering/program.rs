@@ -17,6 +17,14 @@ use super::{Group, Result, SteeringError, map_err};
 /// build.rs). Empty when the proxy was built without it.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/proxy-ebpf.o"));
 
+/// aya-log's ring buffer, one per loaded program (each listener's group).
+const LOG_MAP: &str = "AYA_LOGS";
+/// Its size: aya-log-ebpf asks for 128 KiB, which the kernel maps into the
+/// reader twice over, resident from the start (about 260 KiB of RSS per
+/// listener). Our program logs one debug line, on a path that means a
+/// socket is missing; 16 KiB holds a burst of them.
+const LOG_BYTES: u32 = 16 * 1024;
+
 /// Loads the steering program for `group`, creating and pinning the maps on
 /// first use (later loads reuse the pinned maps), and attaches it to the
 /// reuseport group of `socket`. The attachment belongs to the group and
@@ -27,6 +35,7 @@ pub fn attach(dir: &Path, group: Group, socket: &impl AsFd) -> Result<Ebpf> {
     }
     let mut ebpf = EbpfLoader::new()
         .default_map_pin_directory(dir)
+        .map_max_entries(LOG_MAP, LOG_BYTES)
         .override_global(GLOBAL_GROUP, &group.0, true)
         .load(EBPF_OBJECT)?;
     let prog: &mut SkReuseport = ebpf
@@ -79,6 +88,7 @@ pub fn ensure_pinned(dir: &Path) -> Result<()> {
         // (all of it for a new instance; new maps after an upgrade).
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(dir)
+            .map_max_entries(LOG_MAP, LOG_BYTES)
             .load(EBPF_OBJECT)?;
         if !fresh {
             return Ok(());
