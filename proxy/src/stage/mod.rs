@@ -436,8 +436,15 @@ impl Stage {
         client: &mut ClientInfo,
     ) -> Result<Done, ConnError> {
         if let Some((versions, deadline)) = self.accept_proxy {
-            let (header, _) =
-                proxy_proto::read_header(&mut stream, versions, deadline, MAX_PROXY_HEADER).await?;
+            // Boxed, as the paths below: its timer and buffer would otherwise
+            // stay in every connection's task for the connection's life.
+            let (header, _) = Box::pin(proxy_proto::read_header(
+                &mut stream,
+                versions,
+                deadline,
+                MAX_PROXY_HEADER,
+            ))
+            .await?;
             // LOCAL (health checks of the previous hop) keeps the socket's
             // own addresses.
             if header.source.is_some() {
