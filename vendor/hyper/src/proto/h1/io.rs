@@ -221,7 +221,19 @@ where
                     self.partial_len = None;
                 }
             }
-            if ready!(self.poll_read_from_io(cx)).map_err(crate::Error::new_io)? == 0 {
+            let read = match self.poll_read_from_io(cx) {
+                Poll::Ready(read) => read,
+                Poll::Pending => {
+                    // proxy patch: nor does it keep the header map of its
+                    // last message for reuse (about 1 KiB for a response of
+                    // ten headers); the next message allocates its own.
+                    if self.read_buf.is_empty() {
+                        *parse_ctx.cached_headers = None;
+                    }
+                    return Poll::Pending;
+                }
+            };
+            if read.map_err(crate::Error::new_io)? == 0 {
                 trace!("parse eof");
                 return Poll::Ready(Err(crate::Error::new_incomplete()));
             }
