@@ -279,6 +279,10 @@ where
                 // arrive.
                 if self.read_buf.is_empty() {
                     self.read_buf = BytesMut::new();
+                    // proxy patch: nor write buffers, once all was written.
+                    if !self.write_buf.has_remaining() {
+                        self.write_buf.release();
+                    }
                 }
                 Poll::Pending
             }
@@ -561,6 +565,13 @@ impl<B: Buf> WriteBuf<B> {
             queue: BufList::new(),
             strategy,
         }
+    }
+
+    /// proxy patch: gives back the (empty) buffers' memory.
+    fn release(&mut self) {
+        debug_assert!(!self.has_remaining());
+        self.headers = Cursor::new(Vec::new());
+        self.queue = BufList::new();
     }
 
     fn set_strategy(&mut self, strategy: WriteStrategy) {
