@@ -14,6 +14,11 @@ use crate::common::buf::BufList;
 /// The initial buffer size allocated before trying to read from IO.
 pub(crate) const INIT_BUFFER_SIZE: usize = 8192;
 
+/// proxy patch: the smallest read buffer allocated after a read into the
+/// stack (within glibc's per-thread cache, as nginx's 1 KiB
+/// `client_header_buffer_size`).
+const FIRST_READ_CAPACITY: usize = 1024;
+
 /// The minimum value that can be set to max buffer size.
 pub(crate) const MINIMUM_MAX_BUFFER_SIZE: usize = INIT_BUFFER_SIZE;
 
@@ -242,6 +247,35 @@ where
 
     pub(crate) fn poll_read_from_io(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
         self.read_blocked = false;
+        // proxy patch: with nothing buffered and small reads so far (a new
+        // connection, or one between small messages), read into the stack
+        // first. A read that finds nothing allocates nothing, and a small
+        // message gets a buffer of 1 KiB (glibc's thread cache) instead of
+        // 8 KiB from the large bins. Streams whose reads grew past 8 KiB
+        // read in place as before.
+        if self.read_buf.is_empty() && self.read_buf_strategy.next() <= INIT_BUFFER_SIZE {
+            let mut stack = [std::mem::MaybeUninit::<u8>::uninit(); INIT_BUFFER_SIZE];
+            let mut buf = ReadBuf::uninit(&mut stack);
+            return match Pin::new(&mut self.io).poll_read(cx, buf.unfilled()) {
+                Poll::Ready(Ok(())) => {
+                    let got = buf.filled();
+                    let n = got.len();
+                    trace!("received {} bytes", n);
+                    if self.read_buf.capacity() < n {
+                        self.read_buf = BytesMut::with_capacity(cmp::max(n, FIRST_READ_CAPACITY));
+                    }
+                    self.read_buf.extend_from_slice(got);
+                    self.read_buf_strategy.record(n);
+                    Poll::Ready(Ok(n))
+                }
+                Poll::Pending => {
+                    self.read_blocked = true;
+                    self.release_idle_buffers();
+                    Poll::Pending
+                }
+                Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            };
+        }
         // Get the next amount to allocate, but make sure we don't go over
         // the max read buf size configured.
         let next = cmp::min(
@@ -273,20 +307,24 @@ where
             }
             Poll::Pending => {
                 self.read_blocked = true;
-                // proxy patch: a connection waiting for its next message
-                // holds no read buffer (an idle keep-alive client would
-                // otherwise keep 8 KiB); it is allocated again when bytes
-                // arrive.
                 if self.read_buf.is_empty() {
-                    self.read_buf = BytesMut::new();
-                    // proxy patch: nor write buffers, once all was written.
-                    if !self.write_buf.has_remaining() {
-                        self.write_buf.release();
-                    }
+                    self.release_idle_buffers();
                 }
                 Poll::Pending
             }
             Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+        }
+    }
+
+    /// proxy patch: a connection waiting for its next message holds no
+    /// read buffer (an idle keep-alive client would otherwise keep 8 KiB;
+    /// it is allocated again when bytes arrive), nor write buffers once all
+    /// was written.
+    fn release_idle_buffers(&mut self) {
+        debug_assert!(self.read_buf.is_empty());
+        self.read_buf = BytesMut::new();
+        if !self.write_buf.has_remaining() {
+            self.write_buf.release();
         }
     }
 
