@@ -6,6 +6,7 @@
 //! cargo xtask bench                       # the peer comparison (about 5 minutes)
 //! cargo xtask bench -- --quick            # one short run of every row (under 3 minutes)
 //! cargo xtask bench -- --stages --seconds 3
+//! cargo xtask pgo                         # the training run (--train) of a new PGO profile
 //! ```
 //!
 //! Figures are printed and written, never asserted.
@@ -49,6 +50,13 @@ struct Args {
     /// instead of the peers.
     #[arg(long)]
     stages: bool,
+    /// The training run of profile-guided optimisation (`cargo xtask pgo`,
+    /// with an instrumented proxy): the stage topology, then our proxy
+    /// alone through every row of the peer comparison and an HTTP/2 load,
+    /// each stopped gracefully so that it writes its profile. Nothing is
+    /// reported.
+    #[arg(long, conflicts_with_all = ["stages", "quick", "runs"])]
+    train: bool,
     /// --stages: concurrent clients per measurement.
     #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u64).range(1..=1024))]
     connections: u64,
@@ -66,19 +74,25 @@ fn main() -> ExitCode {
 }
 
 fn run(args: Args) -> Result<()> {
-    if args.stages {
-        return stages::run(&stages::Args {
-            proxy: args.proxy,
-            seconds: args.seconds.unwrap_or(5),
+    if args.stages || args.train {
+        stages::run(&stages::Args {
+            proxy: args.proxy.clone(),
+            seconds: args.seconds.unwrap_or(if args.train { 1 } else { 5 }),
             connections: args.connections,
-        });
+        })?;
+        if args.stages {
+            return Ok(());
+        }
     }
     let quick = args.quick;
     peers::run(&peers::Args {
         proxy: args.proxy,
-        seconds: args.seconds.unwrap_or(if quick { 2 } else { 5 }),
+        seconds: args
+            .seconds
+            .unwrap_or(if quick || args.train { 2 } else { 5 }),
         runs: usize::try_from(args.runs.unwrap_or(if quick { 1 } else { 2 }))?,
         quick,
         out: args.out.unwrap_or_else(peers::default_out),
+        train: args.train,
     })
 }

@@ -17,6 +17,7 @@ use proxy_harness::{
     certs::{TestCert, make_cert},
     config::toml_str,
     process::tail,
+    signals::Signal,
     tls::trusting,
 };
 use tokio::net::TcpListener;
@@ -81,7 +82,15 @@ pub fn run(args: &Args) -> Result<()> {
                     r = bench(args, &mut proxy, &servers, &cert) => r,
                     _ = tokio::signal::ctrl_c() => Err(anyhow!("interrupted")),
                 }
-            })
+            })?;
+            // A graceful stop, checked: it is also how an instrumented
+            // build (`cargo xtask pgo`) gets to write its profile.
+            proxy.signal(Signal::Term);
+            let status = proxy
+                .wait_exit(Duration::from_secs(30))
+                .ok_or_else(|| anyhow!("the proxy did not exit within 30 s of SIGTERM"))?;
+            ensure!(status.success(), "the proxy exited with {status}");
+            Ok(())
         })();
         rt.shutdown_timeout(Duration::from_secs(2));
         result

@@ -54,6 +54,10 @@ const BENCH: &[(&str, &str)] = &[
     ("haproxy", "the peer HAProxy"),
     ("nginx", "the peer nginx and the origin"),
     ("wrk", "the HTTP load"),
+    (
+        "nghttp2-client",
+        "h2load: the HTTP/2 load of the PGO training run",
+    ),
     ("openssl", "the RSA and ECDSA certificates"),
     ("util-linux", "taskset"),
     ("iproute2", "network namespaces"),

@@ -11,6 +11,8 @@
 //!   Debian and Python packages the tests drive when they are missing, and
 //!   replays the fuzz targets over their committed corpus (`fuzz.rs`).
 //! - `fuzz`: that replay alone.
+//! - `pgo`: a new profile for the profile-guided optimisation every release
+//!   proxy build uses (`pgo.rs`).
 
 use std::{
     env,
@@ -27,6 +29,7 @@ mod certs;
 mod demo;
 mod deps;
 mod fuzz;
+mod pgo;
 
 #[derive(Parser)]
 #[command(about = "Build, run and test the proxy")]
@@ -85,6 +88,12 @@ enum Cmd {
     Fuzz,
     /// Write demo certificates (RSA 2048 and ECDSA P-256) into certs/.
     Certs,
+    /// Make a new profile for profile-guided optimisation (root, about 10
+    /// minutes): an instrumented build, the bench's training run
+    /// (`proxy-bench --train`), `llvm-profdata merge` into pgo/proxy.profdata.
+    /// Every release proxy build uses that file (PROXY_PGO=off: not).
+    /// Installs rustup's llvm-tools and the bench's tools when missing.
+    Pgo,
     /// `cargo fmt --check` and `cargo clippy -D warnings` for the host crates,
     /// the eBPF crate and the fuzz targets.
     Lint,
@@ -156,6 +165,12 @@ fn run(cli: Cli) -> Result<()> {
                 .run("the soak")
         }
         Cmd::Certs => certs::run(&ws.join("certs")),
+        Cmd::Pgo => {
+            require_root("pgo")?;
+            deps::ensure_bench_tools()?;
+            let object = build_ebpf(&ws)?;
+            pgo::generate(&ws, &object)
+        }
         Cmd::Experiment { args } => {
             let proxy = build_all(&ws, &[])?;
             require_root("experiment")?;
@@ -445,13 +460,39 @@ fn test_proxy(ws: &Path) -> Result<PathBuf> {
 }
 
 /// The eBPF object and the release proxy with it embedded, with the proxy's
-/// cargo `features` (none for the product).
+/// cargo `features` (none for the product), and with the committed PGO
+/// profile when it can be used (`pgo.rs`).
+///
+/// Built for an explicit `--target` (the host), so that the profile's flags
+/// apply to the proxy and its dependencies but not to build scripts, and do
+/// not fight other release builds (the bench, the lab) over the artifacts of
+/// shared dependencies; then linked to `target/release/proxy`, where the
+/// README and the packaging look for it.
 fn build_all(ws: &Path, features: &[&str]) -> Result<PathBuf> {
     let object = build_ebpf(ws)?;
+    let rustc = pgo::rustc()?;
     cargo(ws)
         .args(["build", "--release", "--package", "proxy"])
+        .args(["--target", &rustc.host])
         .args(["--features", &features.join(",")])
+        .env_remove("RUSTFLAGS")
+        .env("CARGO_ENCODED_RUSTFLAGS", pgo::use_flags(ws, &rustc)?)
         .env("PROXY_EBPF_OBJECT", &object)
         .run("building the proxy")?;
-    Ok(ws.join("target/release/proxy"))
+    let built = ws.join("target").join(&rustc.host).join("release/proxy");
+    let product = ws.join("target/release/proxy");
+    fs::create_dir_all(ws.join("target/release"))?;
+    // Unlink first: a running proxy keeps its (old) file; a hard link
+    // where possible, as cargo itself does.
+    match fs::remove_file(&product) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(e).with_context(|| format!("removing {}", product.display()));
+        }
+        _ => {}
+    }
+    if fs::hard_link(&built, &product).is_err() {
+        fs::copy(&built, &product)
+            .with_context(|| format!("copying {} to {}", built.display(), product.display()))?;
+    }
+    Ok(product)
 }

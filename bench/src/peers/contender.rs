@@ -252,26 +252,42 @@ pub fn start(sb: &Sandbox, kind: Kind, files: &Files) -> Result<Running> {
             let path = sb.write_file("nginx.conf", &nginx_config(files));
             spawn_pinned(sb, "nginx", "nginx", &["-c", &path.display().to_string()])?
         }
-        Kind::Proxy => {
-            let path = sb.write_file("proxy.toml", &proxy_config(sb, files));
-            // One worker thread for everything: no listener has its own
-            // runtime, and the default runtime gets one worker.
-            let mut p = Proxy::start_wrapped(
-                sb,
-                &["taskset", "-c", &SERVER_CPU.to_string()],
-                &path,
-                &[("TOKIO_WORKER_THREADS", "1")],
-            );
-            p.wait_active(sb, Duration::from_secs(15));
-            Running {
-                kind: None,
-                pid: p.pid,
-                log: p.log_path.clone(),
-                proxy: Some(p),
-            }
-        }
+        Kind::Proxy => start_proxy(sb, &proxy_config(sb, files, false)),
     };
     r.kind = Some(kind);
+    wait_listeners(kind, r)
+}
+
+/// Our proxy for the training run of profile-guided optimisation: the
+/// same listeners, with the access line on `http` and HTTP/2 offered on
+/// `tls_ecdsa`, so that these paths are trained too.
+pub fn start_training(sb: &Sandbox, files: &Files) -> Result<Running> {
+    let mut r = start_proxy(sb, &proxy_config(sb, files, true));
+    r.kind = Some(Kind::Proxy);
+    wait_listeners(Kind::Proxy, r)
+}
+
+fn start_proxy(sb: &Sandbox, config: &str) -> Running {
+    let path = sb.write_file("proxy.toml", config);
+    // One worker thread for everything: no listener has its own runtime,
+    // and the default runtime gets one worker.
+    let mut p = Proxy::start_wrapped(
+        sb,
+        &["taskset", "-c", &SERVER_CPU.to_string()],
+        &path,
+        &[("TOKIO_WORKER_THREADS", "1")],
+    );
+    p.wait_active(sb, Duration::from_secs(15));
+    Running {
+        kind: None,
+        pid: p.pid,
+        log: p.log_path.clone(),
+        proxy: Some(p),
+    }
+}
+
+/// Waits until all of `r`'s listeners accept.
+fn wait_listeners(kind: Kind, mut r: Running) -> Result<Running> {
     for l in [
         Listener::Http,
         Listener::Gzip,
@@ -427,7 +443,9 @@ backend origin
 
 /// Our proxy: the same four listeners on the default runtime, TLS without
 /// tickets or session cache, no access lines (the peers log none either).
-fn proxy_config(sb: &Sandbox, f: &Files) -> String {
+/// `training`: the access line on `http`, and `h2` offered first on
+/// `tls_ecdsa` (the bench's clients offer only `http/1.1`).
+fn proxy_config(sb: &Sandbox, f: &Files, training: bool) -> String {
     let k = Kind::Proxy;
     let path = |p: &Path| toml_str(&p.display().to_string());
     format!(
@@ -439,7 +457,7 @@ hard_stop_after = "5s"
 
 [[listener]]
 name = "http"
-access_log = false
+access_log = {access_log}
 bind = ["127.0.0.1:{http}"]
 mode = "http"
 backend = "origin"
@@ -462,7 +480,7 @@ mode = "http"
 backend = "origin"
 [listener.tls]
 certs = [{ecdsa_pem}]
-alpn = ["http/1.1"]
+alpn = [{ecdsa_alpn}"http/1.1"]
 session_tickets = false
 session_cache = 0
 
@@ -484,6 +502,8 @@ servers = ["127.0.0.1:{ORIGIN_PORT}"]
 "#,
         name = toml_str(&sb.name),
         bpffs = path(&sb.bpffs),
+        access_log = training,
+        ecdsa_alpn = if training { "\"h2\", " } else { "" },
         http = k.port(Listener::Http),
         gzip = k.port(Listener::Gzip),
         ecdsa = k.port(Listener::TlsEcdsa),

@@ -32,7 +32,7 @@ use std::{
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use bytes::Bytes;
-use proxy_harness::{Sandbox, process::run_bounded};
+use proxy_harness::{Sandbox, process::run_bounded, signals::Signal};
 use rustls::{ClientConfig, RootCertStore, client::Resumption, pki_types::CertificateDer};
 use tokio::runtime::Runtime;
 use tokio_rustls::TlsConnector;
@@ -64,6 +64,9 @@ pub struct Args {
     pub quick: bool,
     /// Where the results folder is made.
     pub out: PathBuf,
+    /// Drive only our proxy, every row once, then stop it gracefully: the
+    /// training run of profile-guided optimisation (`cargo xtask pgo`).
+    pub train: bool,
 }
 
 /// What a row drives.
@@ -182,12 +185,18 @@ pub fn run(args: &Args) -> Result<()> {
         .enable_all()
         .build()
         .context("starting the tokio runtime")?;
-    let result = suite(args, &sb, &rt, started_utc);
+    let result = if args.train {
+        train(args, &sb, &rt).map(|()| None)
+    } else {
+        suite(args, &sb, &rt, started_utc).map(Some)
+    };
     rt.shutdown_timeout(Duration::from_secs(2));
     // The sandbox kills every process it adopted (by PID) and removes its
     // folder, whatever happened above.
     drop(sb);
-    let report = result?;
+    let Some(report) = result? else {
+        return Ok(());
+    };
     let dir = args.out.join(&report.started_utc);
     fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let md = report::markdown(&report);
@@ -200,27 +209,61 @@ pub fn run(args: &Args) -> Result<()> {
     Ok(())
 }
 
+/// What every contender is driven with: the origin's files, the
+/// certificates, the wrk script, the client side's bodies and TLS configs.
+struct Prepared {
+    www: PathBuf,
+    ecdsa: PathBuf,
+    rsa: PathBuf,
+    script: PathBuf,
+    bodies: Bodies,
+}
+
+impl Prepared {
+    fn new(sb: &Sandbox) -> Result<Prepared> {
+        let www = sb.dir.join("www");
+        fs::create_dir_all(&www)?;
+        let small = small_body();
+        let big = big_body();
+        fs::write(www.join("small"), &small)?;
+        fs::write(www.join("big.html"), &big)?;
+        let script = sb.write_file("report.lua", wrk::SCRIPT);
+        let (ecdsa, ecdsa_der) = contender::make_cert(
+            &sb.dir,
+            "ecdsa",
+            &["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256"],
+        )?;
+        let (rsa, rsa_der) = contender::make_cert(&sb.dir, "rsa", &["-newkey", "rsa:2048"])?;
+        let bodies = Bodies {
+            small: Bytes::from(small),
+            big: Bytes::from(big),
+            ecdsa: tls13_only(&ecdsa_der)?,
+            rsa: tls13_only(&rsa_der)?,
+        };
+        Ok(Prepared {
+            www,
+            ecdsa,
+            rsa,
+            script,
+            bodies,
+        })
+    }
+
+    fn files<'a>(&'a self, sb: &'a Sandbox) -> Files<'a> {
+        Files {
+            dir: &sb.dir,
+            www: &self.www,
+            ecdsa: &self.ecdsa,
+            rsa: &self.rsa,
+        }
+    }
+}
+
 /// The origin's files, the contenders, the rows, the memory figures.
 fn suite(args: &Args, sb: &Sandbox, rt: &Runtime, started_utc: String) -> Result<Report> {
-    let www = sb.dir.join("www");
-    fs::create_dir_all(&www)?;
-    let small = small_body();
-    let big = big_body();
-    fs::write(www.join("small"), &small)?;
-    fs::write(www.join("big.html"), &big)?;
-    let script = sb.write_file("report.lua", wrk::SCRIPT);
-    let (ecdsa, ecdsa_der) = contender::make_cert(
-        &sb.dir,
-        "ecdsa",
-        &["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256"],
-    )?;
-    let (rsa, rsa_der) = contender::make_cert(&sb.dir, "rsa", &["-newkey", "rsa:2048"])?;
-    let files = Files {
-        dir: &sb.dir,
-        www: &www,
-        ecdsa: &ecdsa,
-        rsa: &rsa,
-    };
+    let prepared = Prepared::new(sb)?;
+    let files = prepared.files(sb);
+    let (script, bodies) = (&prepared.script, &prepared.bodies);
 
     let mut origin = contender::start_origin(sb, &files)?;
     let mut contenders = Vec::new();
@@ -230,18 +273,11 @@ fn suite(args: &Args, sb: &Sandbox, rt: &Runtime, started_utc: String) -> Result
     }
     std::thread::sleep(Duration::from_millis(300));
     let idle_rss: Vec<u64> = contenders.iter().map(|c| c.mem_kib("VmRSS")).collect();
-
-    let bodies = Bodies {
-        small: Bytes::from(small),
-        big: Bytes::from(big),
-        ecdsa: tls13_only(&ecdsa_der)?,
-        rsa: tls13_only(&rsa_der)?,
-    };
     // Correctness first: every contender must deliver the origin's bytes.
     let mut gzip_out = Vec::new();
     for c in &contenders {
         let kind = c.kind.expect("a contender");
-        gzip_out.push(rt.block_on(probe(kind, &bodies))?);
+        gzip_out.push(rt.block_on(probe(kind, bodies))?);
     }
 
     let mut runs: Vec<Vec<Vec<RunFigures>>> = vec![vec![Vec::new(); Kind::ALL.len()]; ROWS.len()];
@@ -259,10 +295,10 @@ fn suite(args: &Args, sb: &Sandbox, rt: &Runtime, started_utc: String) -> Result
                 // The first run warms each contender and row up (pools,
                 // caches, the allocator's arenas) before measuring.
                 if run == 0 {
-                    measure(rt, &script, kind, c, row.load, &bodies, 1)
+                    measure(rt, script, kind, c, row.load, bodies, 1)
                         .with_context(|| format!("warming up {} via {}", row.id, kind.label()))?;
                 }
-                let f = measure(rt, &script, kind, c, row.load, &bodies, args.seconds)
+                let f = measure(rt, script, kind, c, row.load, bodies, args.seconds)
                     .with_context(|| format!("{} via {}", row.id, kind.label()))?;
                 c.check_alive()?;
                 origin.check_alive()?;
@@ -344,6 +380,49 @@ fn suite(args: &Args, sb: &Sandbox, rt: &Runtime, started_utc: String) -> Result
             ),
         ],
     })
+}
+
+/// `--train`: our proxy alone, with the access line on and HTTP/2 offered
+/// ([`contender::start_training`]), through every row once and an HTTP/2
+/// load, a thousand idle clients, then a graceful stop: an instrumented
+/// build writes its profile when it exits.
+fn train(args: &Args, sb: &Sandbox, rt: &Runtime) -> Result<()> {
+    let prepared = Prepared::new(sb)?;
+    let files = prepared.files(sb);
+    let (script, bodies) = (&prepared.script, &prepared.bodies);
+    let mut origin = contender::start_origin(sb, &files)?;
+    let mut c = contender::start_training(sb, &files)?;
+    let kind = Kind::Proxy;
+    rt.block_on(probe(kind, bodies))?;
+    for row in &ROWS {
+        let f = measure(rt, script, kind, &c, row.load, bodies, args.seconds)
+            .with_context(|| format!("training on {}", row.id))?;
+        eprintln!("trained: {} ({} requests)", row.label, f.requests);
+        c.check_alive()?;
+        origin.check_alive()?;
+    }
+    let url = format!("https://127.0.0.1:{}/small", kind.port(Listener::TlsEcdsa));
+    let h2 = run_bounded(
+        Command::new("h2load").args(["-n", "100000", "-c", "16", "-m", "8", &url]),
+        Duration::from_secs(args.seconds * 5 + 30),
+    );
+    let report = String::from_utf8_lossy(&h2.stdout);
+    ensure!(
+        h2.status.success() && report.contains("h2"),
+        "h2load against {url} ({}): {report}{}",
+        h2.status,
+        String::from_utf8_lossy(&h2.stderr)
+    );
+    eprintln!("trained: HTTP/2 over TLS (h2load, 100,000 requests)");
+    idle_memory(rt, &c, 1_000)?;
+    c.check_alive()?;
+    let proxy = c.proxy.as_mut().expect("our proxy has a handle");
+    proxy.signal(Signal::Term);
+    let Some(status) = proxy.wait_exit(Duration::from_secs(30)) else {
+        bail!("the proxy did not exit within 30 s of SIGTERM");
+    };
+    ensure!(status.success(), "the proxy exited with {status}");
+    Ok(())
 }
 
 /// The bodies and TLS client configs every check and load uses.
