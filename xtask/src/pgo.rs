@@ -7,6 +7,15 @@
 //! it, and xtask says why. A profile older than the code still loads:
 //! functions that changed since are built as without one.
 //!
+//! A profile finds a function by its symbol name, and Rust's symbol names
+//! carry a hash of the crate's cargo metadata: a dependency added or updated,
+//! a version bump, changes them for nearly every function of the proxy (the
+//! generic code of tokio and hyper is named in the proxy's crate). The
+//! profile still loads but then covers little: adding one dependency took
+//! `.text` from 6.4 to 7.1 MB. So `pgo/made-with` also records a hash of the
+//! manifests and the lock file ([`inputs`]), and xtask warns when they
+//! changed since the profile was made.
+//!
 //! [`generate`] (`cargo xtask pgo`) makes a new profile: an instrumented
 //! build in `target/pgo`, the bench's training run (`proxy-bench --train`:
 //! the stage topology, then every row of the peer comparison and an HTTP/2
@@ -25,8 +34,39 @@ use crate::{Run, cargo};
 
 /// The committed profile, relative to the workspace.
 pub const PROFILE: &str = "pgo/proxy.profdata";
-/// The `LLVM version:` line of the rustc that made it.
-const LLVM_VERSION: &str = "pgo/llvm-version";
+/// What made it: the rustc's `LLVM version:` line, and `inputs:` (the hash
+/// of [`INPUTS`]).
+const MADE_WITH: &str = "pgo/made-with";
+/// The files whose changes rename the proxy's symbols.
+const INPUTS: [&str; 4] = [
+    "Cargo.lock",
+    "Cargo.toml",
+    "proxy/Cargo.toml",
+    "proxy-common/Cargo.toml",
+];
+
+/// FNV-1a (64 bits) over [`INPUTS`], in hex: stable across Rust releases,
+/// unlike std's hasher.
+fn inputs(ws: &Path) -> Result<String> {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for name in INPUTS {
+        let path = ws.join(name);
+        let bytes = fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+        for b in name.bytes().chain([0]).chain(bytes) {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    Ok(format!("{h:016x}"))
+}
+
+/// A `name: value` line of `pgo/made-with`.
+fn made_with(text: &str, name: &str) -> String {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name))
+        .map(|v| v.trim().to_string())
+        .unwrap_or_default()
+}
 
 /// What `rustc -vV` says of itself: the host triple and the LLVM version.
 pub struct Rustc {
@@ -66,16 +106,24 @@ pub fn use_flags(ws: &Path, rustc: &Rustc) -> Result<String> {
             PROFILE
         ));
     } else {
-        let made_with = fs::read_to_string(ws.join(LLVM_VERSION)).unwrap_or_default();
-        let made_with = made_with.trim();
-        if major(made_with) == major(&rustc.llvm) {
+        let text = fs::read_to_string(ws.join(MADE_WITH)).unwrap_or_default();
+        let llvm = made_with(&text, "LLVM version:");
+        if major(&llvm) == major(&rustc.llvm) {
             flags.push(format!("-Cprofile-use={}", profile.display()));
             // Functions changed since the profile was made are built as
             // without one; LLVM would warn about each.
             flags.push("-Cllvm-args=-no-pgo-warn-mismatch".into());
+            if made_with(&text, "inputs:") != inputs(ws)? {
+                eprintln!(
+                    "xtask: warning: the manifests or Cargo.lock changed since {PROFILE} was \
+                     made, which renames most of the proxy's functions: the profile now \
+                     covers little of the build. Make a new one with `cargo xtask pgo` \
+                     (root, about 10 minutes) and commit it."
+                );
+            }
         } else {
             skip(format!(
-                "{PROFILE} was made with LLVM {made_with:?}, this rustc has LLVM {} \
+                "{PROFILE} was made with LLVM {llvm:?}, this rustc has LLVM {} \
                  (`cargo xtask pgo` makes a new one)",
                 rustc.llvm
             ));
@@ -164,14 +212,16 @@ pub fn generate(ws: &Path, object: &Path) -> Result<()> {
         .arg(&out)
         .args(&counts)
         .run("llvm-profdata merge")?;
-    fs::write(ws.join(LLVM_VERSION), format!("{}\n", rustc.llvm))?;
+    fs::write(
+        ws.join(MADE_WITH),
+        format!("LLVM version: {}\ninputs: {}\n", rustc.llvm, inputs(ws)?),
+    )?;
     eprintln!(
-        "xtask: wrote {} ({} KiB, LLVM {}) from {} raw profile(s); commit it with {}",
+        "xtask: wrote {} ({} KiB, LLVM {}) from {} raw profile(s); commit it with {MADE_WITH}",
         out.display(),
         fs::metadata(&out)?.len() / 1024,
         rustc.llvm,
         counts.len(),
-        LLVM_VERSION
     );
     Ok(())
 }

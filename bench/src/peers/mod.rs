@@ -9,7 +9,8 @@
 //! gzip, TLS with an ECDSA P-256 certificate, TLS with RSA 2048), all with
 //! one thread or worker, the contenders and the origin pinned on CPU 0 and
 //! the load on CPU 1. Every row ([`ROWS`]) is run against each contender in
-//! turn, `runs` times: keep-alive and new-connection HTTP loads with
+//! turns of one second (in alternating order, so that the machine's drift
+//! weighs on all alike), `runs` times: keep-alive and new-connection HTTP loads with
 //! [`wrk`], full TLS 1.3 handshakes with the in-process rustls client (wrk's
 //! OpenSSL client saturates before the servers do). Then each contender's
 //! peak memory, and what it holds per idle keep-alive client ([`idle`]).
@@ -283,26 +284,43 @@ fn suite(args: &Args, sb: &Sandbox, rt: &Runtime, started_utc: String) -> Result
     let mut runs: Vec<Vec<Vec<RunFigures>>> = vec![vec![Vec::new(); Kind::ALL.len()]; ROWS.len()];
     for run in 0..args.runs {
         for (r, row) in ROWS.iter().enumerate() {
-            for (ci, c) in contenders.iter_mut().enumerate() {
-                let kind = c.kind.expect("a contender");
-                eprintln!(
-                    "run {}/{}: {} via {} ...",
-                    run + 1,
-                    args.runs,
-                    row.label,
-                    kind.label()
-                );
-                // The first run warms each contender and row up (pools,
-                // caches, the allocator's arenas) before measuring.
-                if run == 0 {
+            eprintln!(
+                "run {}/{}: {} ({} s per contender, in 1 s turns) ...",
+                run + 1,
+                args.runs,
+                row.label,
+                args.seconds
+            );
+            // The first run warms each contender and row up (pools,
+            // caches, the allocator's arenas) before measuring.
+            if run == 0 {
+                for c in contenders.iter_mut() {
+                    let kind = c.kind.expect("a contender");
                     measure(rt, script, kind, c, row.load, bodies, 1)
                         .with_context(|| format!("warming up {} via {}", row.id, kind.label()))?;
                 }
-                let f = measure(rt, script, kind, c, row.load, bodies, args.seconds)
-                    .with_context(|| format!("{} via {}", row.id, kind.label()))?;
-                c.check_alive()?;
-                origin.check_alive()?;
-                runs[r][ci].push(f);
+            }
+            // The contenders take turns of one second, in alternating
+            // order: the speed of this machine drifts by up to 2x within
+            // minutes, and turns make every contender see the same drift.
+            let mut turns: Vec<Vec<RunFigures>> = vec![Vec::new(); contenders.len()];
+            for turn in 0..args.seconds {
+                let mut order: Vec<usize> = (0..contenders.len()).collect();
+                if turn % 2 == 1 {
+                    order.reverse();
+                }
+                for ci in order {
+                    let c = &mut contenders[ci];
+                    let kind = c.kind.expect("a contender");
+                    let f = measure(rt, script, kind, c, row.load, bodies, 1)
+                        .with_context(|| format!("{} via {}", row.id, kind.label()))?;
+                    c.check_alive()?;
+                    origin.check_alive()?;
+                    turns[ci].push(f);
+                }
+            }
+            for (ci, t) in turns.iter().enumerate() {
+                runs[r][ci].push(report::combine(t));
             }
         }
     }
@@ -360,6 +378,10 @@ fn suite(args: &Args, sb: &Sandbox, rt: &Runtime, started_utc: String) -> Result
             "CPU per request: the contender's own processes and threads only (the origin \
              and the load are not counted), from /proc/<pid>/task/*/schedstat around the \
              measured load."
+                .into(),
+            "Each run of a row: the contenders take turns of 1 s (order reversed every \
+             turn) until each had its seconds; a run's figure sums requests and CPU over \
+             its turns (p50: the median of the turns', p99: the highest)."
                 .into(),
             "Peers: HAProxy `nbthread 1`, `http-reuse safe`, `no-tls-tickets`, \
              `tune.ssl.cachesize 0`, compression `algo gzip` (libslz: no levels); nginx \

@@ -117,6 +117,33 @@ pub fn cell(contender: Kind, runs: Vec<RunFigures>) -> Cell {
     }
 }
 
+/// One run's figures from its turns: requests, time, CPU and bytes summed;
+/// p50 the median of the turns' p50, p99 the highest of their p99.
+pub fn combine(turns: &[RunFigures]) -> RunFigures {
+    let requests: u64 = turns.iter().map(|t| t.requests).sum();
+    let n = requests.max(1) as f64;
+    let weighted =
+        |f: fn(&RunFigures) -> f64| turns.iter().map(|t| f(t) * t.requests as f64).sum::<f64>() / n;
+    let seconds: f64 = turns
+        .iter()
+        .filter(|t| t.rate > 0.0)
+        .map(|t| t.requests as f64 / t.rate)
+        .sum();
+    RunFigures {
+        requests,
+        rate: if seconds > 0.0 {
+            requests as f64 / seconds
+        } else {
+            0.0
+        },
+        p50_ms: median(turns.iter().map(|t| t.p50_ms).collect()),
+        p99_ms: turns.iter().map(|t| t.p99_ms).fold(f64::NAN, f64::max),
+        cpu_us_per_req: weighted(|t| t.cpu_us_per_req),
+        errors: turns.iter().map(|t| t.errors).sum(),
+        bytes_per_req: weighted(|t| t.bytes_per_req),
+    }
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     if v.is_empty() {
         return f64::NAN;
@@ -347,6 +374,29 @@ mod tests {
         let c = cell(Kind::Proxy, vec![fig(10.0), fig(20.0)]);
         assert_eq!(c.median.cpu_us_per_req, 15.0);
         assert_eq!(c.cpu_spread, (10.0, 20.0));
+    }
+
+    #[test]
+    fn turns_combine_by_request_weight() {
+        let mut slow = fig(30.0);
+        slow.requests = 30;
+        slow.rate = 300.0;
+        slow.p99_ms = 9.0;
+        let mut fast = fig(10.0);
+        fast.requests = 90;
+        fast.rate = 900.0;
+        fast.p50_ms = 3.0;
+        let r = combine(&[slow, fast]);
+        assert_eq!(r.requests, 120);
+        // (30 * 30 + 90 * 10) / 120 CPU; 120 requests in 0.1 + 0.1 s.
+        assert!(
+            (r.cpu_us_per_req - 15.0).abs() < 1e-9,
+            "{}",
+            r.cpu_us_per_req
+        );
+        assert!((r.rate - 600.0).abs() < 1e-9, "{}", r.rate);
+        assert_eq!(r.p50_ms, 2.0);
+        assert_eq!(r.p99_ms, 9.0);
     }
 
     #[test]

@@ -274,7 +274,10 @@ async fn connect<U: Upstream>(upstream: &U, server: usize) -> Result<UpstreamCon
 pub(super) struct UpstreamBody {
     inner: Incoming,
     limit: Duration,
-    deadline: Pin<Box<tokio::time::Sleep>>,
+    /// Made the first time the body has to wait: a small body usually
+    /// arrives with its head, and then no timer is allocated or armed.
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Whether the deadline runs (from the first wait since data came).
     waiting: bool,
     /// Until the body ends: the connection, and where it goes back to.
     conn: Option<(UpstreamConn, Arc<IdlePool>)>,
@@ -285,7 +288,7 @@ impl UpstreamBody {
         Self {
             inner,
             limit,
-            deadline: Box::pin(tokio::time::sleep(limit)),
+            deadline: None,
             waiting: false,
             conn: Some((conn, idle)),
         }
@@ -322,11 +325,6 @@ impl http_body::Body for UpstreamBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let this = &mut *self;
-        if !this.waiting {
-            this.waiting = true;
-            let at = tokio::time::Instant::now() + this.limit;
-            this.deadline.as_mut().reset(at);
-        }
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(frame) => {
                 this.waiting = false;
@@ -340,13 +338,24 @@ impl http_body::Body for UpstreamBody {
                 }
                 Poll::Ready(frame.map(|f| f.map_err(BodyError::Upstream)))
             }
-            Poll::Pending => match this.deadline.as_mut().poll(cx) {
-                Poll::Ready(()) => {
-                    this.conn = None;
-                    Poll::Ready(Some(Err(BodyError::UpstreamStalled(this.limit))))
+            Poll::Pending => {
+                if !this.waiting {
+                    this.waiting = true;
+                    let at = tokio::time::Instant::now() + this.limit;
+                    match &mut this.deadline {
+                        Some(deadline) => deadline.as_mut().reset(at),
+                        None => this.deadline = Some(Box::pin(tokio::time::sleep_until(at))),
+                    }
                 }
-                Poll::Pending => Poll::Pending,
-            },
+                let deadline = this.deadline.as_mut().expect("set above");
+                match deadline.as_mut().poll(cx) {
+                    Poll::Ready(()) => {
+                        this.conn = None;
+                        Poll::Ready(Some(Err(BodyError::UpstreamStalled(this.limit))))
+                    }
+                    Poll::Pending => Poll::Pending,
+                }
+            }
         }
     }
 

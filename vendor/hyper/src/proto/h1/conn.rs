@@ -276,10 +276,13 @@ where
             }
         };
 
+        // proxy patch: the timer is kept (not running) for the next head,
+        // whose wait resets it: a new boxed sleep and its registration in
+        // the timer wheel per keep-alive request cost more than a reset to a
+        // later deadline, which the timer wheel applies lazily.
         #[cfg(feature = "server")]
         {
             self.state.h1_header_read_timeout_running = false;
-            self.state.h1_header_read_timeout_fut = None;
         }
 
         // Note: don't deconstruct `msg` into local variables, it appears
