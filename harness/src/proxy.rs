@@ -123,7 +123,8 @@ impl Proxy {
             .arg(config)
             .args(args)
             .env("NO_COLOR", "1")
-            .env("PROXY_LOG", "info")
+            // The product's default filter, whatever the caller's is.
+            .env_remove("PROXY_LOG")
             .envs(extra_env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -281,9 +281,15 @@ fn run(cli: Cli) -> Result<ExitCode> {
     }
 }
 
+/// Without `PROXY_LOG`: `info`, but only errors from rustls, whose
+/// warnings are about what one client sent (an IP address as SNI, which
+/// every client connecting by address sends) and came once per connection;
+/// our own lines say when a handshake fails.
+const DEFAULT_LOG_FILTER: &str = "info,rustls=error";
+
 fn init_logs(json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("PROXY_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(DEFAULT_LOG_FILTER));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))

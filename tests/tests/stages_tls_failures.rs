@@ -2,9 +2,11 @@
 //! gets the default (first) certificate; a client that is not speaking TLS,
 //! that never sends anything, or that stops in the middle of its ClientHello
 //! is closed (the last two at handshake_timeout); after each, a good TLS
-//! client is served.
+//! client is served. A client naming an IP address as SNI is served the
+//! default certificate without a log line.
 
 use std::{
+    process::Command,
     sync::{Arc, atomic::AtomicU64, atomic::Ordering},
     time::{Duration, Instant},
 };
@@ -15,6 +17,7 @@ use proxy_harness::{
     certs::{TestCert, describe_cert, make_cert},
     config::{ConfigToml, Table},
     http::{Closed, read_until_closed},
+    process::run_bounded,
     report,
     tls::{peer_leaf, tls_client_config, tls_connect},
 };
@@ -153,6 +156,28 @@ fn tls_sni_defaults_and_broken_handshakes() {
             good += 1;
         }
     });
+    // A client connecting by address that names the address as SNI (as wrk
+    // and OpenSSL's s_client do): served the default certificate, and no
+    // log line about it (rustls warns once per such connection; the default
+    // log filter keeps rustls at error).
+    let by_address = run_bounded(
+        Command::new("openssl").args([
+            "s_client",
+            "-connect",
+            TLS_ADDR,
+            "-servername",
+            "127.0.0.1",
+            "-brief",
+        ]),
+        Duration::from_secs(10),
+    );
+    let said = String::from_utf8_lossy(&by_address.stderr);
+    assert!(
+        by_address.status.success() && said.contains("CONNECTION ESTABLISHED"),
+        "openssl s_client with an IP address as SNI: {}: {said}",
+        by_address.status
+    );
+    good += 1;
     // What the default looks like to a client: subject and SAN of a.test.
     let shown = describe_cert(&a.der);
     assert!(
@@ -284,6 +309,11 @@ fn tls_sni_defaults_and_broken_handshakes() {
     assert!(
         other_failures.is_empty(),
         "the good clients end cleanly (close_notify): no other connection may fail: {other_failures:#?}"
+    );
+    assert!(
+        !proxy.log().contains(" rustls::"),
+        "no warning line of rustls's by default (it names what one client sent); log:\n{}",
+        proxy.log()
     );
     assert!(
         proxy.try_exit().is_none(),
