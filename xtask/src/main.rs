@@ -114,9 +114,9 @@ fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Setup => setup(&ws),
         Cmd::BuildEbpf => build_ebpf(&ws).map(|_| ()),
-        Cmd::Build => build_all(&ws, &[]).map(|_| ()),
+        Cmd::Build => build_all(&ws, &[], "proxy").map(|_| ()),
         Cmd::Run { args } => {
-            let proxy = build_all(&ws, &[])?;
+            let proxy = build_all(&ws, &[], "proxy")?;
             require_root("run")?;
             certs::run(&ws.join("certs"))?;
             let args = if args.is_empty() {
@@ -172,7 +172,7 @@ fn run(cli: Cli) -> Result<()> {
             pgo::generate(&ws, &object)
         }
         Cmd::Experiment { args } => {
-            let proxy = build_all(&ws, &[])?;
+            let proxy = build_all(&ws, &[], "proxy")?;
             require_root("experiment")?;
             deps::ensure_lab_tools()?;
             cargo(&ws)
@@ -189,7 +189,7 @@ fn run(cli: Cli) -> Result<()> {
                 .run("proxy-lab")
         }
         Cmd::Bench { args } => {
-            let proxy = build_all(&ws, &[])?;
+            let proxy = build_all(&ws, &[], "proxy")?;
             require_root("bench")?;
             deps::ensure_bench_tools()?;
             cargo(&ws)
@@ -449,14 +449,11 @@ fn ebpf_cargo(ws: &Path) -> Command {
 }
 
 /// The proxy the tests drive: built with the fault injection they use
-/// (PROXY_TEST_HOOK) with the product's profile, and copied aside, since a
-/// later `cargo build --release` makes `target/release/proxy` without it.
+/// (PROXY_TEST_HOOK) and linked to `target/release/proxy-test-hooks`, so that
+/// `target/release/proxy` stays the product (a test build would carry little
+/// of the PGO profile: the feature changes every symbol's hash).
 fn test_proxy(ws: &Path) -> Result<PathBuf> {
-    let built = build_all(ws, &["test-hooks"])?;
-    let aside = ws.join("target/release/proxy-test-hooks");
-    fs::copy(&built, &aside)
-        .with_context(|| format!("copying {} to {}", built.display(), aside.display()))?;
-    Ok(aside)
+    build_all(ws, &["test-hooks"], "proxy-test-hooks")
 }
 
 /// The eBPF object and the release proxy with it embedded, with the proxy's
@@ -466,9 +463,9 @@ fn test_proxy(ws: &Path) -> Result<PathBuf> {
 /// Built for an explicit `--target` (the host), so that the profile's flags
 /// apply to the proxy and its dependencies but not to build scripts, and do
 /// not fight other release builds (the bench, the lab) over the artifacts of
-/// shared dependencies; then linked to `target/release/proxy`, where the
-/// README and the packaging look for it.
-fn build_all(ws: &Path, features: &[&str]) -> Result<PathBuf> {
+/// shared dependencies; then linked to `target/release/<name>`: `proxy` for
+/// the product, where the README and the packaging look for it.
+fn build_all(ws: &Path, features: &[&str], name: &str) -> Result<PathBuf> {
     let object = build_ebpf(ws)?;
     let rustc = pgo::rustc()?;
     cargo(ws)
@@ -480,7 +477,7 @@ fn build_all(ws: &Path, features: &[&str]) -> Result<PathBuf> {
         .env("PROXY_EBPF_OBJECT", &object)
         .run("building the proxy")?;
     let built = ws.join("target").join(&rustc.host).join("release/proxy");
-    let product = ws.join("target/release/proxy");
+    let product = ws.join("target/release").join(name);
     fs::create_dir_all(ws.join("target/release"))?;
     // Unlink first: a running proxy keeps its (old) file; a hard link
     // where possible, as cargo itself does.
