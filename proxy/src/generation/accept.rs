@@ -11,6 +11,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use futures_util::FutureExt;
 use proxy_common::Phase;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
 use tracing::{debug, info, warn};
@@ -166,16 +167,17 @@ fn spawn_conn(
             "first connection after the flip"
         );
     }
-    let stage = stage.clone();
     // Counts the connection as open until the task ends, even by a panic:
     // the drain waits for this count.
     let open = OpenConn(shared.clone());
-    tokio::spawn(async move {
+    // A map rather than an async block, which would keep its own copy of
+    // the stream and the peer beside the ones in `serve`'s future.
+    tokio::spawn(stage.clone().serve(stream, peer).map(move |served| {
         // The stage logs the failure (rate-limited).
-        if stage.serve(stream, peer).await.is_err() {
+        if served.is_err() {
             open.0.conns.failed.fetch_add(1, Relaxed);
         }
         drop(open);
         drop(permits);
-    });
+    }));
 }

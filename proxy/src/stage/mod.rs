@@ -24,6 +24,10 @@ use std::{
     time::{Duration, Instant},
 };
 
+use futures_util::{
+    FutureExt,
+    future::{self, Either},
+};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use tokio::{
     io::{AsyncRead, AsyncWrite},
@@ -371,7 +375,7 @@ impl Stage {
 
     /// Serves one accepted connection to its end, counts it, and writes its
     /// access log line.
-    pub async fn serve(&self, stream: Stream, peer: PeerAddr) -> Result<(), ConnError> {
+    pub async fn serve(self: Arc<Self>, stream: Stream, peer: PeerAddr) -> Result<(), ConnError> {
         let start = Instant::now();
         let m = &self.metrics;
         m[ListenerCounter::Current].fetch_add(1, Relaxed);
@@ -486,21 +490,36 @@ impl Stage {
 
     /// The payload part: bytes to the backend (tcp mode) or HTTP/1.1
     /// requests (http mode).
-    async fn finish<IO>(&self, io: IO, client: &ClientInfo) -> Result<Done, ConnError>
+    ///
+    /// Not an `async fn`, so that an HTTP connection's future is the one of
+    /// `http::serve` and a closure, without a second copy of `io` and the
+    /// rest of the set-up (an idle keep-alive client holds it).
+    fn finish<'a, IO>(
+        &'a self,
+        io: IO,
+        client: &ClientInfo,
+    ) -> impl Future<Output = Result<Done, ConnError>> + Send + 'a
     where
         IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let preamble = self.preamble(client)?;
+        let preamble = match self.preamble(client) {
+            Ok(preamble) => preamble,
+            Err(e) => return Either::Left(future::ready(Err(e))),
+        };
         let Some(settings) = &self.http else {
-            let (transfer, server) = self
-                .pool
-                .forward(io, &preamble, self.tunnel_timeout)
-                .await?;
-            return Ok(Done {
-                transfer,
-                server,
-                requests: 0,
-            });
+            // Boxed: its copy state would make every HTTP connection's
+            // future as large.
+            return Either::Right(Either::Left(Box::pin(async move {
+                let (transfer, server) = self
+                    .pool
+                    .forward(io, &preamble, self.tunnel_timeout)
+                    .await?;
+                Ok(Done {
+                    transfer,
+                    server,
+                    requests: 0,
+                })
+            })));
         };
         // With PROXY v2 upstream, the next stage adds X-Forwarded-For from
         // it (adding it here too would list the client twice).
@@ -539,20 +558,23 @@ impl Stage {
             self.draining.clone()
         };
         let io = stall::WriteStall::new(io, self.client_timeout);
-        let stats = http::serve(io, upstream, settings.clone(), downstream, draining).await?;
-        let m = &self.metrics;
-        m[ListenerCounter::HttpRequests].fetch_add(stats.requests, Relaxed);
-        m[ListenerCounter::Http5xx].fetch_add(stats.server_errors, Relaxed);
-        m[ListenerCounter::BodyIn].fetch_add(stats.body_bytes_before, Relaxed);
-        m[ListenerCounter::BodyOut].fetch_add(stats.body_bytes_after, Relaxed);
-        Ok(Done {
-            transfer: Transfer {
-                from_client: 0,
-                from_server: stats.body_bytes_after,
-            },
-            server: self.pool.name.clone(),
-            requests: stats.requests,
-        })
+        let serving = http::serve(io, upstream, settings.clone(), downstream, draining);
+        Either::Right(Either::Right(serving.map(move |stats| {
+            let stats = stats?;
+            let m = &self.metrics;
+            m[ListenerCounter::HttpRequests].fetch_add(stats.requests, Relaxed);
+            m[ListenerCounter::Http5xx].fetch_add(stats.server_errors, Relaxed);
+            m[ListenerCounter::BodyIn].fetch_add(stats.body_bytes_before, Relaxed);
+            m[ListenerCounter::BodyOut].fetch_add(stats.body_bytes_after, Relaxed);
+            Ok(Done {
+                transfer: Transfer {
+                    from_client: 0,
+                    from_server: stats.body_bytes_after,
+                },
+                server: self.pool.name.clone(),
+                requests: stats.requests,
+            })
+        })))
     }
 
     /// The PROXY v2 header for the backend, or nothing.

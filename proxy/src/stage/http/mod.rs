@@ -272,13 +272,18 @@ impl http_body::Body for RequestBody {
 /// Serves one downstream connection until the client closes it, an error
 /// cuts it, or a draining generation answered its last request (HTTP/1) or
 /// finished the streams its GOAWAY let in (HTTP/2).
-pub async fn serve<IO, U>(
+///
+/// Not an `async fn`: one would keep its arguments for its whole life,
+/// beside hyper's connection that took them, and every idle keep-alive
+/// client would hold both. The connection is built first; the future holds
+/// it and two `Arc`s.
+pub fn serve<IO, U>(
     io: IO,
     upstream: Arc<U>,
     settings: Arc<HttpSettings>,
     downstream: Downstream,
     draining: watch::Receiver<bool>,
-) -> Result<ConnStats, HttpError>
+) -> impl Future<Output = Result<ConnStats, HttpError>> + Send
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     U: Upstream,
@@ -304,29 +309,30 @@ where
             Box::pin(async move { Ok::<_, Infallible>(shared.handle(req).await) })
         })
     };
-
-    let result = match downstream.protocol {
+    let mut serving = match downstream.protocol {
         Protocol::Http2 => {
-            let served = Box::pin(h2::serve(
-                io,
-                service,
-                &settings.http2,
-                settings.max_header_size,
-                h2::Timeouts {
-                    idle: settings.header_read_timeout,
-                    stall: settings.client_timeout,
-                },
-                downstream.log,
-                draining,
-            ))
-            .await;
-            return served.map(|()| shared.counters.snapshot());
+            let settings = settings.clone();
+            Serving::Http2(Box::pin(async move {
+                h2::serve(
+                    io,
+                    service,
+                    &settings.http2,
+                    settings.max_header_size,
+                    h2::Timeouts {
+                        idle: settings.header_read_timeout,
+                        stall: settings.client_timeout,
+                    },
+                    downstream.log,
+                    draining,
+                )
+                .await
+            }))
         }
         // No graceful_shutdown() on draining: an idle keep-alive connection
         // stays open (closing it could race with a request the client is
         // sending); the next response carries `Connection: close`, which
         // makes hyper close the connection once that response is written.
-        Protocol::Http1 => {
+        Protocol::Http1 => Serving::Http1(
             hyper::server::conn::http1::Builder::new()
                 .keep_alive(true)
                 // A client that sends its request and shuts down its write
@@ -337,31 +343,48 @@ where
                 .header_read_timeout(settings.header_read_timeout)
                 .serve_connection(TokioIo::new(io), service)
                 // Upgrade hook: hyper hands the connection to a 101's tunnel.
-                .with_upgrades()
-                .await
-        }
+                .with_upgrades(),
+        ),
     };
-    // Upgrade hook: after a 101 the connection is a tunnel (upgrade.rs),
-    // done only when the tunnel is.
-    let tunnel = shared
-        .tunnel
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .take();
-    if let (Ok(()), Some(tunnel)) = (&result, tunnel) {
-        let end = tunnel.await?;
-        tracing::debug!(?end, "upgraded tunnel ended");
+    let header_read_timeout = settings.header_read_timeout;
+    drop(settings);
+    async move {
+        // Awaited through a reference: `.await` on the value itself would
+        // move it into a second slot of this future.
+        let result = match &mut serving {
+            Serving::Http2(served) => {
+                return served.await.map(|()| shared.counters.snapshot());
+            }
+            Serving::Http1(conn) => conn.await,
+        };
+        // Upgrade hook: after a 101 the connection is a tunnel (upgrade.rs),
+        // done only when the tunnel is.
+        let tunnel = shared
+            .tunnel
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let (Ok(()), Some(tunnel)) = (&result, tunnel) {
+            let end = tunnel.await?;
+            tracing::debug!(?end, "upgraded tunnel ended");
+        }
+        let stats = shared.counters.snapshot();
+        match result {
+            Ok(()) => Ok(stats),
+            // Hyper's header timer also runs while a keep-alive connection
+            // waits for its next request: after at least one request that is
+            // the usual end of an idle connection, not a failure.
+            Err(e) if e.is_timeout() && stats.requests > 0 => Ok(stats),
+            Err(e) if e.is_timeout() => Err(HttpError::HeaderTimeout(header_read_timeout)),
+            Err(e) => Err(classify_server_error(e)),
+        }
     }
-    let stats = shared.counters.snapshot();
-    match result {
-        Ok(()) => Ok(stats),
-        // Hyper's header timer also runs while a keep-alive connection waits
-        // for its next request: after at least one request that is the usual
-        // end of an idle connection, not a failure.
-        Err(e) if e.is_timeout() && stats.requests > 0 => Ok(stats),
-        Err(e) if e.is_timeout() => Err(HttpError::HeaderTimeout(settings.header_read_timeout)),
-        Err(e) => Err(classify_server_error(e)),
-    }
+}
+
+/// The protocol a downstream connection is served with.
+enum Serving<H2, H1> {
+    Http2(H2),
+    Http1(H1),
 }
 
 /// Tells apart a response body that failed on our side of hyper (upstream or
