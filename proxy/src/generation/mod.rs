@@ -274,7 +274,9 @@ impl Generation {
                 .with_context(|| format!("publishing {}", l.addr))?;
         }
         self.enter(Phase::Ready);
-        self.take_over()
+        self.take_over()?;
+        sys::release_freed_memory();
+        Ok(())
     }
 
     /// Every listener's sockets, each with its stage on the stage's runtime,
