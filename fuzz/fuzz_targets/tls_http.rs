@@ -130,7 +130,7 @@ async fn proxy_side(mut io: DuplexStream, draining: bool, tasks: Tasks) {
     );
     let preamble = encode_header(header.source, header.destination, &tlvs).expect("preamble");
     let client = header.source;
-    let upstream = Arc::new(move || {
+    let upstream = move || {
         let preamble = preamble.clone();
         let tasks = tasks.clone();
         async move {
@@ -140,7 +140,7 @@ async fn proxy_side(mut io: DuplexStream, draining: bool, tasks: Tasks) {
             tasks.lock().unwrap().push(task);
             Ok(ours)
         }
-    });
+    };
     let (_drain, draining) = watch::channel(draining);
     let _ = http::serve(
         tls,

@@ -376,7 +376,7 @@ async fn through_gzip(
     level: u32,
 ) -> (Option<HeaderValue>, Bytes, http::ConnStats) {
     let data = Bytes::from(data);
-    let upstream = Arc::new(move || {
+    let upstream = move || {
         let (data, sizes) = (data.clone(), sizes.clone());
         async move {
             let (ours, theirs) = tokio::io::duplex(64 * 1024);
@@ -410,7 +410,7 @@ async fn through_gzip(
             });
             Ok::<_, io::Error>(ours)
         }
-    });
+    };
     let settings = Arc::new(HttpSettings {
         compression: Some(Compression {
             level,

@@ -548,10 +548,10 @@ impl Stage {
                 )),
             },
         };
-        let upstream = Arc::new(PoolUpstream {
+        let upstream = PoolUpstream {
             pool: self.pool.clone(),
             preamble,
-        });
+        };
         let draining = if client.from_older_generation {
             watch::channel(true).1
         } else {

@@ -105,6 +105,9 @@ pub struct ConnLog {
     /// When a byte last went either way (HTTP/2 only), in ms since `epoch`.
     pub last_io_ms: AtomicU64,
     pub epoch: Instant,
+    /// What its responses did, for the listener's counters (here rather
+    /// than in an `Arc` of their own: one allocation less per connection).
+    pub(super) counters: super::BodyCounters,
 }
 
 impl ConnLog {
@@ -124,6 +127,7 @@ impl ConnLog {
             idle_since_ms: AtomicU64::new(0),
             last_io_ms: AtomicU64::new(0),
             epoch: Instant::now(),
+            counters: Default::default(),
         }
     }
 

@@ -279,7 +279,7 @@ impl http_body::Body for RequestBody {
 /// it and two `Arc`s.
 pub fn serve<IO, U>(
     io: IO,
-    upstream: Arc<U>,
+    upstream: U,
     settings: Arc<HttpSettings>,
     downstream: Downstream,
     draining: watch::Receiver<bool>,
@@ -294,7 +294,6 @@ where
         forwarded_for: downstream.forwarded_for.map(forwarded_for_value),
         draining: draining.clone(),
         idle: downstream.idle.clone(),
-        counters: Arc::new(BodyCounters::default()),
         log: downstream.log.clone(),
         protocol: downstream.protocol,
         tunnel: Default::default(),
@@ -353,7 +352,7 @@ where
         // move it into a second slot of this future.
         let result = match &mut serving {
             Serving::Http2(served) => {
-                return served.await.map(|()| shared.counters.snapshot());
+                return served.await.map(|()| shared.log.counters.snapshot());
             }
             Serving::Http1(conn) => conn.await,
         };
@@ -368,7 +367,7 @@ where
             let end = tunnel.await?;
             tracing::debug!(?end, "upgraded tunnel ended");
         }
-        let stats = shared.counters.snapshot();
+        let stats = shared.log.counters.snapshot();
         match result {
             Ok(()) => Ok(stats),
             // Hyper's header timer also runs while a keep-alive connection
@@ -426,6 +425,18 @@ fn error_chain(e: &(dyn StdError + 'static)) -> String {
     text
 }
 
+/// A connection's counters, shared with its response bodies (they live in
+/// its [`ConnLog`]).
+#[derive(Clone)]
+struct Counters(Arc<ConnLog>);
+
+impl std::ops::Deref for Counters {
+    type Target = BodyCounters;
+    fn deref(&self) -> &BodyCounters {
+        &self.0.counters
+    }
+}
+
 #[derive(Default)]
 struct BodyCounters {
     requests: AtomicU64,
@@ -454,7 +465,7 @@ fn add(counter: &AtomicU64, n: usize) {
 }
 
 struct ConnState<U> {
-    upstream: Arc<U>,
+    upstream: U,
     settings: Arc<HttpSettings>,
     /// The real client (from the socket or a PROXY v2 header), sent upstream
     /// in `X-Forwarded-For`; `None` leaves that header as the client sent it.
@@ -462,7 +473,6 @@ struct ConnState<U> {
     draining: watch::Receiver<bool>,
     /// Upstream connections between two requests.
     idle: Arc<IdlePool>,
-    counters: Arc<BodyCounters>,
     log: Arc<ConnLog>,
     protocol: Protocol,
     /// The tunnel after a 101, run by `serve` once hyper lets go.
@@ -471,7 +481,7 @@ struct ConnState<U> {
 
 impl<U: Upstream> ConnState<U> {
     async fn handle(&self, mut req: Request<Incoming>) -> Response<Logged> {
-        self.counters.requests.fetch_add(1, Ordering::Relaxed);
+        self.log.counters.requests.fetch_add(1, Ordering::Relaxed);
         let target = req.uri().path_and_query().map_or("/", |p| p.as_str());
         let mut log = RequestLog::start(self.log.clone(), req.version(), req.method(), target);
         // Upgrade hook (upgrade.rs): an HTTP/1.1 upgrade request keeps its
@@ -497,7 +507,7 @@ impl<U: Upstream> ConnState<U> {
                 upgrade.forward(req.headers_mut());
             }
             log.bytes_in = read;
-            let sending = upstream::send(&*self.upstream, &self.idle, req);
+            let sending = upstream::send(&self.upstream, &self.idle, req);
             let sent = tokio::time::timeout(limit, sending).await;
             match sent.unwrap_or(Err(HttpError::ServerTimeout(limit))) {
                 Ok(sent) if sent.response.status() == StatusCode::SWITCHING_PROTOCOLS => {
@@ -531,7 +541,10 @@ impl<U: Upstream> ConnState<U> {
         log.head_now();
         log.status = resp.status().as_u16();
         if resp.status().is_server_error() {
-            self.counters.server_errors.fetch_add(1, Ordering::Relaxed);
+            self.log
+                .counters
+                .server_errors
+                .fetch_add(1, Ordering::Relaxed);
         }
         // HTTP/2 drains with GOAWAY instead (and has no Connection header); a
         // 101 keeps its `Connection: upgrade` (the tunnel closes with the drain).
@@ -595,7 +608,8 @@ impl<U: Upstream> ConnState<U> {
             connected,
         } = sent;
         if connected {
-            self.counters
+            self.log
+                .counters
                 .upstream_connects
                 .fetch_add(1, Ordering::Relaxed);
         }
@@ -625,7 +639,8 @@ impl<U: Upstream> ConnState<U> {
             connected,
         } = sent;
         if connected {
-            self.counters
+            self.log
+                .counters
                 .upstream_connects
                 .fetch_add(1, Ordering::Relaxed);
         }
@@ -636,7 +651,7 @@ impl<U: Upstream> ConnState<U> {
             Protocol::Http2 => Version::HTTP_2,
         };
         strip_hop_by_hop(&mut parts.headers);
-        let counters = self.counters.clone();
+        let counters = Counters(self.log.clone());
         let level = match &self.settings.compression {
             // HEAD gets the headers GET would (a cache keyed on HEAD must not
             // be misled), with the body it has: none.
@@ -678,14 +693,14 @@ const GZIP_WHOLE_MAX: u64 = 128 * 1024;
 /// it lives, so a small body of known length is collected and compressed in
 /// one call (its encoder lives for that call only: concurrent responses do
 /// not each hold one); any other body streams through its own encoder.
-fn gzip_body(body: UpstreamBody, level: u32, counters: Arc<BodyCounters>) -> ProxyBody {
+fn gzip_body(body: UpstreamBody, level: u32, counters: Counters) -> ProxyBody {
     match http_body::Body::size_hint(&body).exact() {
         Some(len) if len <= GZIP_WHOLE_MAX => gzip_whole(body, level, counters),
         _ => gzip_stream(body, level, counters),
     }
 }
 
-fn gzip_whole(body: UpstreamBody, level: u32, counters: Arc<BodyCounters>) -> ProxyBody {
+fn gzip_whole(body: UpstreamBody, level: u32, counters: Counters) -> ProxyBody {
     let compressed = async move {
         let input = body.collect().await?.to_bytes();
         add(&counters.body_bytes_before, input.len());
@@ -746,7 +761,7 @@ fn deflate_all(deflate: &mut flate2::Compress, input: &[u8], out: &mut Vec<u8>) 
 /// gzip over the upstream body as a stream: one upstream chunk and the
 /// encoder's window in memory at a time. The encoder flushes whenever the
 /// upstream has nothing more yet, so slow streams are not held back.
-fn gzip_stream(body: UpstreamBody, level: u32, counters: Arc<BodyCounters>) -> ProxyBody {
+fn gzip_stream(body: UpstreamBody, level: u32, counters: Counters) -> ProxyBody {
     let before = counters.clone();
     let input = BodyDataStream::new(body).map(move |chunk| match chunk {
         Ok(data) => {
@@ -1042,11 +1057,11 @@ mod tests {
 
     impl Proxy {
         async fn start(upstream_addr: SocketAddr, settings: HttpSettings) -> Proxy {
-            let upstream = Arc::new(move || TcpStream::connect(upstream_addr));
+            let upstream = move || TcpStream::connect(upstream_addr);
             Self::start_with(upstream, settings).await
         }
 
-        async fn start_with<U: Upstream>(upstream: Arc<U>, settings: HttpSettings) -> Proxy {
+        async fn start_with<U: Upstream>(upstream: U, settings: HttpSettings) -> Proxy {
             let (client_io, server_io) = tokio::io::duplex(64 * 1024);
             let (drain, draining) = watch::channel(false);
             let (settings, client_addr) = settings.split();
@@ -1544,7 +1559,7 @@ mod tests {
 
     #[tokio::test]
     async fn upstream_failing_before_the_head_gets_502() {
-        let upstream = Arc::new(|| async {
+        let upstream = || async {
             let (mut ours, theirs) = tokio::io::duplex(4096);
             tokio::spawn(async move {
                 // Read a little of the request, then hang up without a word.
@@ -1552,7 +1567,7 @@ mod tests {
                 let _ = ours.read(&mut buf).await;
             });
             Ok(theirs)
-        });
+        };
         let mut proxy = Proxy::start_with(upstream, settings()).await;
         let (parts, _) = proxy.fetch(get(&[])).await;
         assert_eq!(parts.status, StatusCode::BAD_GATEWAY);
@@ -1583,7 +1598,7 @@ mod tests {
             "HTTP/1.1 200 OK\r\ncontent-type: image/png\r\ncontent-length: 1000\r\n\r\n0123456789",
             "HTTP/1.1 200 OK\r\ncontent-type: text/html\r\ntransfer-encoding: chunked\r\n\r\na\r\n0123456789\r\n",
         ] {
-            let mut proxy = Proxy::start_with(Arc::new(broken_upstream(head)), settings()).await;
+            let mut proxy = Proxy::start_with(broken_upstream(head), settings()).await;
             let resp = proxy.send(get(&[("accept-encoding", "gzip")])).await;
             assert_eq!(resp.status(), StatusCode::OK);
             assert!(
@@ -1749,7 +1764,7 @@ mod tests {
         short.header_read_timeout = Duration::from_millis(200);
         let (mut client, server) = tokio::io::duplex(4096);
         let (_drain, draining) = watch::channel(false);
-        let upstream = Arc::new(move || TcpStream::connect(origin.addr));
+        let upstream = move || TcpStream::connect(origin.addr);
         let (short, client_addr) = short.split();
         let serving = tokio::spawn(serve(server, upstream, short, h1(client_addr), draining));
         client
@@ -1767,7 +1782,7 @@ mod tests {
         let origin = start_origin(origin_default).await;
         let (mut client, server) = tokio::io::duplex(256 * 1024);
         let (_drain, draining) = watch::channel(false);
-        let upstream = Arc::new(move || TcpStream::connect(origin.addr));
+        let upstream = move || TcpStream::connect(origin.addr);
         let (settings, client_addr) = settings.split();
         let serving = tokio::spawn(serve(server, upstream, settings, h1(client_addr), draining));
         client.write_all(request).await.unwrap();
@@ -1846,7 +1861,7 @@ mod tests {
         quick.server_timeout = Duration::from_millis(300);
         let (client_io, server_io) = tokio::io::duplex(64 * 1024);
         let (_drain, draining) = watch::channel(false);
-        let upstream = Arc::new(move || TcpStream::connect(origin.addr));
+        let upstream = move || TcpStream::connect(origin.addr);
         let (quick, client_addr) = quick.split();
         let serving = tokio::spawn(serve(server_io, upstream, quick, h1(client_addr), draining));
         let (mut client, conn) = hyper::client::conn::http1::handshake(TokioIo::new(client_io))
@@ -1953,7 +1968,7 @@ mod tests {
 
     impl H2Proxy {
         async fn start(upstream_addr: SocketAddr, settings: HttpSettings) -> H2Proxy {
-            let upstream = Arc::new(move || TcpStream::connect(upstream_addr));
+            let upstream = move || TcpStream::connect(upstream_addr);
             let (client_io, server_io) = tokio::io::duplex(256 * 1024);
             let (drain, draining) = watch::channel(false);
             let (settings, client_addr) = settings.split();
@@ -2137,7 +2152,7 @@ mod tests {
         /// Writes `bytes` to an HTTP/2 `serve` (reading and dropping what
         /// it answers) and returns how `serve` ended.
         pub async fn run(bytes: Vec<u8>, origin: SocketAddr) -> Result<ConnStats, HttpError> {
-            let upstream = Arc::new(move || TcpStream::connect(origin));
+            let upstream = move || TcpStream::connect(origin);
             let (mut client, server) = tokio::io::duplex(64 * 1024);
             let (_drain, draining) = watch::channel(false);
             let (settings, client_addr) = settings().split();
@@ -2185,7 +2200,7 @@ mod tests {
             Response::new(full(Bytes::from_static(b"late but whole")))
         })
         .await;
-        let upstream = Arc::new(move || TcpStream::connect(origin.addr));
+        let upstream = move || TcpStream::connect(origin.addr);
         let (client, server) = tokio::io::duplex(64 * 1024);
         let (drain, draining) = watch::channel(false);
         let (settings, client_addr) = settings().split();
@@ -2313,7 +2328,7 @@ mod tests {
         };
         let mut settings = (*settings).clone();
         settings.client_timeout = Duration::from_millis(400);
-        let upstream = Arc::new(move || TcpStream::connect(origin.addr));
+        let upstream = move || TcpStream::connect(origin.addr);
         let (mut client, server) = tokio::io::duplex(1 << 20);
         let (_drain, draining) = watch::channel(false);
         let serving = tokio::spawn(serve(
@@ -2346,7 +2361,7 @@ mod tests {
     /// One client connection with one GET, its idle upstream connections
     /// in `pool`.
     async fn one_client(origin: SocketAddr, pool: &Arc<IdlePool>) {
-        let upstream = Arc::new(move || TcpStream::connect(origin));
+        let upstream = move || TcpStream::connect(origin);
         let (client_io, server_io) = tokio::io::duplex(64 * 1024);
         let (_drain, draining) = watch::channel(false);
         let (settings, client_addr) = settings().split();

@@ -824,7 +824,7 @@ mod tests {
         });
         let (mut client, server_io) = duplex(64 * 1024);
         let (_drain, draining) = watch::channel(false);
-        let upstream = Arc::new(move || TcpStream::connect(addr));
+        let upstream = move || TcpStream::connect(addr);
         let serving = tokio::spawn(super::super::serve(
             server_io,
             upstream,
