@@ -374,8 +374,17 @@ impl Stage {
     }
 
     /// Serves one accepted connection to its end, counts it, and writes its
-    /// access log line.
-    pub async fn serve(self: Arc<Self>, stream: Stream, peer: PeerAddr) -> Result<(), ConnError> {
+    /// access log line: PROXY header, TLS, then the payload.
+    ///
+    /// One future for all of it, holding the stream once: an `async fn`
+    /// per step would keep its own copy of the stream and of its other
+    /// arguments for the connection's life (an idle keep-alive client's
+    /// task went from 768 to 384 bytes).
+    pub fn serve(
+        self: Arc<Self>,
+        stream: Stream,
+        peer: PeerAddr,
+    ) -> impl Future<Output = Result<(), ConnError>> + Send + 'static {
         let start = Instant::now();
         let m = &self.metrics;
         m[ListenerCounter::Current].fetch_add(1, Relaxed);
@@ -391,14 +400,70 @@ impl Stage {
             tlvs: Vec::new(),
             from_older_generation: false,
         };
-        let result = self.pipeline(Metered::client(stream, m), &mut client).await;
+        let mut stream = Metered::client(stream, m);
+        async move {
+            // No inner async block, no `?`: either would take a second copy
+            // of the stream. (The error is boxed: it stays in the future.)
+            let mut failed: Option<Box<ConnError>> = None;
+            if let Some((versions, deadline)) = self.accept_proxy {
+                // Boxed, as the paths below: its timer and buffer would
+                // otherwise stay in every connection's task for the
+                // connection's life.
+                let read = Box::pin(proxy_proto::read_header(
+                    &mut stream,
+                    versions,
+                    deadline,
+                    MAX_PROXY_HEADER,
+                ))
+                .await;
+                match read {
+                    Ok((header, _)) => {
+                        // LOCAL (health checks of the previous hop) keeps
+                        // the socket's own addresses.
+                        if header.source.is_some() {
+                            client.source = header.source;
+                            client.destination = header.destination;
+                        }
+                        client.tlvs = header.tlvs;
+                        if let Some(theirs) = take_generation(&mut client.tlvs) {
+                            client.from_older_generation =
+                                self.generation > 0 && theirs < self.generation;
+                        }
+                    }
+                    Err(e) => failed = Some(Box::new(e.into())),
+                }
+            }
+            // Each path is boxed: a connection's task holds only the state
+            // of the path it takes (TLS state alone is several KiB).
+            let result = if let Some(e) = failed {
+                Err(*e)
+            } else if let Some(acceptor) = &self.tls {
+                Box::pin(self.tls_then_finish(acceptor, stream, &mut client)).await
+            } else {
+                Box::pin(self.finish(stream, &client)).await
+            };
+            self.log_end(&result, start, &client, &peer);
+            result.map(|_| ())
+        }
+    }
+
+    /// Counts a connection's end, and writes its access line (tcp mode; an
+    /// HTTP request has its own) or its failure.
+    fn log_end(
+        &self,
+        result: &Result<Done, ConnError>,
+        start: Instant,
+        client: &ClientInfo,
+        peer: &PeerAddr,
+    ) {
+        let m = &self.metrics;
         m[ListenerCounter::Current].fetch_sub(1, Relaxed);
         let duration_ms = start.elapsed().as_millis() as u64;
         let client_addr = client
             .source
             .map(|a| a.to_string())
             .unwrap_or_else(|| peer.to_string());
-        match &result {
+        match result {
             // HTTP requests have their own access lines.
             Ok(_) if self.http.is_some() || !self.access_log => {}
             Ok(done) => info!(
@@ -429,42 +494,6 @@ impl Stage {
                     warn!(peer = %peer, listener = %self.name, "connection failed: {e}");
                 }
             }
-        }
-        result.map(|_| ())
-    }
-
-    /// PROXY header, TLS, then the payload.
-    async fn pipeline(
-        &self,
-        mut stream: Metered<Stream>,
-        client: &mut ClientInfo,
-    ) -> Result<Done, ConnError> {
-        if let Some((versions, deadline)) = self.accept_proxy {
-            // Boxed, as the paths below: its timer and buffer would otherwise
-            // stay in every connection's task for the connection's life.
-            let (header, _) = Box::pin(proxy_proto::read_header(
-                &mut stream,
-                versions,
-                deadline,
-                MAX_PROXY_HEADER,
-            ))
-            .await?;
-            // LOCAL (health checks of the previous hop) keeps the socket's
-            // own addresses.
-            if header.source.is_some() {
-                client.source = header.source;
-                client.destination = header.destination;
-            }
-            client.tlvs = header.tlvs;
-            if let Some(theirs) = take_generation(&mut client.tlvs) {
-                client.from_older_generation = self.generation > 0 && theirs < self.generation;
-            }
-        }
-        // Each path is boxed: a connection's task holds only the state of
-        // the path it takes (TLS state alone is several KiB).
-        match &self.tls {
-            Some(acceptor) => Box::pin(self.tls_then_finish(acceptor, stream, client)).await,
-            None => Box::pin(self.finish(stream, client)).await,
         }
     }
 
