@@ -24,10 +24,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use futures_util::{
-    FutureExt,
-    future::{self, Either},
-};
+use futures_util::{FutureExt, future};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use tokio::{
     io::{AsyncRead, AsyncWrite},
@@ -433,14 +430,24 @@ impl Stage {
                     Err(e) => failed = Some(Box::new(e.into())),
                 }
             }
-            // Each path is boxed: a connection's task holds only the state
-            // of the path it takes (TLS state alone is several KiB).
+            // Each path is boxed (`finish`): a connection's task holds only
+            // the state of the path it takes (TLS state alone is several KiB).
             let result = if let Some(e) = failed {
                 Err(*e)
             } else if let Some(acceptor) = &self.tls {
-                Box::pin(self.tls_then_finish(acceptor, stream, &mut client)).await
+                // Boxed: the handshake's state is freed once it is done. The
+                // handshake's result is gone before the payload is awaited,
+                // so that it does not size the future.
+                let finishing = match Box::pin(acceptor.accept(stream)).await {
+                    Ok((tls, info)) => {
+                        self.tls_accepted(&info, &mut client);
+                        self.finish(tls::FlushingTls::new(tls), &client)
+                    }
+                    Err(e) => Box::pin(future::ready(Err(e.into()))),
+                };
+                finishing.await
             } else {
-                Box::pin(self.finish(stream, &client)).await
+                self.finish(stream, &client).await
             };
             self.log_end(&result, start, &client, &peer);
             result.map(|_| ())
@@ -497,13 +504,9 @@ impl Stage {
         }
     }
 
-    async fn tls_then_finish(
-        &self,
-        acceptor: &TlsAcceptor,
-        stream: Metered<Stream>,
-        client: &mut ClientInfo,
-    ) -> Result<Done, ConnError> {
-        let (tls, info) = acceptor.accept(stream).await?;
+    /// Counts a TLS handshake, and keeps what it agreed for the backend's
+    /// PROXY header and the HTTP protocol.
+    fn tls_accepted(&self, info: &tls::TlsInfo, client: &mut ClientInfo) {
         self.metrics[ListenerCounter::TlsHandshakes].fetch_add(1, Relaxed);
         if info.resumed {
             self.metrics[ListenerCounter::TlsResumed].fetch_add(1, Relaxed);
@@ -514,7 +517,6 @@ impl Stage {
             info.version,
             &info.cipher,
         );
-        self.finish(tls::FlushingTls::new(tls), client).await
     }
 
     /// The payload part: bytes to the backend (tcp mode) or HTTP/1.1
@@ -522,23 +524,22 @@ impl Stage {
     ///
     /// Not an `async fn`, so that an HTTP connection's future is the one of
     /// `http::serve` and a closure, without a second copy of `io` and the
-    /// rest of the set-up (an idle keep-alive client holds it).
+    /// rest of the set-up (an idle keep-alive client holds it). Each path
+    /// is boxed with its own size.
     fn finish<'a, IO>(
         &'a self,
         io: IO,
         client: &ClientInfo,
-    ) -> impl Future<Output = Result<Done, ConnError>> + Send + 'a
+    ) -> Pin<Box<dyn Future<Output = Result<Done, ConnError>> + Send + 'a>>
     where
         IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let preamble = match self.preamble(client) {
             Ok(preamble) => preamble,
-            Err(e) => return Either::Left(future::ready(Err(e))),
+            Err(e) => return Box::pin(future::ready(Err(e))),
         };
         let Some(settings) = &self.http else {
-            // Boxed: its copy state would make every HTTP connection's
-            // future as large.
-            return Either::Right(Either::Left(Box::pin(async move {
+            return Box::pin(async move {
                 let (transfer, server) = self
                     .pool
                     .forward(io, &preamble, self.tunnel_timeout)
@@ -548,7 +549,7 @@ impl Stage {
                     server,
                     requests: 0,
                 })
-            })));
+            });
         };
         // With PROXY v2 upstream, the next stage adds X-Forwarded-For from
         // it (adding it here too would list the client twice).
@@ -588,7 +589,7 @@ impl Stage {
         };
         let io = stall::WriteStall::new(io, self.client_timeout);
         let serving = http::serve(io, upstream, settings.clone(), downstream, draining);
-        Either::Right(Either::Right(serving.map(move |stats| {
+        Box::pin(serving.map(move |stats| {
             let stats = stats?;
             let m = &self.metrics;
             m[ListenerCounter::HttpRequests].fetch_add(stats.requests, Relaxed);
@@ -603,7 +604,7 @@ impl Stage {
                 server: self.pool.name.clone(),
                 requests: stats.requests,
             })
-        })))
+        }))
     }
 
     /// The PROXY v2 header for the backend, or nothing.
