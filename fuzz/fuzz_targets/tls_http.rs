@@ -100,6 +100,7 @@ fn fixture() -> &'static Fixture {
             client_timeout: Duration::from_secs(5),
             http2: Default::default(),
             tunnel: Default::default(),
+            http1: Default::default(),
         });
         Fixture {
             acceptor,

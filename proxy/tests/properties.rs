@@ -423,6 +423,7 @@ async fn through_gzip(
         client_timeout: DEADLINE,
         http2: Default::default(),
         tunnel: Default::default(),
+        http1: Default::default(),
     });
     let (client_io, server_io) = tokio::io::duplex(64 * 1024);
     let (_drain, draining) = watch::channel(false);

@@ -158,6 +158,7 @@ impl TryFrom<(&Config, &ListenerConfig)> for StageSettings {
                         idle_timeout: l.tunnel_timeout,
                         ..Default::default()
                     },
+                    http1: Default::default(),
                 })
             }),
             accept_proxy: Versions::of(l.accept_proxy).map(|v| (v, l.accept_proxy_timeout)),

@@ -67,16 +67,34 @@ pub(super) fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-/// The client's address as an X-Forwarded-For element, made once per
-/// connection.
-pub(super) fn forwarded_for_value(addr: SocketAddr) -> HeaderValue {
-    let ip = addr.ip().to_canonical().to_string();
-    HeaderValue::from_str(&ip).expect("an IP address is a valid header value")
+/// The client's address as an X-Forwarded-For element, written once per
+/// connection and kept inline: as a `HeaderValue` it would be a heap copy,
+/// plus the shared buffer its first clone makes, held by every idle
+/// keep-alive connection (64 bytes).
+pub(super) struct ForwardedFor {
+    len: u8,
+    /// The longest IPv6 text is 39 bytes.
+    text: [u8; 39],
 }
 
-/// Appends the client (`ip`, from [`forwarded_for_value`]) to
-/// X-Forwarded-For, folding earlier lines into one.
-pub(super) fn set_forwarded_for(headers: &mut HeaderMap, ip: &HeaderValue) {
+impl ForwardedFor {
+    pub fn new(addr: SocketAddr) -> Self {
+        use std::io::Write as _;
+        let mut text = [0; 39];
+        let mut rest = &mut text[..];
+        write!(rest, "{}", addr.ip().to_canonical()).expect("an IP address fits in 39 bytes");
+        let len = (39 - rest.len()) as u8;
+        Self { len, text }
+    }
+
+    fn as_bytes(&self) -> &[u8] {
+        &self.text[..usize::from(self.len)]
+    }
+}
+
+/// Appends the client (`ip`) to X-Forwarded-For, folding earlier lines into
+/// one.
+pub(super) fn set_forwarded_for(headers: &mut HeaderMap, ip: &ForwardedFor) {
     let name = HeaderName::from_static("x-forwarded-for");
     let mut value = Vec::new();
     for existing in headers.get_all(&name) {
@@ -87,8 +105,10 @@ pub(super) fn set_forwarded_for(headers: &mut HeaderMap, ip: &HeaderValue) {
         }
     }
     if value.is_empty() {
-        // The usual case: no earlier proxy, the value is shared, not copied.
-        headers.insert(name, ip.clone());
+        // The usual case: no earlier proxy.
+        if let Ok(value) = HeaderValue::from_bytes(ip.as_bytes()) {
+            headers.insert(name, value);
+        }
         return;
     }
     value.extend_from_slice(ip.as_bytes());
@@ -284,5 +304,41 @@ mod tests {
         strip_hop_by_hop(&mut plain);
         assert_eq!(names(&plain), ["host", "x-kept"]);
         assert_eq!(plain.get_all("x-kept").iter().count(), 2);
+    }
+
+    #[test]
+    fn forwarded_for_is_the_canonical_ip_appended_to_earlier_ones() {
+        fn xff(headers: &HeaderMap) -> Vec<&str> {
+            headers
+                .get_all("x-forwarded-for")
+                .iter()
+                .map(|v| v.to_str().unwrap())
+                .collect()
+        }
+        let cases = [
+            ("192.0.2.7:80", "192.0.2.7"),
+            // A v4-mapped client is written as IPv4.
+            ("[::ffff:192.0.2.7]:80", "192.0.2.7"),
+            // The longest IPv6 text there is.
+            (
+                "[1111:2222:3333:4444:5555:6666:7777:8888]:80",
+                "1111:2222:3333:4444:5555:6666:7777:8888",
+            ),
+            ("[::1]:80", "::1"),
+        ];
+        for (addr, text) in cases {
+            let ip = ForwardedFor::new(addr.parse().unwrap());
+            let mut fresh = HeaderMap::new();
+            set_forwarded_for(&mut fresh, &ip);
+            assert_eq!(xff(&fresh), [text], "{addr}");
+
+            let mut earlier = map(&[
+                ("x-forwarded-for", "203.0.113.1"),
+                ("x-forwarded-for", " 198.51.100.2 "),
+            ]);
+            set_forwarded_for(&mut earlier, &ip);
+            let folded = format!("203.0.113.1, 198.51.100.2, {text}");
+            assert_eq!(xff(&earlier), [folded.as_str()], "{addr}");
+        }
     }
 }

@@ -16,7 +16,7 @@ use std::{
     net::SocketAddr,
     pin::Pin,
     sync::{
-        Arc,
+        Arc, OnceLock,
         atomic::{AtomicU64, Ordering},
     },
     task::{Context, Poll},
@@ -43,7 +43,7 @@ use tokio_util::io::{ReaderStream, StreamReader};
 
 use self::{
     headers::{
-        accepts_gzip, add_vary_accept_encoding, compressible, forwarded_for_value, mark_gzipped,
+        ForwardedFor, accepts_gzip, add_vary_accept_encoding, compressible, mark_gzipped,
         set_forwarded_for, strip_hop_by_hop,
     },
     log::{Logged, RequestLog, Termination},
@@ -106,6 +106,27 @@ pub struct HttpSettings {
     /// Connections upgraded by a 101 (WebSocket...): idle limit, drain
     /// deadline, counters.
     pub tunnel: upgrade::TunnelSettings,
+    /// hyper's HTTP/1 server settings, made from the above on first use and
+    /// shared: one builder per stage means one timer `Arc` per stage, not
+    /// one per connection.
+    pub http1: OnceLock<hyper::server::conn::http1::Builder>,
+}
+
+impl HttpSettings {
+    fn http1(&self) -> &hyper::server::conn::http1::Builder {
+        self.http1.get_or_init(|| {
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder
+                .keep_alive(true)
+                // A client that sends its request and shuts down its write
+                // side still gets the answer.
+                .half_close(true)
+                .max_buf_size(self.max_header_size.max(8192))
+                .timer(TokioTimer::new())
+                .header_read_timeout(self.header_read_timeout);
+            builder
+        })
+    }
 }
 
 /// What the client speaks, as ALPN (ours, or a previous stage's) said.
@@ -291,7 +312,7 @@ where
     let shared = Arc::new(ConnState {
         upstream,
         settings: settings.clone(),
-        forwarded_for: downstream.forwarded_for.map(forwarded_for_value),
+        forwarded_for: downstream.forwarded_for.map(ForwardedFor::new),
         draining: draining.clone(),
         idle: downstream.idle.clone(),
         log: downstream.log.clone(),
@@ -332,21 +353,14 @@ where
         // sending); the next response carries `Connection: close`, which
         // makes hyper close the connection once that response is written.
         Protocol::Http1 => Serving::Http1(
-            hyper::server::conn::http1::Builder::new()
-                .keep_alive(true)
-                // A client that sends its request and shuts down its write
-                // side still gets the answer.
-                .half_close(true)
-                .max_buf_size(settings.max_header_size.max(8192))
-                .timer(TokioTimer::new())
-                .header_read_timeout(settings.header_read_timeout)
+            settings
+                .http1()
                 .serve_connection(TokioIo::new(io), service)
                 // Upgrade hook: hyper hands the connection to a 101's tunnel.
                 .with_upgrades(),
         ),
     };
     let header_read_timeout = settings.header_read_timeout;
-    drop(settings);
     async move {
         // Awaited through a reference: `.await` on the value itself would
         // move it into a second slot of this future.
@@ -469,7 +483,7 @@ struct ConnState<U> {
     settings: Arc<HttpSettings>,
     /// The real client (from the socket or a PROXY v2 header), sent upstream
     /// in `X-Forwarded-For`; `None` leaves that header as the client sent it.
-    forwarded_for: Option<HeaderValue>,
+    forwarded_for: Option<ForwardedFor>,
     draining: watch::Receiver<bool>,
     /// Upstream connections between two requests.
     idle: Arc<IdlePool>,
@@ -843,6 +857,7 @@ mod tests {
                 client_timeout: LONG,
                 http2: Http2Config::default(),
                 tunnel: Default::default(),
+                http1: Default::default(),
             };
             (Arc::new(settings), self.client_addr)
         }

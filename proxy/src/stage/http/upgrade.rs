@@ -821,6 +821,7 @@ mod tests {
             client_timeout: Duration::from_secs(5),
             http2: Default::default(),
             tunnel: settings,
+            http1: Default::default(),
         });
         let (mut client, server_io) = duplex(64 * 1024);
         let (_drain, draining) = watch::channel(false);

@@ -651,9 +651,17 @@ where
             buf,
         ) {
             Ok(encoder) => {
-                debug_assert!(self.state.cached_headers.is_none());
+                debug_assert!(self
+                    .state
+                    .cached_headers
+                    .as_ref()
+                    .map_or(true, |cached| cached.is_empty()));
                 debug_assert!(head.headers.is_empty());
-                self.state.cached_headers = Some(head.headers);
+                // proxy patch: into the box a parse left, if any.
+                match &mut self.state.cached_headers {
+                    Some(cached) => **cached = head.headers,
+                    slot @ None => *slot = Some(Box::new(head.headers)),
+                }
 
                 #[cfg(feature = "client")]
                 {
@@ -942,7 +950,11 @@ impl<I: Unpin, B, T> Unpin for Conn<I, B, T> {}
 struct State {
     allow_half_close: bool,
     /// Re-usable `HeaderMap` to reduce allocating new ones.
-    cached_headers: Option<HeaderMap>,
+    // proxy patch: boxed, 96 bytes less in every connection's state (an idle
+    // keep-alive server connection has dropped it, see io.rs). A parse moves
+    // the map out and leaves the box, which the next written head refills:
+    // no allocation per message.
+    cached_headers: Option<Box<HeaderMap>>,
     /// If an error occurs when there wasn't a direct way to return it
     /// back to the user, this is set.
     error: Option<crate::Error>,
@@ -1198,7 +1210,7 @@ mod tests {
         let io = Compat(tokio_test::io::Builder::new().build());
         let mut conn = Conn::<_, bytes::Bytes, crate::proto::h1::ServerTransaction>::new(io);
         *conn.io.read_buf_mut() = ::bytes::BytesMut::from(&s[..]);
-        conn.state.cached_headers = Some(HeaderMap::with_capacity(2));
+        conn.state.cached_headers = Some(Box::new(HeaderMap::with_capacity(2)));
 
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -1212,7 +1224,7 @@ mod tests {
                         ::test::black_box(&x);
                         let mut headers = x.0.headers;
                         headers.clear();
-                        conn.state.cached_headers = Some(headers);
+                        conn.state.cached_headers = Some(Box::new(headers));
                     }
                     f => panic!("expected Ready(Some(Ok(..))): {:?}", f),
                 }

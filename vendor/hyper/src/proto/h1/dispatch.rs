@@ -23,7 +23,10 @@ pub(crate) struct Dispatcher<D, Bs: Body, I, T> {
     conn: Conn<I, Bs::Data, T>,
     dispatch: D,
     body_tx: SenderDropGuard,
-    body_rx: Pin<Box<Option<Bs>>>,
+    // proxy patch: the body being written is boxed per message (only when
+    // it has one), not in a slot of its own size kept for the connection's
+    // life: an idle keep-alive connection holds no body slot.
+    body_rx: Option<Pin<Box<Bs>>>,
     is_closing: bool,
 }
 
@@ -82,7 +85,7 @@ where
             conn,
             dispatch,
             body_tx: SenderDropGuard::none(),
-            body_rx: Box::pin(None),
+            body_rx: None,
             is_closing: false,
         }
     }
@@ -365,7 +368,7 @@ where
                     let (head, body) = msg.map_err(crate::Error::new_user_service)?;
 
                     let body_type = if body.is_end_stream() {
-                        self.body_rx.set(None);
+                        self.body_rx = None;
                         None
                     } else {
                         let btype = body
@@ -373,7 +376,7 @@ where
                             .exact()
                             .map(BodyLength::Known)
                             .or(Some(BodyLength::Unknown));
-                        self.body_rx.set(Some(body));
+                        self.body_rx = Some(Box::pin(body));
                         btype
                     };
                     self.conn.write_head(head, body_type);
@@ -386,7 +389,7 @@ where
             } else {
                 // A new scope is needed :(
                 if let (Some(mut body), clear_body) =
-                    OptGuard::new(self.body_rx.as_mut()).guard_mut()
+                    OptGuard::new(&mut self.body_rx).guard_mut()
                 {
                     debug_assert!(!*clear_body, "opt guard defaults to keeping body");
                     if !self.conn.can_write_body() {
@@ -509,22 +512,23 @@ where
 
 /// A drop guard to allow a mutable borrow of an Option while being able to
 /// set whether the `Option` should be cleared on drop.
-struct OptGuard<'opt, T>(Pin<&'opt mut Option<T>>, bool);
+// proxy patch: over `Option<Pin<Box<T>>>` (see `body_rx`).
+struct OptGuard<'opt, T>(&'opt mut Option<Pin<Box<T>>>, bool);
 
 impl<'opt, T> OptGuard<'opt, T> {
-    fn new(pin: Pin<&'opt mut Option<T>>) -> Self {
-        OptGuard(pin, false)
+    fn new(slot: &'opt mut Option<Pin<Box<T>>>) -> Self {
+        OptGuard(slot, false)
     }
 
     fn guard_mut(&mut self) -> (Option<Pin<&mut T>>, &mut bool) {
-        (self.0.as_mut().as_pin_mut(), &mut self.1)
+        (self.0.as_mut().map(|body| body.as_mut()), &mut self.1)
     }
 }
 
 impl<T> Drop for OptGuard<'_, T> {
     fn drop(&mut self) {
         if self.1 {
-            self.0.set(None);
+            *self.0 = None;
         }
     }
 }

@@ -69,7 +69,8 @@ pub(crate) struct ParsedMessage<T> {
 }
 
 pub(crate) struct ParseContext<'ctx> {
-    cached_headers: &'ctx mut Option<HeaderMap>,
+    // proxy patch: boxed (see `State::cached_headers` in conn.rs).
+    cached_headers: &'ctx mut Option<Box<HeaderMap>>,
     req_method: &'ctx mut Option<Method>,
     h1_parser_config: ParserConfig,
     h1_max_headers: Option<usize>,

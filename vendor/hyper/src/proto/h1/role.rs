@@ -260,7 +260,12 @@ impl Http1Transaction for Server {
             None
         };
 
-        let mut headers = ctx.cached_headers.take().unwrap_or_default();
+        // proxy patch: the map moves out, its box stays for the next one.
+        let mut headers = ctx
+            .cached_headers
+            .as_mut()
+            .map(|cached| std::mem::take(&mut **cached))
+            .unwrap_or_default();
         let mut saw_connection_close = false;
 
         headers.reserve(headers_len);
@@ -1112,7 +1117,12 @@ impl Http1Transaction for Client {
 
             let slice = slice.freeze();
 
-            let mut headers = ctx.cached_headers.take().unwrap_or_default();
+            // proxy patch: the map moves out, its box stays for the next one.
+            let mut headers = ctx
+                .cached_headers
+                .as_mut()
+                .map(|cached| std::mem::take(&mut **cached))
+                .unwrap_or_default();
 
             let mut keep_alive = version == Version::HTTP_11;
             let mut saw_connection_close = false;
@@ -3470,7 +3480,7 @@ mod tests {
             \r\n\r\n"[..],
         );
         let len = raw.len();
-        let mut headers = Some(HeaderMap::new());
+        let mut headers = Some(Box::new(HeaderMap::new()));
 
         b.bytes = len as u64;
         b.iter(|| {
@@ -3516,7 +3526,7 @@ mod tests {
         let s = &b"GET / HTTP/1.1\r\nHost: localhost:8080\r\n\r\n"[..];
         let mut raw = BytesMut::from(s);
         let len = raw.len();
-        let mut headers = Some(HeaderMap::new());
+        let mut headers = Some(Box::new(HeaderMap::new()));
 
         b.bytes = len as u64;
         b.iter(|| {
