@@ -73,17 +73,20 @@ pub(super) fn strip_hop_by_hop(headers: &mut HeaderMap) {
 /// keep-alive connection (64 bytes).
 pub(super) struct ForwardedFor {
     len: u8,
-    /// The longest IPv6 text is 39 bytes.
-    text: [u8; 39],
+    text: [u8; Self::MAX],
 }
 
 impl ForwardedFor {
+    /// The longest text of an IP address (INET6_ADDRSTRLEN without the NUL:
+    /// eight groups, the last two as a dotted quad).
+    const MAX: usize = 45;
+
     pub fn new(addr: SocketAddr) -> Self {
         use std::io::Write as _;
-        let mut text = [0; 39];
+        let mut text = [0; Self::MAX];
         let mut rest = &mut text[..];
-        write!(rest, "{}", addr.ip().to_canonical()).expect("an IP address fits in 39 bytes");
-        let len = (39 - rest.len()) as u8;
+        write!(rest, "{}", addr.ip().to_canonical()).expect("an IP address fits in 45 bytes");
+        let len = (Self::MAX - rest.len()) as u8;
         Self { len, text }
     }
 

@@ -106,15 +106,26 @@ pub struct HttpSettings {
     /// Connections upgraded by a 101 (WebSocket...): idle limit, drain
     /// deadline, counters.
     pub tunnel: upgrade::TunnelSettings,
-    /// hyper's HTTP/1 server settings, made from the above on first use and
-    /// shared: one builder per stage means one timer `Arc` per stage, not
-    /// one per connection.
-    pub http1: OnceLock<hyper::server::conn::http1::Builder>,
+    /// hyper's HTTP/1 server settings, made from the above on first use.
+    pub http1: Http1Builder,
+}
+
+/// hyper's HTTP/1 server settings, made once per stage and shared by its
+/// connections: one timer `Arc` per stage, not one per connection. A clone
+/// starts empty, so that a copy with other settings never serves with the
+/// old ones.
+#[derive(Debug, Default)]
+pub struct Http1Builder(OnceLock<hyper::server::conn::http1::Builder>);
+
+impl Clone for Http1Builder {
+    fn clone(&self) -> Self {
+        Self::default()
+    }
 }
 
 impl HttpSettings {
     fn http1(&self) -> &hyper::server::conn::http1::Builder {
-        self.http1.get_or_init(|| {
+        self.http1.0.get_or_init(|| {
             let mut builder = hyper::server::conn::http1::Builder::new();
             builder
                 .keep_alive(true)
