@@ -533,7 +533,7 @@ impl Stage {
         client: &ClientInfo,
     ) -> Pin<Box<dyn Future<Output = Result<Done, ConnError>> + Send + 'a>>
     where
-        IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        IO: AsyncRead + AsyncWrite + socket::ReadReady + Unpin + Send + 'static,
     {
         let preamble = match self.preamble(client) {
             Ok(preamble) => preamble,

@@ -327,6 +327,46 @@ impl Stream {
     }
 }
 
+/// A stream whose readability can be awaited without reading from it.
+///
+/// An idle HTTP/1 keep-alive connection on such a stream waits for its next
+/// request with none of hyper's state (`http::serve` parks it), the way
+/// nginx keeps only the connection of an idle keep-alive client.
+pub trait ReadReady {
+    /// Whether [`poll_read_ready`](Self::poll_read_ready) tells. A TLS
+    /// stream cannot: a readable socket may hold part of a record only.
+    const TELLS: bool = false;
+
+    /// Ready once a read would not find the stream empty (data, end, or an
+    /// error). Only called when [`TELLS`](Self::TELLS).
+    fn poll_read_ready(&self, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl ReadReady for Stream {
+    const TELLS: bool = true;
+
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self {
+            Stream::Tcp(s) => s.poll_read_ready(cx),
+            Stream::Unix(s) => s.poll_read_ready(cx),
+        }
+    }
+}
+
+impl ReadReady for TcpStream {
+    const TELLS: bool = true;
+
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        TcpStream::poll_read_ready(self, cx)
+    }
+}
+
+impl ReadReady for tokio::io::DuplexStream {}
+
+impl<S> ReadReady for tokio_rustls::server::TlsStream<S> {}
+
 macro_rules! delegate {
     ($self:ident, $s:ident => $e:expr) => {
         match $self.get_mut() {

@@ -9,6 +9,7 @@ use std::{
     time::Duration,
 };
 
+use super::socket::ReadReady;
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
     time::{Instant, Sleep},
@@ -59,6 +60,14 @@ impl<S> WriteStall<S> {
                 ready
             }
         }
+    }
+}
+
+impl<S: ReadReady> ReadReady for WriteStall<S> {
+    const TELLS: bool = S::TELLS;
+
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.inner.poll_read_ready(cx)
     }
 }
 

@@ -24,7 +24,7 @@ use std::{
 use proxy_common::{OBJECT_NAME_LEN, ObjectName, Published};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use crate::config::Config;
+use crate::{config::Config, stage::socket::ReadReady};
 
 /// A running total, or a level (summed over live generations only).
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
@@ -399,6 +399,14 @@ impl<S> Drop for Metered<S> {
         if let Sink::Server(m) = &self.sink {
             m[ServerCounter::Current].fetch_sub(1, Relaxed);
         }
+    }
+}
+
+impl<S: ReadReady> ReadReady for Metered<S> {
+    const TELLS: bool = S::TELLS;
+
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.inner.poll_read_ready(cx)
     }
 }
 

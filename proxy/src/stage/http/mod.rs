@@ -11,6 +11,7 @@
 
 use std::{
     convert::Infallible,
+    future::Future,
     error::Error as StdError,
     io,
     net::SocketAddr,
@@ -25,7 +26,7 @@ use std::{
 
 use async_compression::{Level, tokio::bufread::GzipEncoder};
 use bytes::Bytes;
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt, future::Either};
 use http_body::Frame;
 use http_body_util::{BodyDataStream, BodyExt, Full, StreamBody, combinators::UnsyncBoxBody};
 use hyper::{
@@ -49,6 +50,7 @@ use self::{
     log::{Logged, RequestLog, Termination},
     upstream::{Sent, UpstreamBody},
 };
+use super::socket::ReadReady;
 use crate::config::{CompressionConfig, Http2Config};
 
 mod h2;
@@ -317,7 +319,7 @@ pub fn serve<IO, U>(
     draining: watch::Receiver<bool>,
 ) -> impl Future<Output = Result<ConnStats, HttpError>> + Send
 where
-    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    IO: AsyncRead + AsyncWrite + ReadReady + Unpin + Send + 'static,
     U: Upstream,
 {
     let shared = Arc::new(ConnState {
@@ -340,10 +342,9 @@ where
             Box::pin(async move { Ok::<_, Infallible>(shared.handle(req).await) })
         })
     };
-    let mut serving = match downstream.protocol {
+    match downstream.protocol {
         Protocol::Http2 => {
-            let settings = settings.clone();
-            Serving::Http2(Box::pin(async move {
+            let served = Box::pin(async move {
                 h2::serve(
                     io,
                     service,
@@ -357,58 +358,116 @@ where
                     draining,
                 )
                 .await
-            }))
+            });
+            Either::Left(served.map(move |done| done.map(|()| shared.log.counters.snapshot())))
         }
         // No graceful_shutdown() on draining: an idle keep-alive connection
         // stays open (closing it could race with a request the client is
         // sending); the next response carries `Connection: close`, which
         // makes hyper close the connection once that response is written.
-        Protocol::Http1 => Serving::Http1(
-            settings
-                .http1()
-                .serve_connection(TokioIo::new(io), service)
-                // Upgrade hook: hyper hands the connection to a 101's tunnel.
-                .with_upgrades(),
-        ),
-    };
-    let header_read_timeout = settings.header_read_timeout;
-    async move {
-        // Awaited through a reference: `.await` on the value itself would
-        // move it into a second slot of this future.
-        let result = match &mut serving {
-            Serving::Http2(served) => {
-                return served.await.map(|()| shared.log.counters.snapshot());
-            }
-            Serving::Http1(conn) => conn.await,
-        };
-        // Upgrade hook: after a 101 the connection is a tunnel (upgrade.rs),
-        // done only when the tunnel is.
-        let tunnel = shared
-            .tunnel
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
-        if let (Ok(()), Some(tunnel)) = (&result, tunnel) {
-            let end = tunnel.await?;
-            tracing::debug!(?end, "upgraded tunnel ended");
-        }
-        let stats = shared.log.counters.snapshot();
-        match result {
-            Ok(()) => Ok(stats),
-            // Hyper's header timer also runs while a keep-alive connection
-            // waits for its next request: after at least one request that is
-            // the usual end of an idle connection, not a failure.
-            Err(e) if e.is_timeout() && stats.requests > 0 => Ok(stats),
-            Err(e) if e.is_timeout() => Err(HttpError::HeaderTimeout(header_read_timeout)),
-            Err(e) => Err(classify_server_error(e)),
+        //
+        // `then`, not an async block awaiting it: the connection's future
+        // is not `Unpin`, and an async block would keep a second slot of
+        // its size.
+        Protocol::Http1 => {
+            let header_read_timeout = settings.header_read_timeout;
+            Either::Right(http1(io, service, settings).then(move |result| async move {
+                // Upgrade hook: after a 101 the connection is a tunnel
+                // (upgrade.rs), done only when the tunnel is.
+                let tunnel = shared
+                    .tunnel
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .take();
+                if let (Ok(_), Some(tunnel)) = (&result, tunnel) {
+                    let end = tunnel.await?;
+                    tracing::debug!(?end, "upgraded tunnel ended");
+                }
+                let stats = shared.log.counters.snapshot();
+                match result {
+                    Ok(Http1End::Closed) => Ok(stats),
+                    // The wait for a request (hyper's header timer, or ours
+                    // while parked) is also the keep-alive timeout: after at
+                    // least one request that is the usual end of an idle
+                    // connection, not a failure.
+                    Ok(Http1End::IdleTimeout) if stats.requests > 0 => Ok(stats),
+                    Ok(Http1End::IdleTimeout) => {
+                        Err(HttpError::HeaderTimeout(header_read_timeout))
+                    }
+                    Err(e) if e.is_timeout() && stats.requests > 0 => Ok(stats),
+                    Err(e) if e.is_timeout() => Err(HttpError::HeaderTimeout(header_read_timeout)),
+                    Err(e) => Err(classify_server_error(e)),
+                }
+            }))
         }
     }
 }
 
-/// The protocol a downstream connection is served with.
-enum Serving<H2, H1> {
-    Http2(H2),
-    Http1(H1),
+/// How an HTTP/1 connection ended without error.
+enum Http1End {
+    /// Closed by either side, or handed to a 101's tunnel.
+    Closed,
+    /// No request came within `header_read_timeout` while it was parked.
+    IdleTimeout,
+}
+
+/// Serves HTTP/1 on `io` to the connection's end.
+///
+/// On a stream that tells when it is readable, the connection is parked
+/// while it waits for a request of which nothing has arrived: hyper's
+/// connection (about 700 bytes, and its header timer) is taken apart, and
+/// the task holds only the stream, the service and one timer until the
+/// client sends again, the way nginx keeps an idle keep-alive client. The
+/// wait is bounded by `header_read_timeout`, as hyper's timer bounds it
+/// otherwise; hyper's timer starts with the request's first bytes.
+async fn http1<IO, S, B>(io: IO, service: S, settings: Arc<HttpSettings>) -> hyper::Result<Http1End>
+where
+    IO: AsyncRead + AsyncWrite + ReadReady + Unpin + Send + 'static,
+    S: hyper::service::HttpService<Incoming, ResBody = B>,
+    S::Error: Into<Box<dyn StdError + Send + Sync>>,
+    B: hyper::body::Body + 'static,
+    B::Error: Into<Box<dyn StdError + Send + Sync>>,
+{
+    let connect = |io, service| {
+        // Upgrade hook: hyper hands the connection to a 101's tunnel.
+        let mut conn = settings
+            .http1()
+            .serve_connection(TokioIo::new(io), service)
+            .with_upgrades();
+        if IO::TELLS {
+            conn.park_when_idle();
+        }
+        // Boxed: a parked connection's task does not keep room for it.
+        Box::new(conn)
+    };
+    let mut conn = connect(io, service);
+    let idle = settings.header_read_timeout;
+    let timer = tokio::time::sleep(idle);
+    tokio::pin!(timer);
+    loop {
+        let Some(parts) = std::future::poll_fn(|cx| conn.poll_until_idle(cx)).await? else {
+            return Ok(Http1End::Closed);
+        };
+        drop(conn);
+        let mut io = parts.io.into_inner();
+        timer.as_mut().reset(tokio::time::Instant::now() + idle);
+        // Borrowed mutably: a shared borrow across the wait would ask
+        // `IO: Sync`.
+        let waiting = &mut io;
+        let mut sleeping = timer.as_mut();
+        let timed_out = std::future::poll_fn(move |cx| {
+            // An error shows up on hyper's first read.
+            if waiting.poll_read_ready(cx).is_ready() {
+                return Poll::Ready(false);
+            }
+            sleeping.as_mut().poll(cx).map(|()| true)
+        })
+        .await;
+        if timed_out {
+            return Ok(Http1End::IdleTimeout);
+        }
+        conn = connect(io, parts.service);
+    }
 }
 
 /// Tells apart a response body that failed on our side of hyper (upstream or
@@ -1800,6 +1859,173 @@ mod tests {
         let err = timeout(LONG, serving).await.unwrap().unwrap().unwrap_err();
         assert!(matches!(err, HttpError::HeaderTimeout(_)), "{err}");
         assert!(err.to_string().starts_with("downstream client"), "{err}");
+    }
+
+    /// A TCP stream that counts its waits for readability: each is a wait
+    /// of a parked connection (`http1`).
+    struct Parking {
+        inner: TcpStream,
+        waits: Arc<AtomicUsize>,
+    }
+
+    impl ReadReady for Parking {
+        const TELLS: bool = true;
+
+        fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            self.waits.fetch_add(1, SeqCst);
+            self.inner.poll_read_ready(cx)
+        }
+    }
+
+    impl AsyncRead for Parking {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut tokio::io::ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.inner).poll_read(cx, buf)
+        }
+    }
+
+    impl AsyncWrite for Parking {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            Pin::new(&mut self.inner).poll_write(cx, buf)
+        }
+
+        fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.inner).poll_flush(cx)
+        }
+
+        fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.inner).poll_shutdown(cx)
+        }
+    }
+
+    /// `serve` on the accepted end of a loopback TCP connection; returns
+    /// the client's end, the count of parked waits, and the task.
+    async fn serve_tcp(
+        origin: SocketAddr,
+        settings: HttpSettings,
+    ) -> (
+        TcpStream,
+        Arc<AtomicUsize>,
+        JoinHandle<Result<ConnStats, HttpError>>,
+    ) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        let waits = Arc::new(AtomicUsize::new(0));
+        let io = Parking {
+            inner: server,
+            waits: waits.clone(),
+        };
+        let (_drain, draining) = watch::channel(false);
+        let upstream = move || TcpStream::connect(origin);
+        let (settings, client_addr) = settings.split();
+        let serving = tokio::spawn(async move {
+            let _drain = _drain;
+            serve(io, upstream, settings, h1(client_addr), draining).await
+        });
+        (client, waits, serving)
+    }
+
+    /// Reads one response with a `content-length` (head and body).
+    async fn read_response(client: &mut TcpStream) -> String {
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            let text = String::from_utf8_lossy(&got).into_owned();
+            if let Some(end) = text.find("\r\n\r\n") {
+                let len: usize = text[..end]
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length: "))
+                    .expect("a content-length")
+                    .parse()
+                    .unwrap();
+                if got.len() >= end + 4 + len {
+                    return text;
+                }
+            }
+            let n = timeout(LONG, client.read(&mut buf))
+                .await
+                .expect("response in time")
+                .unwrap();
+            assert!(n > 0, "closed mid-response: {text}");
+            got.extend_from_slice(&buf[..n]);
+        }
+    }
+
+    const SMALL_GET: &[u8] = b"GET / HTTP/1.1\r\nHost: a\r\nx-len: 10\r\n\r\n";
+
+    #[tokio::test]
+    async fn idle_keep_alive_connection_is_parked_and_served_again() {
+        let origin = start_origin(origin_default).await;
+        let mut short = settings();
+        short.header_read_timeout = Duration::from_millis(400);
+        let (mut client, waits, serving) = serve_tcp(origin.addr, short).await;
+        client.write_all(SMALL_GET).await.unwrap();
+        assert!(read_response(&mut client).await.starts_with("HTTP/1.1 200 OK"));
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let parked = waits.load(SeqCst);
+        assert!(parked > 0, "the idle connection was not parked");
+        // The next request wakes it, and hyper goes on where it stopped.
+        client.write_all(SMALL_GET).await.unwrap();
+        assert!(read_response(&mut client).await.starts_with("HTTP/1.1 200 OK"));
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        assert!(waits.load(SeqCst) > parked, "not parked after the second");
+        // Part of a head: hyper's header timer runs from these bytes, and
+        // closes the connection when the rest does not come.
+        client.write_all(b"GET / HTTP/1.1\r\nHost: a\r\n").await.unwrap();
+        let sent = std::time::Instant::now();
+        let mut rest = Vec::new();
+        timeout(LONG, client.read_to_end(&mut rest))
+            .await
+            .expect("closed in time")
+            .unwrap();
+        assert!(
+            sent.elapsed() >= Duration::from_millis(300),
+            "closed after {:?}",
+            sent.elapsed()
+        );
+        let stats = timeout(LONG, serving).await.unwrap().unwrap().unwrap();
+        assert_eq!(stats.requests, 2);
+    }
+
+    #[tokio::test]
+    async fn parked_connection_waits_at_most_the_header_read_timeout() {
+        let origin = start_origin(origin_default).await;
+        let mut short = settings();
+        short.header_read_timeout = Duration::from_millis(300);
+        // A client that sends nothing: the failure hyper's timer reported.
+        let (mut silent, waits, serving) = serve_tcp(origin.addr, short.clone()).await;
+        let err = timeout(LONG, serving).await.unwrap().unwrap().unwrap_err();
+        assert!(matches!(err, HttpError::HeaderTimeout(_)), "{err}");
+        assert!(waits.load(SeqCst) > 0, "not parked");
+        let mut rest = Vec::new();
+        timeout(LONG, silent.read_to_end(&mut rest))
+            .await
+            .expect("closed")
+            .unwrap();
+        // After a request: the usual end of a keep-alive connection.
+        let (mut client, _, serving) = serve_tcp(origin.addr, short).await;
+        client.write_all(SMALL_GET).await.unwrap();
+        assert!(read_response(&mut client).await.starts_with("HTTP/1.1 200 OK"));
+        let idle = std::time::Instant::now();
+        let stats = timeout(LONG, serving).await.unwrap().unwrap().unwrap();
+        assert_eq!(stats.requests, 1);
+        assert!(idle.elapsed() >= Duration::from_millis(250), "{:?}", idle.elapsed());
+        let mut rest = Vec::new();
+        timeout(LONG, client.read_to_end(&mut rest))
+            .await
+            .expect("closed")
+            .unwrap();
+        assert!(rest.is_empty());
     }
 
     /// Serves `request` (raw bytes, then the write side shut down when

@@ -16,6 +16,9 @@ impl<S> FlushingTls<S> {
     }
 }
 
+/// Not parked when idle: a readable socket may hold part of a record only.
+impl<S> crate::stage::socket::ReadReady for FlushingTls<S> {}
+
 impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for FlushingTls<S> {
     fn poll_read(
         mut self: std::pin::Pin<&mut Self>,

@@ -66,6 +66,8 @@ where
                 #[cfg(feature = "server")]
                 h1_header_read_timeout_running: false,
                 #[cfg(feature = "server")]
+                park_idle: false,
+                #[cfg(feature = "server")]
                 date_header: true,
                 #[cfg(feature = "server")]
                 timer: Time::Empty,
@@ -161,6 +163,51 @@ where
         self.state.date_header = false;
     }
 
+    /// proxy patch: the owner takes the connection apart while it waits
+    /// for a message head of which nothing has arrived (see
+    /// `is_parkable`), so the header timer is armed only once part of a
+    /// head is buffered; the owner times the wait before that.
+    #[cfg(feature = "server")]
+    pub(crate) fn set_park_idle(&mut self) {
+        self.state.park_idle = true;
+    }
+
+    /// proxy patch: waiting for a message head with nothing of it read,
+    /// nothing left to write, and no error or upgrade to report: the
+    /// connection holds nothing the next message needs but its I/O.
+    #[cfg(feature = "server")]
+    pub(crate) fn is_parkable(&self) -> bool {
+        self.state.park_idle
+            && matches!(self.state.reading, Reading::Init)
+            && matches!(self.state.writing, Writing::Init)
+            && !matches!(self.state.keep_alive, KA::Disabled)
+            && !self.state.notify_read
+            && !self.state.h1_header_read_timeout_running
+            && self.state.error.is_none()
+            && self.state.upgrade.is_none()
+            && self.io.read_buf().is_empty()
+            && !self.io.has_buffered_write()
+    }
+
+    #[cfg(feature = "server")]
+    fn arm_header_read_timeout(&mut self) {
+        if let Some(h1_header_read_timeout) = self.state.h1_header_read_timeout {
+            let deadline = self.state.timer.now() + h1_header_read_timeout;
+            self.state.h1_header_read_timeout_running = true;
+            match &mut self.state.h1_header_read_timeout_fut {
+                Some(h1_header_read_timeout_fut) => {
+                    trace!("resetting h1 header read timeout timer");
+                    self.state.timer.reset(h1_header_read_timeout_fut, deadline);
+                }
+                None => {
+                    trace!("setting h1 header read timeout timer");
+                    self.state.h1_header_read_timeout_fut =
+                        Some(self.state.timer.sleep_until(deadline));
+                }
+            }
+        }
+    }
+
     pub(crate) fn into_inner(self) -> (I, Bytes) {
         self.io.into_inner()
     }
@@ -221,22 +268,8 @@ where
         trace!("Conn::read_head");
 
         #[cfg(feature = "server")]
-        if !self.state.h1_header_read_timeout_running {
-            if let Some(h1_header_read_timeout) = self.state.h1_header_read_timeout {
-                let deadline = self.state.timer.now() + h1_header_read_timeout;
-                self.state.h1_header_read_timeout_running = true;
-                match &mut self.state.h1_header_read_timeout_fut {
-                    Some(h1_header_read_timeout_fut) => {
-                        trace!("resetting h1 header read timeout timer");
-                        self.state.timer.reset(h1_header_read_timeout_fut, deadline);
-                    }
-                    None => {
-                        trace!("setting h1 header read timeout timer");
-                        self.state.h1_header_read_timeout_fut =
-                            Some(self.state.timer.sleep_until(deadline));
-                    }
-                }
-            }
+        if !self.state.h1_header_read_timeout_running && !self.state.park_idle {
+            self.arm_header_read_timeout();
         }
 
         let msg = match self.io.parse::<T>(
@@ -258,6 +291,15 @@ where
             Poll::Ready(Ok(msg)) => msg,
             Poll::Ready(Err(e)) => return self.on_read_head_error(e),
             Poll::Pending => {
+                // proxy patch: with park_idle, the timer starts with the
+                // first bytes of the head.
+                #[cfg(feature = "server")]
+                if self.state.park_idle
+                    && !self.state.h1_header_read_timeout_running
+                    && !self.io.read_buf().is_empty()
+                {
+                    self.arm_header_read_timeout();
+                }
                 #[cfg(feature = "server")]
                 if self.state.h1_header_read_timeout_running {
                     if let Some(h1_header_read_timeout_fut) =
@@ -974,6 +1016,9 @@ struct State {
     h1_header_read_timeout_fut: Option<Pin<Box<dyn Sleep>>>,
     #[cfg(feature = "server")]
     h1_header_read_timeout_running: bool,
+    /// proxy patch: see `Conn::set_park_idle`.
+    #[cfg(feature = "server")]
+    park_idle: bool,
     #[cfg(feature = "server")]
     date_header: bool,
     #[cfg(feature = "server")]

@@ -123,6 +123,36 @@ where
         })
     }
 
+    /// proxy patch: polls the connection as the `Future` does, and returns
+    /// `Ok(None)` instead of pending when it is parkable: waiting for a
+    /// message head of which nothing has arrived, with nothing in flight
+    /// (see `Conn::is_parkable`). The owner may then take it apart.
+    #[cfg(feature = "server")]
+    pub(crate) fn poll_until_idle(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<crate::Result<Option<Dispatched>>> {
+        match self.poll_catch(cx, true) {
+            Poll::Ready(done) => Poll::Ready(done.map(Some)),
+            Poll::Pending
+                if !self.is_closing
+                    && self.body_tx.0.is_none()
+                    && self.body_rx.is_none()
+                    && !self.dispatch.should_poll()
+                    && self.conn.is_parkable() =>
+            {
+                Poll::Ready(Ok(None))
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    /// proxy patch: see `Conn::set_park_idle`.
+    #[cfg(feature = "server")]
+    pub(crate) fn set_park_idle(&mut self) {
+        self.conn.set_park_idle();
+    }
+
     fn poll_catch(
         &mut self,
         cx: &mut Context<'_>,

@@ -557,6 +557,53 @@ where
     pub fn into_parts(self) -> Option<Parts<I, S>> {
         self.inner.map(|conn| conn.into_parts())
     }
+
+    /// proxy patch: [`poll_until_idle`](Self::poll_until_idle) may hand
+    /// the connection back while it waits for a request of which nothing
+    /// has arrived; the header read timeout then starts with the request's
+    /// first bytes, and the owner times the wait before them.
+    pub fn park_when_idle(&mut self) {
+        if let Some(conn) = self.inner.as_mut() {
+            conn.conn.set_park_idle();
+        }
+    }
+}
+
+impl<I, B, S> UpgradeableConnection<I, S>
+where
+    S: HttpService<IncomingBody, ResBody = B>,
+    S::Error: Into<Box<dyn StdError + Send + Sync>>,
+    I: Read + Write + Unpin + Send + 'static,
+    B: Body + 'static,
+    B::Error: Into<Box<dyn StdError + Send + Sync>>,
+{
+    /// proxy patch: polls the connection as the `Future` does (`Ok(None)`
+    /// is its end, an upgrade included), and, after
+    /// [`park_when_idle`](Self::park_when_idle), returns its parts instead
+    /// of pending when it waits for a request of which nothing has arrived
+    /// and has nothing left to write (`read_buf` is then empty). Serving the
+    /// parts again with a new connection goes on where this one stopped:
+    /// an idle keep-alive connection then holds none of hyper's state.
+    pub fn poll_until_idle(&mut self, cx: &mut Context<'_>) -> Poll<crate::Result<Option<Parts<I, S>>>> {
+        let Some(conn) = self.inner.as_mut() else {
+            return Poll::Ready(Ok(None));
+        };
+        match ready!(conn.conn.poll_until_idle(cx)) {
+            Ok(Some(proto::Dispatched::Shutdown)) => Poll::Ready(Ok(None)),
+            Ok(Some(proto::Dispatched::Upgrade(pending))) => {
+                let (io, buf, _) = self
+                    .inner
+                    .take()
+                    .expect("upgradeable server connection missing after upgrade")
+                    .conn
+                    .into_inner();
+                pending.fulfill(Upgraded::new(io, buf));
+                Poll::Ready(Ok(None))
+            }
+            Ok(None) => Poll::Ready(Ok(self.inner.take().map(Connection::into_parts))),
+            Err(e) => Poll::Ready(Err(e)),
+        }
+    }
 }
 
 impl<I, B, S> Future for UpgradeableConnection<I, S>
