@@ -11,8 +11,8 @@
 
 use std::{
     convert::Infallible,
-    future::Future,
     error::Error as StdError,
+    future::Future,
     io,
     net::SocketAddr,
     pin::Pin,
@@ -371,34 +371,38 @@ where
         // its size.
         Protocol::Http1 => {
             let header_read_timeout = settings.header_read_timeout;
-            Either::Right(http1(io, service, settings).then(move |result| async move {
-                // Upgrade hook: after a 101 the connection is a tunnel
-                // (upgrade.rs), done only when the tunnel is.
-                let tunnel = shared
-                    .tunnel
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .take();
-                if let (Ok(_), Some(tunnel)) = (&result, tunnel) {
-                    let end = tunnel.await?;
-                    tracing::debug!(?end, "upgraded tunnel ended");
-                }
-                let stats = shared.log.counters.snapshot();
-                match result {
-                    Ok(Http1End::Closed) => Ok(stats),
-                    // The wait for a request (hyper's header timer, or ours
-                    // while parked) is also the keep-alive timeout: after at
-                    // least one request that is the usual end of an idle
-                    // connection, not a failure.
-                    Ok(Http1End::IdleTimeout) if stats.requests > 0 => Ok(stats),
-                    Ok(Http1End::IdleTimeout) => {
-                        Err(HttpError::HeaderTimeout(header_read_timeout))
+            Either::Right(
+                Http1::new(io, service, settings).then(move |result| async move {
+                    // Upgrade hook: after a 101 the connection is a tunnel
+                    // (upgrade.rs), done only when the tunnel is.
+                    let tunnel = shared
+                        .tunnel
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .take();
+                    if let (Ok(_), Some(tunnel)) = (&result, tunnel) {
+                        let end = tunnel.await?;
+                        tracing::debug!(?end, "upgraded tunnel ended");
                     }
-                    Err(e) if e.is_timeout() && stats.requests > 0 => Ok(stats),
-                    Err(e) if e.is_timeout() => Err(HttpError::HeaderTimeout(header_read_timeout)),
-                    Err(e) => Err(classify_server_error(e)),
-                }
-            }))
+                    let stats = shared.log.counters.snapshot();
+                    match result {
+                        Ok(Http1End::Closed) => Ok(stats),
+                        // The wait for a request (hyper's header timer, or ours
+                        // while parked) is also the keep-alive timeout: after at
+                        // least one request that is the usual end of an idle
+                        // connection, not a failure.
+                        Ok(Http1End::IdleTimeout) if stats.requests > 0 => Ok(stats),
+                        Ok(Http1End::IdleTimeout) => {
+                            Err(HttpError::HeaderTimeout(header_read_timeout))
+                        }
+                        Err(e) if e.is_timeout() && stats.requests > 0 => Ok(stats),
+                        Err(e) if e.is_timeout() => {
+                            Err(HttpError::HeaderTimeout(header_read_timeout))
+                        }
+                        Err(e) => Err(classify_server_error(e)),
+                    }
+                }),
+            )
         }
     }
 }
@@ -411,16 +415,41 @@ enum Http1End {
     IdleTimeout,
 }
 
-/// Serves HTTP/1 on `io` to the connection's end.
-///
-/// On a stream that tells when it is readable, the connection is parked
-/// while it waits for a request of which nothing has arrived: hyper's
-/// connection (about 700 bytes, and its header timer) is taken apart, and
-/// the task holds only the stream, the service and one timer until the
-/// client sends again, the way nginx keeps an idle keep-alive client. The
-/// wait is bounded by `header_read_timeout`, as hyper's timer bounds it
-/// otherwise; hyper's timer starts with the request's first bytes.
-async fn http1<IO, S, B>(io: IO, service: S, settings: Arc<HttpSettings>) -> hyper::Result<Http1End>
+type Http1Conn<IO, S> = hyper::server::conn::http1::UpgradeableConnection<TokioIo<IO>, S>;
+
+pin_project_lite::pin_project! {
+    /// Serves HTTP/1 on one connection to its end.
+    ///
+    /// On a stream that tells when it is readable, the connection is parked
+    /// while it waits for a request of which nothing has arrived: hyper's
+    /// connection (about 700 bytes, and its header timer) is taken apart,
+    /// and the task holds only the stream, the service and one timer until
+    /// the client sends again, the way nginx keeps an idle keep-alive
+    /// client. The wait is bounded by `header_read_timeout`, as hyper's
+    /// timer bounds it otherwise; hyper's timer starts with the request's
+    /// first bytes.
+    ///
+    /// A future written out rather than an `async fn`: the compiler's one
+    /// kept the stream and hyper's parts twice (384 bytes against 200).
+    struct Http1<IO, S>
+    where
+        S: hyper::service::HttpService<Incoming>,
+    {
+        settings: Arc<HttpSettings>,
+        state: Http1State<IO, S>,
+        // The wait of a parked connection.
+        #[pin]
+        idle: tokio::time::Sleep,
+    }
+}
+
+enum Http1State<IO, S: hyper::service::HttpService<Incoming>> {
+    Serving(Box<Http1Conn<IO, S>>),
+    Parked { io: IO, service: S },
+    Done,
+}
+
+impl<IO, S, B> Http1<IO, S>
 where
     IO: AsyncRead + AsyncWrite + ReadReady + Unpin + Send + 'static,
     S: hyper::service::HttpService<Incoming, ResBody = B>,
@@ -428,7 +457,18 @@ where
     B: hyper::body::Body + 'static,
     B::Error: Into<Box<dyn StdError + Send + Sync>>,
 {
-    let connect = |io, service| {
+    fn new(io: IO, service: S, settings: Arc<HttpSettings>) -> Self {
+        let idle = tokio::time::sleep(settings.header_read_timeout);
+        Self {
+            state: Http1State::Serving(Self::connect(&settings, io, service)),
+            settings,
+            idle,
+        }
+    }
+
+    /// Hyper's connection on `io`, boxed: a parked connection's task does
+    /// not keep room for it.
+    fn connect(settings: &HttpSettings, io: IO, service: S) -> Box<Http1Conn<IO, S>> {
         // Upgrade hook: hyper hands the connection to a 101's tunnel.
         let mut conn = settings
             .http1()
@@ -437,36 +477,63 @@ where
         if IO::TELLS {
             conn.park_when_idle();
         }
-        // Boxed: a parked connection's task does not keep room for it.
         Box::new(conn)
-    };
-    let mut conn = connect(io, service);
-    let idle = settings.header_read_timeout;
-    let timer = tokio::time::sleep(idle);
-    tokio::pin!(timer);
-    loop {
-        let Some(parts) = std::future::poll_fn(|cx| conn.poll_until_idle(cx)).await? else {
-            return Ok(Http1End::Closed);
-        };
-        drop(conn);
-        let mut io = parts.io.into_inner();
-        timer.as_mut().reset(tokio::time::Instant::now() + idle);
-        // Borrowed mutably: a shared borrow across the wait would ask
-        // `IO: Sync`.
-        let waiting = &mut io;
-        let mut sleeping = timer.as_mut();
-        let timed_out = std::future::poll_fn(move |cx| {
-            // An error shows up on hyper's first read.
-            if waiting.poll_read_ready(cx).is_ready() {
-                return Poll::Ready(false);
+    }
+}
+
+impl<IO, S, B> Future for Http1<IO, S>
+where
+    IO: AsyncRead + AsyncWrite + ReadReady + Unpin + Send + 'static,
+    S: hyper::service::HttpService<Incoming, ResBody = B>,
+    S::Error: Into<Box<dyn StdError + Send + Sync>>,
+    B: hyper::body::Body + 'static,
+    B::Error: Into<Box<dyn StdError + Send + Sync>>,
+{
+    type Output = hyper::Result<Http1End>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        loop {
+            match this.state {
+                Http1State::Serving(conn) => {
+                    let parts = match std::task::ready!(conn.poll_until_idle(cx)) {
+                        Ok(Some(parts)) => parts,
+                        Ok(None) => {
+                            *this.state = Http1State::Done;
+                            return Poll::Ready(Ok(Http1End::Closed));
+                        }
+                        Err(e) => {
+                            *this.state = Http1State::Done;
+                            return Poll::Ready(Err(e));
+                        }
+                    };
+                    *this.state = Http1State::Parked {
+                        io: parts.io.into_inner(),
+                        service: parts.service,
+                    };
+                    let deadline = tokio::time::Instant::now() + this.settings.header_read_timeout;
+                    this.idle.as_mut().reset(deadline);
+                }
+                Http1State::Parked { io, .. } => {
+                    // An error shows up on hyper's first read.
+                    if io.poll_read_ready(cx).is_ready() {
+                        let Http1State::Parked { io, service } =
+                            std::mem::replace(this.state, Http1State::Done)
+                        else {
+                            unreachable!("matched above")
+                        };
+                        *this.state =
+                            Http1State::Serving(Self::connect(this.settings, io, service));
+                        continue;
+                    }
+                    std::task::ready!(this.idle.as_mut().poll(cx));
+                    // Closes the connection.
+                    *this.state = Http1State::Done;
+                    return Poll::Ready(Ok(Http1End::IdleTimeout));
+                }
+                Http1State::Done => panic!("HTTP/1 connection polled after its end"),
             }
-            sleeping.as_mut().poll(cx).map(|()| true)
-        })
-        .await;
-        if timed_out {
-            return Ok(Http1End::IdleTimeout);
         }
-        conn = connect(io, parts.service);
     }
 }
 
@@ -1963,6 +2030,25 @@ mod tests {
 
     const SMALL_GET: &[u8] = b"GET / HTTP/1.1\r\nHost: a\r\nx-len: 10\r\n\r\n";
 
+    /// What an idle keep-alive client's task holds of `serve` (with the
+    /// stream and the parked wait's timer, 112 bytes): hyper's connection
+    /// must stay out of it, boxed while it serves.
+    #[tokio::test]
+    async fn a_parked_connection_holds_little() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let _client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        let io = crate::stage::stall::WriteStall::new(server, LONG);
+        let (_drain, draining) = watch::channel(false);
+        let upstream = move || TcpStream::connect("127.0.0.1:9");
+        let (settings, client_addr) = settings().split();
+        let serving = serve(io, upstream, settings, h1(client_addr), draining);
+        let size = std::mem::size_of_val(&serving);
+        assert!(size <= 256, "serve's future is {size} bytes");
+    }
+
     #[tokio::test]
     async fn idle_keep_alive_connection_is_parked_and_served_again() {
         let origin = start_origin(origin_default).await;
@@ -1970,18 +2056,29 @@ mod tests {
         short.header_read_timeout = Duration::from_millis(400);
         let (mut client, waits, serving) = serve_tcp(origin.addr, short).await;
         client.write_all(SMALL_GET).await.unwrap();
-        assert!(read_response(&mut client).await.starts_with("HTTP/1.1 200 OK"));
+        assert!(
+            read_response(&mut client)
+                .await
+                .starts_with("HTTP/1.1 200 OK")
+        );
         tokio::time::sleep(Duration::from_millis(150)).await;
         let parked = waits.load(SeqCst);
         assert!(parked > 0, "the idle connection was not parked");
         // The next request wakes it, and hyper goes on where it stopped.
         client.write_all(SMALL_GET).await.unwrap();
-        assert!(read_response(&mut client).await.starts_with("HTTP/1.1 200 OK"));
+        assert!(
+            read_response(&mut client)
+                .await
+                .starts_with("HTTP/1.1 200 OK")
+        );
         tokio::time::sleep(Duration::from_millis(150)).await;
         assert!(waits.load(SeqCst) > parked, "not parked after the second");
         // Part of a head: hyper's header timer runs from these bytes, and
         // closes the connection when the rest does not come.
-        client.write_all(b"GET / HTTP/1.1\r\nHost: a\r\n").await.unwrap();
+        client
+            .write_all(b"GET / HTTP/1.1\r\nHost: a\r\n")
+            .await
+            .unwrap();
         let sent = std::time::Instant::now();
         let mut rest = Vec::new();
         timeout(LONG, client.read_to_end(&mut rest))
@@ -2015,11 +2112,19 @@ mod tests {
         // After a request: the usual end of a keep-alive connection.
         let (mut client, _, serving) = serve_tcp(origin.addr, short).await;
         client.write_all(SMALL_GET).await.unwrap();
-        assert!(read_response(&mut client).await.starts_with("HTTP/1.1 200 OK"));
+        assert!(
+            read_response(&mut client)
+                .await
+                .starts_with("HTTP/1.1 200 OK")
+        );
         let idle = std::time::Instant::now();
         let stats = timeout(LONG, serving).await.unwrap().unwrap().unwrap();
         assert_eq!(stats.requests, 1);
-        assert!(idle.elapsed() >= Duration::from_millis(250), "{:?}", idle.elapsed());
+        assert!(
+            idle.elapsed() >= Duration::from_millis(250),
+            "{:?}",
+            idle.elapsed()
+        );
         let mut rest = Vec::new();
         timeout(LONG, client.read_to_end(&mut rest))
             .await
