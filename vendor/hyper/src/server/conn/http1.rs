@@ -558,10 +558,10 @@ where
         self.inner.map(|conn| conn.into_parts())
     }
 
-    /// proxy patch: [`poll_until_idle`](Self::poll_until_idle) may hand
-    /// the connection back while it waits for a request of which nothing
-    /// has arrived; the header read timeout then starts with the request's
-    /// first bytes, and the owner times the wait before them.
+    /// proxy patch: [`poll_idle`](Self::poll_idle) tells when the
+    /// connection waits for a request of which nothing has arrived, so that
+    /// the owner may take it apart; the header read timeout then starts with
+    /// the request's first bytes, and the owner times the wait before them.
     pub fn park_when_idle(&mut self) {
         if let Some(conn) = self.inner.as_mut() {
             conn.conn.set_park_idle();
@@ -577,19 +577,21 @@ where
     B: Body + 'static,
     B::Error: Into<Box<dyn StdError + Send + Sync>>,
 {
-    /// proxy patch: polls the connection as the `Future` does (`Ok(None)`
-    /// is its end, an upgrade included), and, after
-    /// [`park_when_idle`](Self::park_when_idle), returns its parts instead
-    /// of pending when it waits for a request of which nothing has arrived
-    /// and has nothing left to write (`read_buf` is then empty). Serving the
-    /// parts again with a new connection goes on where this one stopped:
-    /// an idle keep-alive connection then holds none of hyper's state.
-    pub fn poll_until_idle(&mut self, cx: &mut Context<'_>) -> Poll<crate::Result<Option<Parts<I, S>>>> {
+    /// proxy patch: polls the connection as the `Future` does, and, after
+    /// [`park_when_idle`](Self::park_when_idle), returns `Ok(true)` instead
+    /// of pending while it waits for a request of which nothing has arrived
+    /// and has nothing left to write; `Ok(false)` is its end (an upgrade
+    /// included). While it is idle, [`into_parts`](Self::into_parts) gives
+    /// back the I/O with an empty `read_buf`, and a new connection serving
+    /// the parts goes on where this one stopped: an idle keep-alive
+    /// connection then holds none of hyper's state. Polling it again while
+    /// it is idle registers for the next bytes, as `poll` does.
+    pub fn poll_idle(&mut self, cx: &mut Context<'_>) -> Poll<crate::Result<bool>> {
         let Some(conn) = self.inner.as_mut() else {
-            return Poll::Ready(Ok(None));
+            return Poll::Ready(Ok(false));
         };
         match ready!(conn.conn.poll_until_idle(cx)) {
-            Ok(Some(proto::Dispatched::Shutdown)) => Poll::Ready(Ok(None)),
+            Ok(Some(proto::Dispatched::Shutdown)) => Poll::Ready(Ok(false)),
             Ok(Some(proto::Dispatched::Upgrade(pending))) => {
                 let (io, buf, _) = self
                     .inner
@@ -598,9 +600,9 @@ where
                     .conn
                     .into_inner();
                 pending.fulfill(Upgraded::new(io, buf));
-                Poll::Ready(Ok(None))
+                Poll::Ready(Ok(false))
             }
-            Ok(None) => Poll::Ready(Ok(self.inner.take().map(Connection::into_parts))),
+            Ok(None) => Poll::Ready(Ok(true)),
             Err(e) => Poll::Ready(Err(e)),
         }
     }
