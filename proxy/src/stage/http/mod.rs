@@ -460,20 +460,39 @@ const PARK_AFTER: Duration = if cfg!(test) {
     Duration::from_millis(10)
 };
 
+/// A stream `Http1` serves.
+trait Http1Io: AsyncRead + AsyncWrite + ReadReady + Unpin + Send + 'static {}
+
+impl<T: AsyncRead + AsyncWrite + ReadReady + Unpin + Send + 'static> Http1Io for T {}
+
+type BoxError = Box<dyn StdError + Send + Sync>;
+
+/// A service hyper's HTTP/1 server can serve (hyper's own bounds).
+trait Http1Service:
+    hyper::service::HttpService<
+        Incoming,
+        Error: Into<BoxError>,
+        ResBody: hyper::body::Body<Error: Into<BoxError>> + 'static,
+    >
+{
+}
+
+impl<S> Http1Service for S where
+    S: hyper::service::HttpService<
+            Incoming,
+            Error: Into<BoxError>,
+            ResBody: hyper::body::Body<Error: Into<BoxError>> + 'static,
+        >
+{
+}
+
 enum Http1State<IO, S: hyper::service::HttpService<Incoming>> {
     Serving(Box<Http1Conn<IO, S>>),
     Parked { io: IO, service: S },
     Done,
 }
 
-impl<IO, S, B> Http1<IO, S>
-where
-    IO: AsyncRead + AsyncWrite + ReadReady + Unpin + Send + 'static,
-    S: hyper::service::HttpService<Incoming, ResBody = B>,
-    S::Error: Into<Box<dyn StdError + Send + Sync>>,
-    B: hyper::body::Body + 'static,
-    B::Error: Into<Box<dyn StdError + Send + Sync>>,
-{
+impl<IO: Http1Io, S: Http1Service> Http1<IO, S> {
     fn new(io: IO, service: S, settings: Arc<HttpSettings>) -> Self {
         let idle = tokio::time::sleep(settings.header_read_timeout);
         Self {
@@ -499,14 +518,7 @@ where
     }
 }
 
-impl<IO, S, B> Future for Http1<IO, S>
-where
-    IO: AsyncRead + AsyncWrite + ReadReady + Unpin + Send + 'static,
-    S: hyper::service::HttpService<Incoming, ResBody = B>,
-    S::Error: Into<Box<dyn StdError + Send + Sync>>,
-    B: hyper::body::Body + 'static,
-    B::Error: Into<Box<dyn StdError + Send + Sync>>,
-{
+impl<IO: Http1Io, S: Http1Service> Future for Http1<IO, S> {
     type Output = hyper::Result<Http1End>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
@@ -2068,7 +2080,15 @@ mod tests {
         }
     }
 
-    const SMALL_GET: &[u8] = b"GET / HTTP/1.1\r\nHost: a\r\nx-len: 10\r\n\r\n";
+    /// A GET of 10 bytes, answered 200 on the same connection.
+    async fn get_small(client: &mut TcpStream) {
+        client
+            .write_all(b"GET / HTTP/1.1\r\nHost: a\r\nx-len: 10\r\n\r\n")
+            .await
+            .unwrap();
+        let response = read_response(client).await;
+        assert!(response.starts_with("HTTP/1.1 200 OK"), "{response}");
+    }
 
     /// What an idle keep-alive client's task holds of `serve` (with the
     /// stream and the parked wait's timer, 112 bytes): hyper's connection
@@ -2095,23 +2115,13 @@ mod tests {
         let mut short = settings();
         short.header_read_timeout = Duration::from_secs(1);
         let (mut client, waits, serving) = serve_tcp(origin.addr, short).await;
-        client.write_all(SMALL_GET).await.unwrap();
-        assert!(
-            read_response(&mut client)
-                .await
-                .starts_with("HTTP/1.1 200 OK")
-        );
+        get_small(&mut client).await;
         // Parked once it has waited PARK_AFTER.
         tokio::time::sleep(PARK_AFTER * 3).await;
         let parked = waits.load(SeqCst);
         assert!(parked > 0, "the idle connection was not parked");
         // The next request wakes it, and hyper goes on where it stopped.
-        client.write_all(SMALL_GET).await.unwrap();
-        assert!(
-            read_response(&mut client)
-                .await
-                .starts_with("HTTP/1.1 200 OK")
-        );
+        get_small(&mut client).await;
         tokio::time::sleep(PARK_AFTER * 3).await;
         assert!(waits.load(SeqCst) > parked, "not parked after the second");
         // Part of a head: hyper's header timer runs from these bytes, and
@@ -2140,12 +2150,7 @@ mod tests {
         let origin = start_origin(origin_default).await;
         let (mut client, waits, serving) = serve_tcp(origin.addr, settings()).await;
         for _ in 0..20 {
-            client.write_all(SMALL_GET).await.unwrap();
-            assert!(
-                read_response(&mut client)
-                    .await
-                    .starts_with("HTTP/1.1 200 OK")
-            );
+            get_small(&mut client).await;
         }
         assert_eq!(waits.load(SeqCst), 0, "parked between quick requests");
         drop(client);
@@ -2170,12 +2175,7 @@ mod tests {
             .unwrap();
         // After a request: the usual end of a keep-alive connection.
         let (mut client, _, serving) = serve_tcp(origin.addr, short).await;
-        client.write_all(SMALL_GET).await.unwrap();
-        assert!(
-            read_response(&mut client)
-                .await
-                .starts_with("HTTP/1.1 200 OK")
-        );
+        get_small(&mut client).await;
         let idle = std::time::Instant::now();
         let stats = timeout(LONG, serving).await.unwrap().unwrap().unwrap();
         assert_eq!(stats.requests, 1);
