@@ -544,11 +544,13 @@ impl<IO: Http1Io, S: Http1Service> Future for Http1<IO, S> {
                     // Idle: hyper waits for the next bytes; so does the
                     // timer, for PARK_AFTER. (A reset to a later deadline
                     // costs the timer wheel nothing until it fires.)
+                    // Never past the wait's end, however short the timeout.
+                    let linger = PARK_AFTER.min(this.settings.header_read_timeout);
                     if !*this.lingering {
                         *this.lingering = true;
                         this.idle
                             .as_mut()
-                            .reset(tokio::time::Instant::now() + PARK_AFTER);
+                            .reset(tokio::time::Instant::now() + linger);
                     }
                     std::task::ready!(this.idle.as_mut().poll(cx));
                     *this.lingering = false;
@@ -563,7 +565,7 @@ impl<IO: Http1Io, S: Http1Service> Future for Http1<IO, S> {
                         io: parts.io.into_inner(),
                         service: parts.service,
                     };
-                    let rest = this.settings.header_read_timeout.saturating_sub(PARK_AFTER);
+                    let rest = this.settings.header_read_timeout - linger;
                     this.idle.as_mut().reset(tokio::time::Instant::now() + rest);
                 }
                 Http1State::Parked { io, .. } => {
