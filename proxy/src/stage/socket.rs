@@ -355,14 +355,6 @@ impl ReadReady for Stream {
     }
 }
 
-impl ReadReady for TcpStream {
-    const TELLS: bool = true;
-
-    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        TcpStream::poll_read_ready(self, cx)
-    }
-}
-
 impl ReadReady for tokio::io::DuplexStream {}
 
 impl<S> ReadReady for tokio_rustls::server::TlsStream<S> {}

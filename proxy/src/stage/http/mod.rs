@@ -2104,7 +2104,9 @@ mod tests {
             .await
             .unwrap();
         let (server, _) = listener.accept().await.unwrap();
-        let io = crate::stage::stall::WriteStall::new(server, LONG);
+        // The stream of a plain listener, as the stage serves it.
+        let io =
+            crate::stage::stall::WriteStall::new(crate::stage::socket::Stream::Tcp(server), LONG);
         let (_drain, draining) = watch::channel(false);
         let upstream = move || TcpStream::connect("127.0.0.1:9");
         let (settings, client_addr) = settings().split();
