@@ -48,8 +48,14 @@ where
     T: Http1Transaction,
 {
     pub(crate) fn new(io: I) -> Conn<I, B, T> {
+        let mut io = Buffered::new(io);
+        // proxy patch: a client waits for the answer to what it just wrote,
+        // or idle in a bounded pool: it keeps its small buffers.
+        if !T::should_read_first() {
+            io.keep_small_buffers();
+        }
         Conn {
-            io: Buffered::new(io),
+            io,
             state: State {
                 allow_half_close: false,
                 cached_headers: None,
@@ -170,6 +176,9 @@ where
     #[cfg(feature = "server")]
     pub(crate) fn set_park_idle(&mut self) {
         self.state.park_idle = true;
+        // Parking frees all of them after a while; a busy connection is one
+        // that came back for a second request.
+        self.io.keep_small_buffers_after(2);
     }
 
     /// proxy patch: waiting for a message head with nothing of it read,

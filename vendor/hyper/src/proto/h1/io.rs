@@ -45,6 +45,11 @@ pub(crate) struct Buffered<T, B> {
     read_buf: BytesMut,
     read_buf_strategy: ReadStrategy,
     write_buf: WriteBuf<B>,
+    /// proxy patch: see `keep_small_buffers`.
+    keep_small_buffers: bool,
+    /// proxy patch: message heads still to parse before keeping them
+    /// (`keep_small_buffers_after`); 0 when not counting.
+    keep_after_heads: u8,
 }
 
 impl<T, B> fmt::Debug for Buffered<T, B>
@@ -79,7 +84,29 @@ where
             read_buf: BytesMut::with_capacity(0),
             read_buf_strategy: ReadStrategy::default(),
             write_buf,
+            keep_small_buffers: false,
+            keep_after_heads: 0,
         }
+    }
+
+    /// proxy patch: between messages, keep the buffers of a message that
+    /// fitted in 8 KiB (and, on a server, the header map of the last one)
+    /// for the next, instead of giving them back at every wait. For
+    /// connections whose owner frees all of them when the wait grows long
+    /// (a parked server connection), and for clients, whose waits are for
+    /// the answer to what they just wrote or in a bounded idle pool:
+    /// a busy connection then allocates no buffer per message.
+    pub(crate) fn keep_small_buffers(&mut self) {
+        self.keep_small_buffers = true;
+    }
+
+    /// proxy patch: keeps them once `heads` message heads were parsed. A
+    /// client that sent one request and went quiet (thousands of idle
+    /// keep-alive clients arriving at once) gives them back at its first
+    /// wait as before; one that came back for more keeps them.
+    #[cfg(feature = "server")]
+    pub(crate) fn keep_small_buffers_after(&mut self, heads: u8) {
+        self.keep_after_heads = heads;
     }
 
     #[cfg(feature = "server")]
@@ -207,6 +234,10 @@ where
             )? {
                 debug!("parsed {} headers", msg.head.headers.len());
                 self.partial_len = None;
+                if self.keep_after_heads > 0 {
+                    self.keep_after_heads -= 1;
+                    self.keep_small_buffers = self.keep_after_heads == 0;
+                }
                 return Poll::Ready(Ok(msg));
             } else {
                 let curr_len = self.read_buf.len();
@@ -239,7 +270,10 @@ where
                     // messages, a client's only for the response to the
                     // request it just wrote, whose map it reuses (1.5 KiB
                     // for a dozen headers, a large-bin malloc).
-                    if S::should_read_first() && self.read_buf.is_empty() {
+                    if S::should_read_first()
+                        && self.read_buf.is_empty()
+                        && !self.keep_small_buffers
+                    {
                         *parse_ctx.cached_headers = None;
                     }
                     return Poll::Pending;
@@ -269,7 +303,9 @@ where
                     let n = got.len();
                     trace!("received {} bytes", n);
                     if self.read_buf.capacity() < n {
-                        self.read_buf = BytesMut::with_capacity(cmp::max(n, FIRST_READ_CAPACITY));
+                        // Takes back the whole of a kept buffer once the
+                        // last message's bytes are all dropped.
+                        self.read_buf.reserve(cmp::max(n, FIRST_READ_CAPACITY));
                     }
                     self.read_buf.extend_from_slice(got);
                     self.read_buf_strategy.record(n);
@@ -329,8 +365,11 @@ where
     /// was written.
     fn release_idle_buffers(&mut self) {
         debug_assert!(self.read_buf.is_empty());
-        self.read_buf = BytesMut::new();
-        if !self.write_buf.has_remaining() {
+        let keep = self.keep_small_buffers;
+        if !keep || self.read_buf.capacity() > INIT_BUFFER_SIZE {
+            self.read_buf = BytesMut::new();
+        }
+        if !self.write_buf.has_remaining() && (!keep || self.write_buf.is_large()) {
             self.write_buf.release();
         }
     }
@@ -617,6 +656,12 @@ impl<B: Buf> WriteBuf<B> {
         debug_assert!(!self.has_remaining());
         self.headers = Cursor::new(Vec::new());
         self.queue = BufList::new();
+    }
+
+    /// proxy patch: its head buffer grew past 8 KiB (the queue holds at
+    /// most `MAX_BUF_LIST_BUFFERS` slots, a few hundred bytes).
+    fn is_large(&self) -> bool {
+        self.headers.bytes.capacity() > INIT_BUFFER_SIZE
     }
 
     fn set_strategy(&mut self, strategy: WriteStrategy) {
