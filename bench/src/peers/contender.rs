@@ -1,7 +1,8 @@
 //! The processes of a peer run: the origin (nginx), and the three
-//! contenders (HAProxy, nginx, our proxy) configured for the same work, each
-//! pinned to CPU 0 with one thread or worker; and what `/proc` says about
-//! them (CPU time, resident memory).
+//! contenders (HAProxy, nginx, our proxy) configured for the same work
+//! (hop-by-hop headers stripped, `X-Forwarded-For` added, idle upstream
+//! connections reused), each pinned to CPU 0 with one thread or worker; and
+//! what `/proc` says about them (CPU time, resident memory).
 
 use std::{
     fs,
@@ -370,6 +371,8 @@ fn nginx_config(f: &Files) -> String {
     }}
     proxy_http_version 1.1;
     proxy_set_header Connection \"\";
+    # The client's address upstream, as our proxy sends it.
+    proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
 {http}{gzip}{ecdsa}{rsa}}}
 ",
             temp = nginx_temp_paths(f.dir, "nginx"),
@@ -409,6 +412,8 @@ defaults
     timeout http-request 30s
     option http-keep-alive
     http-reuse safe
+    # The client's address upstream, as our proxy sends it.
+    option forwardfor
 
 frontend http
     bind 127.0.0.1:{http}
