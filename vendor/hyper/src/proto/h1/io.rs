@@ -45,12 +45,14 @@ pub(crate) struct Buffered<T, B> {
     read_buf: BytesMut,
     read_buf_strategy: ReadStrategy,
     write_buf: WriteBuf<B>,
-    /// proxy patch: see `keep_small_buffers`.
-    keep_small_buffers: bool,
-    /// proxy patch: message heads still to parse before keeping them
-    /// (`keep_small_buffers_after`); 0 when not counting.
+    /// proxy patch: message heads still to parse before the small buffers
+    /// are kept between messages (`keep_small_buffers`): 0 keeps them,
+    /// `KEEP_NEVER` (the default) never does.
     keep_after_heads: u8,
 }
+
+/// proxy patch: see `Buffered::keep_after_heads`.
+const KEEP_NEVER: u8 = u8::MAX;
 
 impl<T, B> fmt::Debug for Buffered<T, B>
 where
@@ -84,8 +86,7 @@ where
             read_buf: BytesMut::with_capacity(0),
             read_buf_strategy: ReadStrategy::default(),
             write_buf,
-            keep_small_buffers: false,
-            keep_after_heads: 0,
+            keep_after_heads: KEEP_NEVER,
         }
     }
 
@@ -97,7 +98,11 @@ where
     /// the answer to what they just wrote or in a bounded idle pool:
     /// a busy connection then allocates no buffer per message.
     pub(crate) fn keep_small_buffers(&mut self) {
-        self.keep_small_buffers = true;
+        self.keep_after_heads = 0;
+    }
+
+    fn keeps_small_buffers(&self) -> bool {
+        self.keep_after_heads == 0
     }
 
     /// proxy patch: keeps them once `heads` message heads were parsed. A
@@ -234,9 +239,8 @@ where
             )? {
                 debug!("parsed {} headers", msg.head.headers.len());
                 self.partial_len = None;
-                if self.keep_after_heads > 0 {
-                    self.keep_after_heads -= 1;
-                    self.keep_small_buffers = self.keep_after_heads == 0;
+                if self.keep_after_heads != KEEP_NEVER {
+                    self.keep_after_heads = self.keep_after_heads.saturating_sub(1);
                 }
                 return Poll::Ready(Ok(msg));
             } else {
@@ -272,7 +276,7 @@ where
                     // for a dozen headers, a large-bin malloc).
                     if S::should_read_first()
                         && self.read_buf.is_empty()
-                        && !self.keep_small_buffers
+                        && !self.keeps_small_buffers()
                     {
                         *parse_ctx.cached_headers = None;
                     }
@@ -365,7 +369,7 @@ where
     /// was written.
     fn release_idle_buffers(&mut self) {
         debug_assert!(self.read_buf.is_empty());
-        let keep = self.keep_small_buffers;
+        let keep = self.keeps_small_buffers();
         if !keep || self.read_buf.capacity() > INIT_BUFFER_SIZE {
             self.read_buf = BytesMut::new();
         }
