@@ -1,8 +1,8 @@
 //! HTTP mode of a listener: a reverse proxy built on hyper on both sides,
 //! HTTP/1.1 or HTTP/2 towards the client, HTTP/1.1 towards the servers.
 //!
-//! Each downstream connection keeps its own upstream connections, opened on
-//! demand and reused by its later requests (HTTP/2: by its other streams).
+//! Upstream connections are opened on demand and kept idle between requests,
+//! shared by the stage's client connections ([`upstream`]).
 //! Requests and responses are streamed (never buffered whole), hop-by-hop
 //! headers are dropped in both directions, `X-Forwarded-For` carries the
 //! real client, responses are gzip-compressed on the fly when the client,
@@ -688,7 +688,7 @@ struct ConnState<U> {
 
 impl<U: Upstream> ConnState<U> {
     async fn handle(&self, mut req: Request<Incoming>) -> Response<Logged> {
-        self.log.counters.requests.fetch_add(1, Ordering::Relaxed);
+        let earlier = self.log.counters.requests.fetch_add(1, Ordering::Relaxed);
         let target = req.uri().path_and_query().map_or("/", |p| p.as_str());
         let mut log = RequestLog::start(self.log.clone(), req.version(), req.method(), target);
         // Upgrade hook (upgrade.rs): an HTTP/1.1 upgrade request keeps its
@@ -714,6 +714,10 @@ impl<U: Upstream> ConnState<U> {
                 upgrade.forward(req.headers_mut());
             }
             log.bytes_in = read;
+            if earlier > 0 {
+                // See `defer_upstream_write`.
+                defer_upstream_write().await;
+            }
             let sending = upstream::send(&self.upstream, &self.idle, req);
             let sent = tokio::time::timeout(limit, sending).await;
             match sent.unwrap_or(Err(HttpError::ServerTimeout(limit))) {
@@ -890,6 +894,24 @@ impl<U: Upstream> ConnState<U> {
         };
         Response::from_parts(parts, body)
     }
+}
+
+/// Lets the other connections that are ready in this round of the runtime
+/// read their requests before this one writes its request upstream.
+///
+/// Without it, each request went from the client's socket to the server's in
+/// one go (hyper wakes the upstream connection's task, and tokio runs a task
+/// woken that way next), so a busy worker wrote one request upstream between
+/// two of its reads. A server on the same host woke for nearly every request
+/// (0.64 wake-ups per request on the bench's keep-alive load, against
+/// 0.25-0.29 for HAProxy and nginx, whose event loops read what is ready
+/// before they write), and every wake-up is two context switches. Deferred
+/// until the runtime has polled its sockets once more, the writes of a round
+/// go out together: 0.38-0.41 wake-ups per request, 6-12% less CPU per
+/// request in interleaved runs. Only a connection's later requests wait: on
+/// a new connection per request it bought nothing and cost an `epoll_wait`.
+async fn defer_upstream_write() {
+    tokio::task::yield_now().await;
 }
 
 /// Bodies of a known length up to this are gzipped in one go once they have
