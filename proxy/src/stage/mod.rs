@@ -467,16 +467,19 @@ impl Stage {
         let m = &self.metrics;
         m[ListenerCounter::Current].fetch_sub(1, Relaxed);
         let duration_ms = start.elapsed().as_millis() as u64;
-        let client_addr = client
-            .source
-            .map(|a| a.to_string())
-            .unwrap_or_else(|| peer.to_string());
+        // Made only for a line that is written: most connections have none.
+        let client_addr = || {
+            client
+                .source
+                .map(|a| a.to_string())
+                .unwrap_or_else(|| peer.to_string())
+        };
         match result {
             // HTTP requests have their own access lines.
             Ok(_) if self.http.is_some() || !self.access_log => {}
             Ok(done) => info!(
                 target: "access",
-                client = %client_addr, listener = %self.name, server = %done.server,
+                client = %client_addr(), listener = %self.name, server = %done.server,
                 bytes_in = done.transfer.from_client, bytes_out = done.transfer.from_server,
                 requests = done.requests, duration_ms, outcome = "ok",
             ),
@@ -495,7 +498,7 @@ impl Stage {
                     if self.access_log {
                         info!(
                             target: "access",
-                            client = %client_addr, listener = %self.name, duration_ms,
+                            client = %client_addr(), listener = %self.name, duration_ms,
                             outcome = "error", error = %e,
                         );
                     }

@@ -52,12 +52,32 @@ pub(super) fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
     if present[0] {
         // Names the Connection header lists, other than the fixed ones.
-        let listed: Vec<HeaderName> = tokens(headers, &header::CONNECTION)
-            .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
-            .filter(|n| !HOP_BY_HOP.contains(n))
-            .collect();
-        for name in listed {
-            headers.remove(name);
+        // Nearly always that is `close` alone, or nothing: removed by its
+        // static name, it costs no allocation (a listed name made into a
+        // `HeaderName` was two per `Connection: close` message).
+        let mut close = false;
+        let mut others = false;
+        for t in tokens(headers, &header::CONNECTION) {
+            if t.eq_ignore_ascii_case("close") {
+                close = true;
+            } else if !HOP_BY_HOP
+                .iter()
+                .any(|h| t.eq_ignore_ascii_case(h.as_str()))
+            {
+                others = true;
+            }
+        }
+        if close {
+            headers.remove("close");
+        }
+        if others {
+            let listed: Vec<HeaderName> = tokens(headers, &header::CONNECTION)
+                .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
+                .filter(|n| !HOP_BY_HOP.contains(n))
+                .collect();
+            for name in listed {
+                headers.remove(name);
+            }
         }
     }
     for (name, present) in HOP_BY_HOP.iter().zip(present) {
@@ -286,6 +306,7 @@ mod tests {
             ("connection", "x-other"),
             ("x-secret", "1"),
             ("x-other", "1"),
+            ("close", "1"),
             ("keep-alive", "timeout=5"),
             ("proxy-connection", "keep-alive"),
             ("te", "trailers"),
@@ -301,6 +322,12 @@ mod tests {
         let mut fixed = map(&[("te", "trailers"), ("upgrade", "h2c"), ("host", "a")]);
         strip_hop_by_hop(&mut fixed);
         assert_eq!(names(&fixed), ["host"]);
+
+        // Only `close` listed (the common case): a header of that name
+        // goes, the others stay.
+        let mut close = map(&[("connection", "Close"), ("close", "1"), ("x-kept", "1")]);
+        strip_hop_by_hop(&mut close);
+        assert_eq!(names(&close), ["x-kept"]);
 
         // Nothing to drop: untouched, every value kept.
         let mut plain = map(&[("host", "a"), ("x-kept", "1"), ("x-kept", "2")]);
