@@ -270,14 +270,10 @@ pub fn start_training(sb: &Sandbox, files: &Files) -> Result<Running> {
 
 fn start_proxy(sb: &Sandbox, config: &str) -> Running {
     let path = sb.write_file("proxy.toml", config);
-    // One worker thread for everything: no listener has its own runtime,
-    // and the default runtime gets one worker.
-    let mut p = Proxy::start_wrapped(
-        sb,
-        &["taskset", "-c", &SERVER_CPU.to_string()],
-        &path,
-        &[("TOKIO_WORKER_THREADS", "1")],
-    );
+    // One thread for everything, as the peers: no listener has its own
+    // runtime, and the config's `nbthread = 1` runs them all on the main
+    // thread.
+    let mut p = Proxy::start_wrapped(sb, &["taskset", "-c", &SERVER_CPU.to_string()], &path, &[]);
     p.wait_active(sb, Duration::from_secs(15));
     Running {
         kind: None,
@@ -459,6 +455,7 @@ name = {name}
 bpffs = {bpffs}
 steering = "ebpf"
 hard_stop_after = "5s"
+nbthread = 1
 
 [[listener]]
 name = "http"

@@ -387,7 +387,7 @@ fn suite(args: &Args, sb: &Sandbox, rt: &Runtime, started_utc: String) -> Result
              `tune.ssl.cachesize 0`, compression `algo gzip` (libslz: no levels); nginx \
              `worker_processes 1`, upstream `keepalive 64`, `gzip_comp_level 1`, \
              `ssl_session_tickets off`, `ssl_session_cache off`, `access_log off`. Ours: \
-             one tokio worker (TOKIO_WORKER_THREADS=1), `access_log = false` on every \
+             `nbthread = 1` (one event loop), `access_log = false` on every \
              listener (lifecycle lines only), TLS session settings as built in."
                 .into(),
             "Handshake rows: the rustls client offers TLS 1.3 only, resumption disabled; \

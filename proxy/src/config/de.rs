@@ -39,6 +39,13 @@ pub(super) fn de_maxconn<'de, D: Deserializer<'de>>(d: D) -> Result<Option<usize
     in_range(d, 1..=i64::MAX, ", or leave the key out for no limit").map(Some)
 }
 
+/// HAProxy's own ceiling for `nbthread` on most builds is 64; a tokio
+/// runtime takes more, but a proxy gains nothing from threads beyond its
+/// CPUs.
+pub(super) fn de_nbthread<'de, D: Deserializer<'de>>(d: D) -> Result<Option<usize>, D::Error> {
+    in_range(d, 1..=1024, " threads").map(Some)
+}
+
 /// 65535 is the largest value net.core.somaxconn accepts; the kernel
 /// silently caps larger backlogs anyway.
 pub(super) fn de_backlog<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {

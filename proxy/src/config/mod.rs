@@ -147,6 +147,13 @@ pub struct Global {
     /// connection, some kept for listeners and logs).
     #[serde(default, deserialize_with = "de_maxconn")]
     pub maxconn: Option<usize>,
+    /// Threads that run the listeners without `cpus` of their own
+    /// (HAProxy's `nbthread`). `1`: one event loop on the main thread (a
+    /// single-threaded scheduler, as HAProxy `nbthread 1` or nginx with one
+    /// worker), the cheapest per request. Default: one worker thread per CPU
+    /// (tokio's default; `TOKIO_WORKER_THREADS` sets it too).
+    #[serde(default, deserialize_with = "de_nbthread")]
+    pub nbthread: Option<usize>,
     /// Mount point of the BPF filesystem used to hand sockets over between
     /// generations.
     #[serde(default = "default_bpffs")]
@@ -1377,6 +1384,30 @@ connect_timeout = "500ms"
             ),
             "listener[0].bind[1]",
             "already bound",
+        );
+    }
+
+    #[test]
+    fn nbthread_range() {
+        let set = |kv: &str| minimal_with("name = \"edge\"", &format!("name = \"edge\"\n{kv}"));
+        assert_eq!(parse(MINIMAL).unwrap().global.nbthread, None);
+        assert_eq!(
+            parse(&set("nbthread = 1")).unwrap().global.nbthread,
+            Some(1)
+        );
+        assert_eq!(
+            parse(&set("nbthread = 8")).unwrap().global.nbthread,
+            Some(8)
+        );
+        assert_err(
+            &set("nbthread = 0"),
+            "global.nbthread",
+            "expected 1..=1024 threads",
+        );
+        assert_err(
+            &set("nbthread = 5000"),
+            "global.nbthread",
+            "expected 1..=1024 threads",
         );
     }
 

@@ -815,7 +815,7 @@ impl<U: Upstream> ConnState<U> {
     fn switch(&self, upgrade: Option<upgrade::Requested>, sent: Sent) -> Response<ProxyBody> {
         let Sent {
             response,
-            conn,
+            mut conn,
             connected,
         } = sent;
         if connected {
@@ -824,6 +824,7 @@ impl<U: Upstream> ConnState<U> {
                 .upstream_connects
                 .fetch_add(1, Ordering::Relaxed);
         }
+        conn.detach();
         let answer = upgrade::switch(upgrade, response, &self.tunnel, &self.settings.tunnel);
         // The server connection's task hands its socket to the tunnel: it
         // must live until then.

@@ -90,20 +90,77 @@ where
     }
 }
 
-/// An open upstream connection: the request side, and the task driving it.
+/// hyper's side of an upstream connection: it writes the requests and
+/// reads the responses into their bodies when polled.
+type Driver = Pin<Box<dyn Future<Output = hyper::Result<()>> + Send>>;
+
+/// Who polls a connection's [`Driver`].
+enum Driving {
+    /// The task using the connection, on the way: while it waits for the
+    /// response (`send`), and while it reads the body ([`UpstreamBody`]).
+    /// The response and its bytes then reach the client's task without a
+    /// wake-up of another task; an idle connection costs no task.
+    Inline(Driver),
+    /// A task of its own: after a 101, hyper needs the driver polled once
+    /// more to hand the socket over to the tunnel.
+    Task(AbortHandle),
+    /// The driver returned: the connection is closed (or upgraded).
+    Ended,
+}
+
+/// An open upstream connection: the request side, and its driver.
 pub(super) struct UpstreamConn {
     sender: SendRequest<RequestBody>,
-    task: AbortHandle,
+    driving: Driving,
     server: usize,
     /// The server's name, for access lines.
     pub name: Arc<str>,
 }
 
+impl UpstreamConn {
+    /// Lets hyper do what is ready on the connection (write the request,
+    /// read the response), and makes `cx` the task woken for more.
+    fn drive(&mut self, cx: &mut Context<'_>) {
+        if let Driving::Inline(driver) = &mut self.driving
+            && let Poll::Ready(end) = driver.as_mut().poll(cx)
+        {
+            if let Err(e) = end {
+                tracing::debug!(error = %e, "upstream connection ended with an error");
+            }
+            self.driving = Driving::Ended;
+        }
+    }
+
+    /// Waits until the connection takes a request; fails if it closed.
+    async fn ready(&mut self) -> hyper::Result<()> {
+        std::future::poll_fn(|cx| {
+            self.drive(cx);
+            self.sender.poll_ready(cx)
+        })
+        .await
+    }
+
+    /// Gives the driver a task of its own (after a 101: hyper finishes the
+    /// upgrade there, then the tunnel has the socket).
+    pub fn detach(&mut self) {
+        if let Driving::Inline(driver) = std::mem::replace(&mut self.driving, Driving::Ended) {
+            let task = tokio::spawn(async move {
+                if let Err(e) = driver.await {
+                    tracing::debug!(error = %e, "upstream connection ended with an error");
+                }
+            });
+            self.driving = Driving::Task(task.abort_handle());
+        }
+    }
+}
+
 impl Drop for UpstreamConn {
-    // The driving task must not outlive its connection: a closed idle list
+    // A driving task must not outlive its connection: a closed idle list
     // (its client, or its generation, gone) closes its connections.
     fn drop(&mut self) {
-        self.task.abort();
+        if let Driving::Task(task) = &self.driving {
+            task.abort();
+        }
     }
 }
 
@@ -192,7 +249,7 @@ pub(super) async fn send<U: Upstream>(
             Some(mut conn) => {
                 // Resolves at once for a connection whose previous response
                 // was read to its end, or fails if the server closed it.
-                if conn.sender.ready().await.is_err() {
+                if conn.ready().await.is_err() {
                     continue;
                 }
                 (conn, false)
@@ -202,7 +259,13 @@ pub(super) async fn send<U: Upstream>(
         // A copy to send again should the reused connection fail after
         // taking the request: only a request that may be repeated.
         let replay = (!connected).then(|| replayable(&req)).flatten();
-        match conn.sender.try_send_request(req).await {
+        let mut response = std::pin::pin!(conn.sender.try_send_request(req));
+        let answered = std::future::poll_fn(|cx| {
+            conn.drive(cx);
+            response.as_mut().poll(cx)
+        })
+        .await;
+        match answered {
             Ok(response) => {
                 return Ok(Sent {
                     response,
@@ -252,20 +315,18 @@ async fn connect<U: Upstream>(upstream: &U, server: usize) -> Result<UpstreamCon
     let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
         .await
         .map_err(HttpError::UpstreamHandshake)?;
-    let task = tokio::spawn(async move {
-        // A 101 hands the connection to the tunnel (upgrade.rs).
-        if let Err(e) = conn.with_upgrades().await {
-            tracing::debug!(error = %e, "upstream connection ended with an error");
-        }
-    })
-    .abort_handle();
     Ok(UpstreamConn {
         sender,
-        task,
+        // A 101 hands the connection to the tunnel (upgrade.rs).
+        driving: Driving::Inline(Box::pin(conn.with_upgrades())),
         server,
         name,
     })
 }
+
+/// How long after the server's failure the client side is told of it (see
+/// [`UpstreamBody`]): one tick of tokio's timer.
+const FAILURE_AFTER: Duration = Duration::from_millis(1);
 
 /// An upstream response body that fails when the server sends nothing for
 /// `limit` while we wait for it (a slow downstream reader, which makes us
@@ -281,6 +342,9 @@ pub(super) struct UpstreamBody {
     waiting: bool,
     /// Until the body ends: the connection, and where it goes back to.
     conn: Option<(UpstreamConn, Arc<IdlePool>)>,
+    /// The server's failure, told on the next poll: first the bytes that
+    /// came before it go out to the client.
+    failed: Option<hyper::Error>,
 }
 
 impl UpstreamBody {
@@ -291,6 +355,7 @@ impl UpstreamBody {
             deadline: None,
             waiting: false,
             conn: Some((conn, idle)),
+            failed: None,
         }
     }
 
@@ -325,16 +390,40 @@ impl http_body::Body for UpstreamBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let this = &mut *self;
+        if this.failed.is_some() {
+            let deadline = this.deadline.as_mut().expect("armed with the failure");
+            std::task::ready!(deadline.as_mut().poll(cx));
+            let e = this.failed.take().expect("checked above");
+            return Poll::Ready(Some(Err(BodyError::Upstream(e))));
+        }
+        if let Some((conn, _)) = &mut this.conn {
+            conn.drive(cx);
+        }
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(frame) => {
                 this.waiting = false;
-                match &frame {
+                match frame {
                     // Read to its end (a chunked body may not say so in
                     // is_end_stream).
                     None => this.release(),
                     Some(Ok(_)) => this.release_if_done(),
                     // A broken body breaks its connection: never reused.
-                    Some(Err(_)) => this.conn = None,
+                    // The connection is driven here, so the response's
+                    // head, its bytes and the failure can all come in one
+                    // poll of the client's task; told at once, hyper would
+                    // drop what it has not written yet (the client would
+                    // get no head at all). The failure is told after the
+                    // next tick of the timer, once that has gone out.
+                    Some(Err(e)) => {
+                        this.conn = None;
+                        this.failed = Some(e);
+                        let at = tokio::time::Instant::now() + FAILURE_AFTER;
+                        match &mut this.deadline {
+                            Some(deadline) => deadline.as_mut().reset(at),
+                            None => this.deadline = Some(Box::pin(tokio::time::sleep_until(at))),
+                        }
+                        return self.poll_frame(cx);
+                    }
                 }
                 Poll::Ready(frame.map(|f| f.map_err(BodyError::Upstream)))
             }
