@@ -5,7 +5,10 @@
 
 use std::time::{Duration, Instant};
 
-use proxy_harness::{Backend, Load, LoadSpec, Proxy, ProxyConfig, Sandbox, Signal, Status, report};
+use proxy_harness::{
+    Backend, Load, LoadSpec, Proxy, ProxyConfig, Sandbox, Signal, Status, config::config_text,
+    report,
+};
 
 /// Generations started in total (the first one plus 19 handovers).
 const GENERATIONS: usize = 20;
@@ -41,12 +44,33 @@ struct Timings {
 
 #[test]
 fn handover_under_load() {
-    let (sb, rt) = Sandbox::with_runtime("handover");
+    handover_under_load_with("handover", "");
+}
+
+/// The same with `nbthread = 1`: every generation serves from one event
+/// loop on its main thread, and hands over as the default does.
+#[test]
+fn handover_under_load_single_thread() {
+    handover_under_load_with("handover1t", "nbthread = 1");
+}
+
+fn handover_under_load_with(name: &str, global_extra: &str) {
+    let (sb, rt) = Sandbox::with_runtime(name);
     let backend = Backend::start(&rt, Duration::ZERO);
-    let cfg = sb.write_config("proxy.toml", &ProxyConfig::draining("10s"));
+    let cfg = sb.write_file(
+        "proxy.toml",
+        &config_text(&sb, &ProxyConfig::draining("10s"), global_extra, ""),
+    );
 
     let mut current = Proxy::start(&sb, &cfg, &[]);
     current.wait_active(&sb, Duration::from_secs(10));
+    if global_extra.contains("nbthread = 1") {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", current.pid)).unwrap();
+        assert!(
+            status.lines().any(|l| l == "Threads:\t1"),
+            "nbthread = 1 runs on one thread; /proc status:\n{status}"
+        );
+    }
     let load = Load::start(
         &rt,
         LoadSpec::new(RATE, SEQUENCE_LIMIT + Duration::from_secs(10)),
