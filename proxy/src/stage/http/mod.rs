@@ -1806,18 +1806,26 @@ mod tests {
         proxy.finish().await.unwrap();
     }
 
+    /// Reads up to the end of a request head; false if the peer closed
+    /// before it.
+    async fn read_head(s: &mut (impl AsyncRead + Unpin)) -> bool {
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return false,
+                Ok(n) => seen.extend_from_slice(&buf[..n]),
+            }
+        }
+        true
+    }
+
     /// An upstream that sends `head` and a piece of the body, then hangs up.
     fn broken_upstream(head: &'static str) -> impl Upstream {
         move || async move {
             let (mut ours, theirs) = tokio::io::duplex(64 * 1024);
             tokio::spawn(async move {
-                let mut seen = Vec::new();
-                let mut buf = [0u8; 1024];
-                while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
-                    let n = ours.read(&mut buf).await.unwrap();
-                    assert!(n > 0);
-                    seen.extend_from_slice(&buf[..n]);
-                }
+                assert!(read_head(&mut ours).await, "a request head");
                 ours.write_all(head.as_bytes()).await.unwrap();
             });
             Ok(theirs)
@@ -2846,8 +2854,42 @@ mod tests {
         one_client(origin.addr, &pool).await;
         assert_eq!(origin.accepts.load(SeqCst), 1, "reused within the delay");
         tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(pool.idle(), 0, "closed by the sweeper, with no request");
         one_client(origin.addr, &pool).await;
         assert_eq!(origin.accepts.load(SeqCst), 2, "a new one past it");
+    }
+
+    #[tokio::test]
+    async fn an_idle_upstream_connection_the_server_closed_is_swept() {
+        // Answers one request (keep-alive by default), then closes.
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let origin = listener.local_addr().unwrap();
+        let (closed_tx, mut closed) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                let closed_tx = closed_tx.clone();
+                tokio::spawn(async move {
+                    if !read_head(&mut s).await {
+                        return;
+                    }
+                    let head = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", 10_000);
+                    s.write_all(head.as_bytes()).await.unwrap();
+                    s.write_all(&text(10_000)).await.unwrap();
+                    // Once the connection has gone idle at the proxy.
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    drop(s);
+                    let _ = closed_tx.send(());
+                });
+            }
+        });
+        let pool = Arc::new(IdlePool::new(1, 4, LONG));
+        one_client(origin, &pool).await;
+        assert_eq!(pool.idle(), 1);
+        timeout(LONG, closed.recv()).await.unwrap().unwrap();
+        // The FIN reaches our socket.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(pool.sweep(), None, "nothing left to look at");
+        assert_eq!(pool.idle(), 0);
     }
 
     #[tokio::test]
@@ -2873,19 +2915,14 @@ mod tests {
             while let Ok((mut s, _)) = listener.accept().await {
                 counted.fetch_add(1, SeqCst);
                 tokio::spawn(async move {
-                    let mut buf = vec![0u8; 4096];
-                    let mut seen = Vec::new();
-                    while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
-                        match s.read(&mut buf).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => seen.extend_from_slice(&buf[..n]),
-                        }
+                    if !read_head(&mut s).await {
+                        return;
                     }
                     let _ = s
                         .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
                         .await;
                     // The next request is read, then the connection closes.
-                    let _ = s.read(&mut buf).await;
+                    let _ = s.read(&mut [0u8; 4096]).await;
                 });
             }
         });

@@ -16,14 +16,26 @@
 //! arrived is sent again on a new connection when that is safe: hyper gave
 //! it back unsent, or it is idempotent and has no body (nginx's
 //! `proxy_next_upstream error` on a kept-alive connection).
+//!
+//! A connection has no task of its own: the client task using it polls
+//! hyper's side of it while it waits for the response and while it reads
+//! the body, so the response reaches the client without waking another
+//! task (one wake-up and hand-over fewer per request). Idle connections
+//! are looked at by one sweeper task per pool while there are any: those
+//! past `pool-purge-delay`, and those the server closed, are closed (a
+//! closed one is also skipped when taken). Only a 101 gives a connection a
+//! task of its own, where hyper finishes the upgrade.
 
 use std::{
     collections::VecDeque,
     future::Future,
     io,
     pin::Pin,
-    sync::{Arc, Mutex},
-    task::{Context, Poll},
+    sync::{
+        Arc, Mutex, Weak,
+        atomic::{AtomicBool, Ordering},
+    },
+    task::{Context, Poll, Waker},
     time::Duration,
 };
 
@@ -131,6 +143,11 @@ impl UpstreamConn {
         }
     }
 
+    /// Neither end has closed it.
+    fn is_open(&self) -> bool {
+        !matches!(self.driving, Driving::Ended) && !self.sender.is_closed()
+    }
+
     /// Waits until the connection takes a request; fails if it closed.
     async fn ready(&mut self) -> hyper::Result<()> {
         std::future::poll_fn(|cx| {
@@ -176,6 +193,8 @@ pub struct IdlePool {
     /// An idle connection unused this long is closed (HAProxy
     /// `pool-purge-delay`).
     purge_after: Duration,
+    /// A [`sweeper`] task runs (while there are idle connections).
+    sweeping: AtomicBool,
 }
 
 impl IdlePool {
@@ -184,6 +203,7 @@ impl IdlePool {
             servers: (0..servers.max(1)).map(|_| Mutex::default()).collect(),
             max_per_server,
             purge_after,
+            sweeping: AtomicBool::new(false),
         }
     }
 
@@ -207,7 +227,7 @@ impl IdlePool {
         (now.duration_since(since) < self.purge_after).then_some(conn)
     }
 
-    fn put(&self, conn: UpstreamConn) {
+    fn put(self: &Arc<Self>, conn: UpstreamConn) {
         if conn.sender.is_closed() || self.max_per_server == 0 {
             return;
         }
@@ -218,11 +238,66 @@ impl IdlePool {
             list.pop_front();
         }
         list.push_back((conn, Instant::now()));
+        drop(list);
+        if !self.sweeping.swap(true, Ordering::AcqRel) {
+            let first = Instant::now() + self.purge_after.min(LOOK_AGAIN);
+            match tokio::runtime::Handle::try_current() {
+                Ok(rt) => drop(rt.spawn(sweeper(Arc::downgrade(self), first))),
+                // No runtime (it is shutting down): nothing outlives it.
+                Err(_) => self.sweeping.store(false, Ordering::Release),
+            }
+        }
+    }
+
+    /// Closes the idle connections unused for `purge_after`, and those the
+    /// server closed; says when to look again (`None`: none is left).
+    pub(super) fn sweep(&self) -> Option<Instant> {
+        let now = Instant::now();
+        // Nobody waits on an idle connection: hyper reads what the socket
+        // has (a close) and registers no one.
+        let mut cx = Context::from_waker(Waker::noop());
+        let mut next: Option<Instant> = None;
+        for list in &self.servers {
+            let mut list = list.lock().unwrap_or_else(|e| e.into_inner());
+            list.retain_mut(|(conn, since)| {
+                conn.drive(&mut cx);
+                conn.is_open() && now.duration_since(*since) < self.purge_after
+            });
+            if let Some((_, since)) = list.front() {
+                let at = *since + self.purge_after;
+                next = Some(next.map_or(at, |n| n.min(at)));
+            }
+        }
+        next.map(|at| at.min(now + LOOK_AGAIN))
     }
 
     /// Idle connections now, over all servers.
     pub fn idle(&self) -> usize {
         (0..self.servers.len()).map(|s| self.list(s).len()).sum()
+    }
+}
+
+/// The longest an idle connection the server closed stays open here.
+const LOOK_AGAIN: Duration = Duration::from_secs(5);
+
+/// Sweeps `pool` (see [`IdlePool::sweep`]) until it has no idle connection
+/// left, or is gone; `put` starts it again.
+async fn sweeper(pool: Weak<IdlePool>, mut at: Instant) {
+    loop {
+        tokio::time::sleep_until(at).await;
+        let Some(pool) = pool.upgrade() else { return };
+        if let Some(next) = pool.sweep() {
+            at = next;
+            continue;
+        }
+        pool.sweeping.store(false, Ordering::Release);
+        // A connection put between the sweep and the store found this
+        // sweeper still running: it is swept here, unless a new sweeper
+        // took it.
+        if pool.idle() == 0 || pool.sweeping.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        at = Instant::now() + pool.purge_after.min(LOOK_AGAIN);
     }
 }
 
