@@ -155,6 +155,10 @@ impl Drop for Sandbox {
         for child in children {
             let mut child = child.lock().unwrap_or_else(|p| p.into_inner());
             if let Ok(None) = child.try_wait() {
+                // Frozen first: an nginx master would start a new worker
+                // for each one killed here, and that one would outlive it.
+                // Its children stay its own (unreaped) until it dies.
+                let _ = signal(child.id(), Signal::Stop);
                 // A `unshare --fork` wrapper: its child dies with it
                 // (--kill-child), but kill the grandchildren explicitly too.
                 for pid in procfs::children(child.id()) {

@@ -16,6 +16,9 @@ pub enum Signal {
     Ttin,
     /// Not catchable: a crash as far as the proxy is concerned.
     Kill,
+    /// Not catchable: freezes it (a frozen parent neither reaps nor
+    /// replaces a child that dies).
+    Stop,
 }
 
 impl Signal {
@@ -26,6 +29,7 @@ impl Signal {
             Signal::Ttou => libc::SIGTTOU,
             Signal::Ttin => libc::SIGTTIN,
             Signal::Kill => libc::SIGKILL,
+            Signal::Stop => libc::SIGSTOP,
         }
     }
 }
