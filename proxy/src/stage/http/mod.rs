@@ -2872,8 +2872,9 @@ mod tests {
                     if !read_head(&mut s).await {
                         return;
                     }
-                    let head = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", 10_000);
-                    s.write_all(head.as_bytes()).await.unwrap();
+                    s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 10000\r\n\r\n")
+                        .await
+                        .unwrap();
                     s.write_all(&text(10_000)).await.unwrap();
                     // Once the connection has gone idle at the proxy.
                     tokio::time::sleep(Duration::from_millis(200)).await;

@@ -220,15 +220,20 @@ impl IdlePool {
         let now = Instant::now();
         while list
             .front()
-            .is_some_and(|(_, since)| now.duration_since(*since) >= self.purge_after)
+            .is_some_and(|(_, since)| !self.fresh(*since, now))
         {
             list.pop_front();
         }
-        (now.duration_since(since) < self.purge_after).then_some(conn)
+        self.fresh(since, now).then_some(conn)
+    }
+
+    /// An idle connection left at `since` may still be used at `now`.
+    fn fresh(&self, since: Instant, now: Instant) -> bool {
+        now.duration_since(since) < self.purge_after
     }
 
     fn put(self: &Arc<Self>, conn: UpstreamConn) {
-        if conn.sender.is_closed() || self.max_per_server == 0 {
+        if !conn.is_open() || self.max_per_server == 0 {
             return;
         }
         let mut list = self.list(conn.server);
@@ -239,7 +244,8 @@ impl IdlePool {
         }
         list.push_back((conn, Instant::now()));
         drop(list);
-        if !self.sweeping.swap(true, Ordering::AcqRel) {
+        // Loaded first: once per request, the sweeper almost always runs.
+        if !self.sweeping.load(Ordering::Acquire) && !self.sweeping.swap(true, Ordering::AcqRel) {
             let first = Instant::now() + self.purge_after.min(LOOK_AGAIN);
             match tokio::runtime::Handle::try_current() {
                 Ok(rt) => drop(rt.spawn(sweeper(Arc::downgrade(self), first))),
@@ -261,7 +267,7 @@ impl IdlePool {
             let mut list = list.lock().unwrap_or_else(|e| e.into_inner());
             list.retain_mut(|(conn, since)| {
                 conn.drive(&mut cx);
-                conn.is_open() && now.duration_since(*since) < self.purge_after
+                conn.is_open() && self.fresh(*since, now)
             });
             if let Some((_, since)) = list.front() {
                 let at = *since + self.purge_after;
