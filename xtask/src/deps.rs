@@ -35,7 +35,10 @@ const DEBIAN: &[(&str, &str)] = &[
         "nghttp2-client",
         "h2load, the HTTP/2 load of the http2 test",
     ),
-    ("nginx", "the PROXY v1 sender in front of accept_proxy"),
+    (
+        "nginx",
+        "the PROXY v1 sender in front of accept_proxy; a master with workers for the sandbox cleanup test",
+    ),
     (
         "libnginx-mod-stream",
         "nginx's stream module (proxy_protocol on), a separate package",
