@@ -341,6 +341,13 @@ fn websocket_tunnels_outlive_the_handover_then_close_1001() {
     clients.expect("finished b", Duration::from_secs(10));
     clients.send("report");
     let recs = parse_report(&clients.expect("report", Duration::from_secs(10)));
+    // The echo server logs a close once its TCP connection is gone, which
+    // can be after its client saw the close handshake end.
+    wait_until(
+        Duration::from_secs(10),
+        || server_closes(&sb).len() >= BEFORE + AFTER,
+        || format!("the echo server logged: {:?}", server_closes(&sb)),
+    );
     let closes = server_closes(&sb);
 
     let old: Vec<&ClientRec> = recs.iter().filter(|c| c.group == "a").collect();
