@@ -1,7 +1,11 @@
 //! The few raw syscalls the proxy needs that no crate wraps: clocks shared by
-//! all PID namespaces, signals by PID, and the PID namespace identity.
+//! all PID namespaces, signals by PID, and the PID namespace identity;
+//! pipes and splice(2) for tcp mode.
 
-use std::{io, os::fd::AsRawFd};
+use std::{
+    io,
+    os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd},
+};
 
 use tokio::io::unix::AsyncFd;
 
@@ -266,4 +270,36 @@ pub fn replace_fd(source: &impl AsRawFd, target: &impl AsRawFd) -> io::Result<()
         return Err(io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// A pipe, both ends non-blocking and close-on-exec: (read end, write end).
+pub fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0; 2];
+    // Safety: pipe2 writes two descriptors into the array it is given.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // Safety: both descriptors were just made and belong to nobody else.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// One non-blocking splice(2) of up to `len` bytes from `from` to `to`
+/// (one of them a pipe): how many moved, 0 at the end of `from`.
+pub fn splice(from: BorrowedFd<'_>, to: BorrowedFd<'_>, len: usize) -> io::Result<usize> {
+    // Safety: both descriptors are borrowed, so open for the call; no
+    // offsets (sockets and pipes have none).
+    let n = unsafe {
+        libc::splice(
+            from.as_raw_fd(),
+            std::ptr::null_mut(),
+            to.as_raw_fd(),
+            std::ptr::null_mut(),
+            len,
+            libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK,
+        )
+    };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(n as usize)
 }

@@ -144,7 +144,7 @@ pub struct Global {
     /// At most this many client connections over all listeners of a
     /// generation (HAProxy's global `maxconn`); more wait in the kernel
     /// queues. Default: what the open-file limit allows (two descriptors a
-    /// connection, some kept for listeners and logs).
+    /// connection, three with `splice`, some kept for listeners and logs).
     #[serde(default, deserialize_with = "de_maxconn")]
     pub maxconn: Option<usize>,
     /// Threads that run the listeners without `cpus` of their own
@@ -154,6 +154,12 @@ pub struct Global {
     /// (tokio's default; `TOKIO_WORKER_THREADS` sets it too).
     #[serde(default, deserialize_with = "de_nbthread")]
     pub nbthread: Option<usize>,
+    /// tcp mode between plain sockets (no TLS on the listener) moves the
+    /// bytes with splice(2) through a pipe per direction, never copying
+    /// them to user space; `false`: through a buffer in the proxy
+    /// (HAProxy's `nosplice`). Default: true.
+    #[serde(default = "default_true")]
+    pub splice: bool,
     /// Mount point of the BPF filesystem used to hand sockets over between
     /// generations.
     #[serde(default = "default_bpffs")]
@@ -1384,6 +1390,18 @@ connect_timeout = "500ms"
             ),
             "listener[0].bind[1]",
             "already bound",
+        );
+    }
+
+    #[test]
+    fn splice_is_on_unless_turned_off() {
+        let set = |kv: &str| minimal_with("name = \"edge\"", &format!("name = \"edge\"\n{kv}"));
+        assert!(parse(MINIMAL).unwrap().global.splice);
+        assert!(!parse(&set("splice = false")).unwrap().global.splice);
+        assert_err(
+            &set("splice = \"no\""),
+            "global.splice",
+            "expected a boolean",
         );
     }
 

@@ -177,7 +177,8 @@ const RESERVED_FDS: u64 = 64;
 
 /// The generation's connection cap: `global.maxconn`, at most what the
 /// open-file limit allows (raised to its hard limit first), two
-/// descriptors a connection.
+/// descriptors a connection; with `global.splice`, a quarter of the
+/// connections may also hold two pipes (four descriptors), so three.
 fn maxconn(cfg: &Config, label: &str) -> usize {
     let nofile = sys::raise_nofile_limit().unwrap_or(1024);
     let listeners = cfg
@@ -185,7 +186,8 @@ fn maxconn(cfg: &Config, label: &str) -> usize {
         .iter()
         .map(|l| l.bind.len() as u64)
         .sum::<u64>();
-    let budget = (nofile.saturating_sub(RESERVED_FDS + 2 * listeners) / 2).max(1) as usize;
+    let per_conn = if cfg.global.splice { 3 } else { 2 };
+    let budget = (nofile.saturating_sub(RESERVED_FDS + 2 * listeners) / per_conn).max(1) as usize;
     match cfg.global.maxconn {
         Some(n) if n > budget => {
             warn!(
@@ -206,6 +208,12 @@ impl Generation {
     fn new(opts: Options, steering: Steering) -> Self {
         let registry = Arc::new(Registry::new(&opts.config));
         let maxconn = maxconn(&opts.config, &steering.label());
+        // HAProxy's `maxpipes` default.
+        crate::stage::set_max_splicing(if opts.config.global.splice {
+            maxconn / 4
+        } else {
+            0
+        });
         let health_map = steering.open_health().unwrap_or_else(|e| {
             warn!(
                 "{}: server states stay in this generation (the pinned ones cannot be \

@@ -14,6 +14,7 @@ use tokio::{
 
 use std::sync::Arc;
 
+use super::splice::Pipes;
 use crate::{
     config::{Addr, Backend},
     health::{Health, ServerHealth},
@@ -216,14 +217,17 @@ impl Pool {
 
     /// Forwards `client` to a server until both directions are closed, or
     /// neither side sent a byte for `idle_limit` (HAProxy `timeout tunnel`).
+    /// With `splice`, a plain socket client goes through splice(2)
+    /// ([`super::splice`]); any other through a buffer.
     pub async fn forward<IO>(
         &self,
         mut client: IO,
         preamble: &[u8],
         idle_limit: Duration,
+        splice: bool,
     ) -> Result<(Transfer, String), ForwardError>
     where
-        IO: AsyncRead + AsyncWrite + Unpin,
+        IO: AsyncRead + AsyncWrite + super::socket::Splice + Unpin,
     {
         let (mut server, addr) = match self.connect_with(preamble).await {
             Ok(ok) => ok,
@@ -234,7 +238,19 @@ impl Pool {
             }
         };
         let activity = Activity::default();
-        let copied = {
+        let spliced = client
+            .spliceable()
+            .filter(|_| splice)
+            .and_then(|plain| Some((plain, Pipes::take()?)));
+        let copied = if let Some((plain, pipes)) = spliced {
+            activity.start();
+            tokio::select! {
+                copied = super::splice::bidirectional(plain, &server, &pipes, &activity) => {
+                    copied.map_err(ForwardError::Copy)
+                }
+                () = activity.idle_for(idle_limit) => Err(ForwardError::TunnelIdle(idle_limit)),
+            }
+        } else {
             let mut client_side = Watched::new(&mut client, &activity);
             let mut server_side = Watched::new(&mut server, &activity);
             let copy = tokio::io::copy_bidirectional(&mut client_side, &mut server_side);
@@ -276,11 +292,11 @@ pub(crate) struct Activity {
 }
 
 impl Activity {
-    fn start(&self) -> tokio::time::Instant {
+    pub(crate) fn start(&self) -> tokio::time::Instant {
         *self.start.get_or_init(tokio::time::Instant::now)
     }
 
-    fn touch(&self) {
+    pub(crate) fn touch(&self) {
         let ms = self.start().elapsed().as_millis() as u64;
         self.last_ms.store(ms, Ordering::Relaxed);
     }

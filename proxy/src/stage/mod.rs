@@ -11,10 +11,12 @@ pub mod http;
 pub mod proxy_proto;
 mod runtime;
 pub mod socket;
+mod splice;
 pub mod stall;
 pub mod tls;
 
 pub use runtime::StageRuntime;
+pub use splice::set_max_splicing;
 
 use std::{
     future::Future,
@@ -114,6 +116,8 @@ pub struct StageSettings {
     /// tcp mode and upgraded http connections: the longest silence in
     /// both directions.
     tunnel_timeout: Duration,
+    /// tcp mode: splice(2) between plain sockets (`global.splice`).
+    splice: bool,
     /// http mode: the longest a response waits for the client to read.
     client_timeout: Duration,
     /// Write access lines.
@@ -164,6 +168,7 @@ impl TryFrom<(&Config, &ListenerConfig)> for StageSettings {
             accept_proxy: Versions::of(l.accept_proxy).map(|v| (v, l.accept_proxy_timeout)),
             tls,
             tunnel_timeout: l.tunnel_timeout,
+            splice: cfg.global.splice,
             client_timeout: l.client_timeout,
             access_log: l.access_log,
         })
@@ -189,6 +194,7 @@ pub struct Stage {
     accept_proxy: Option<(Versions, Duration)>,
     tls: Option<TlsAcceptor>,
     tunnel_timeout: Duration,
+    splice: bool,
     client_timeout: Duration,
     /// Whether the backend wants a PROXY v2 header.
     send_proxy: bool,
@@ -330,6 +336,7 @@ impl Stage {
             accept_proxy,
             tls,
             tunnel_timeout,
+            splice,
             client_timeout,
             access_log,
         } = settings;
@@ -364,6 +371,7 @@ impl Stage {
             accept_proxy,
             tls,
             tunnel_timeout,
+            splice,
             client_timeout,
             send_proxy: backend.send_proxy_v2,
             failure_log: LogLimit::default(),
@@ -536,7 +544,7 @@ impl Stage {
         client: &ClientInfo,
     ) -> Pin<Box<dyn Future<Output = Result<Done, ConnError>> + Send + 'a>>
     where
-        IO: AsyncRead + AsyncWrite + socket::ReadReady + Unpin + Send + 'static,
+        IO: AsyncRead + AsyncWrite + socket::ReadReady + socket::Splice + Unpin + Send + 'static,
     {
         let preamble = match self.preamble(client) {
             Ok(preamble) => preamble,
@@ -546,7 +554,7 @@ impl Stage {
             return Box::pin(async move {
                 let (transfer, server) = self
                     .pool
-                    .forward(io, &preamble, self.tunnel_timeout)
+                    .forward(io, &preamble, self.tunnel_timeout, self.splice)
                     .await?;
                 Ok(Done {
                     transfer,

@@ -20,12 +20,12 @@ use std::os::unix::fs::MetadataExt;
 
 use socket2::{Domain, SockAddr, Socket, Type};
 use tokio::{
-    io::{AsyncRead, AsyncWrite, ReadBuf, unix::AsyncFd},
+    io::{AsyncRead, AsyncWrite, Interest, ReadBuf, unix::AsyncFd},
     net::{TcpStream, UnixStream},
     runtime::Handle,
 };
 
-use crate::config::Addr;
+use crate::{config::Addr, stats::counters::Metered};
 
 /// A listening socket of one generation.
 pub struct ListenSocket {
@@ -325,6 +325,41 @@ impl Stream {
             Stream::Unix(_) => None,
         }
     }
+
+    /// tokio's `try_io`: `f` does the I/O itself; its `WouldBlock` clears
+    /// the readiness for `interest`.
+    pub(crate) fn try_io<R>(
+        &self,
+        interest: Interest,
+        f: impl FnOnce() -> io::Result<R>,
+    ) -> io::Result<R> {
+        match self {
+            Stream::Tcp(s) => s.try_io(interest, f),
+            Stream::Unix(s) => s.try_io(interest, f),
+        }
+    }
+
+    /// Waits until the socket is ready for `interest`.
+    pub(crate) async fn ready(&self, interest: Interest) -> io::Result<()> {
+        match self {
+            Stream::Tcp(s) => s.ready(interest).await.map(drop),
+            Stream::Unix(s) => s.ready(interest).await.map(drop),
+        }
+    }
+
+    /// shutdown(2) of our write side: the peer reads its end.
+    pub(crate) fn shutdown_write(&self) -> io::Result<()> {
+        socket2::SockRef::from(self).shutdown(std::net::Shutdown::Write)
+    }
+}
+
+impl AsFd for Stream {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        match self {
+            Stream::Tcp(s) => s.as_fd(),
+            Stream::Unix(s) => s.as_fd(),
+        }
+    }
 }
 
 /// A stream whose readability can be awaited without reading from it.
@@ -356,6 +391,24 @@ impl ReadReady for Stream {
 }
 
 impl ReadReady for tokio::io::DuplexStream {}
+
+/// A client stream tcp mode can forward with splice(2): a plain socket with
+/// nothing read from it that is still held above it.
+pub trait Splice {
+    fn spliceable(&self) -> Option<&Metered<Stream>> {
+        None
+    }
+}
+
+impl Splice for Metered<Stream> {
+    fn spliceable(&self) -> Option<&Metered<Stream>> {
+        Some(self)
+    }
+}
+
+impl Splice for tokio::io::DuplexStream {}
+
+impl<S> Splice for tokio_rustls::server::TlsStream<S> {}
 
 impl<S> ReadReady for tokio_rustls::server::TlsStream<S> {}
 

@@ -379,14 +379,19 @@ impl<S> Metered<S> {
         }
     }
 
-    fn count_read(&self, n: u64) {
+    /// The stream inside.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    pub(crate) fn count_read(&self, n: u64) {
         match &self.sink {
             Sink::Client(m) => m[ListenerCounter::BytesIn].fetch_add(n, Relaxed),
             Sink::Server(m) => m[ServerCounter::BytesIn].fetch_add(n, Relaxed),
         };
     }
 
-    fn count_written(&self, n: u64) {
+    pub(crate) fn count_written(&self, n: u64) {
         match &self.sink {
             Sink::Client(m) => m[ListenerCounter::BytesOut].fetch_add(n, Relaxed),
             Sink::Server(m) => m[ServerCounter::BytesOut].fetch_add(n, Relaxed),

@@ -19,6 +19,8 @@ impl<S> FlushingTls<S> {
 /// Not parked when idle: a readable socket may hold part of a record only.
 impl<S> crate::stage::socket::ReadReady for FlushingTls<S> {}
 
+impl<S> crate::stage::socket::Splice for FlushingTls<S> {}
+
 impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for FlushingTls<S> {
     fn poll_read(
         mut self: std::pin::Pin<&mut Self>,
