@@ -56,6 +56,10 @@ const LAB: &[(&str, &str)] = &[
 const BENCH: &[(&str, &str)] = &[
     ("haproxy", "the peer HAProxy"),
     ("nginx", "the peer nginx and the origin"),
+    (
+        "libnginx-mod-stream",
+        "the peer nginx's tcp listener (its stream module)",
+    ),
     ("wrk", "the HTTP load"),
     (
         "nghttp2-client",

@@ -74,6 +74,9 @@ pub enum Listener {
     TlsEcdsa = 2,
     /// TLS (RSA 2048 certificate), then HTTP.
     TlsRsa = 3,
+    /// Layer 4 (tcp mode, nginx's stream module): the bytes pass through
+    /// unparsed.
+    Tcp = 4,
 }
 
 /// The files the configs name: document root and certificates.
@@ -290,6 +293,7 @@ fn wait_listeners(kind: Kind, mut r: Running) -> Result<Running> {
         Listener::Gzip,
         Listener::TlsEcdsa,
         Listener::TlsRsa,
+        Listener::Tcp,
     ] {
         if let Err(e) = wait_port(kind.port(l), Duration::from_secs(10)) {
             r.check_alive()?;
@@ -324,8 +328,26 @@ fn nginx_temp_paths(dir: &Path, name: &str) -> String {
         .collect()
 }
 
+/// The `load_module` line of nginx's stream module when this nginx has it
+/// as a dynamic module (Debian: libnginx-mod-stream), else nothing.
+fn nginx_stream_module() -> String {
+    let Ok(out) = Command::new("nginx").arg("-V").output() else {
+        return String::new();
+    };
+    let info = String::from_utf8_lossy(&out.stderr).into_owned();
+    if !info.contains("--with-stream=dynamic") {
+        return String::new();
+    }
+    let dir = info
+        .split_whitespace()
+        .find_map(|a| a.strip_prefix("--modules-path="))
+        .unwrap_or("/usr/lib/nginx/modules");
+    format!("load_module {dir}/ngx_stream_module.so;\n")
+}
+
 /// nginx as a reverse proxy: upstream keep-alive pool, gzip level 1 on its
-/// gzip listener, TLS without tickets or session cache.
+/// gzip listener, TLS without tickets or session cache; its stream module
+/// for the tcp listener (it has no splice).
 fn nginx_config(f: &Files) -> String {
     let server = |l: Listener, extra: &str| {
         format!(
@@ -353,7 +375,18 @@ fn nginx_config(f: &Files) -> String {
             c = cert.display()
         )
     };
-    nginx_main(f.dir, "nginx")
+    nginx_stream_module()
+        + &nginx_main(f.dir, "nginx")
+        + &format!(
+            "stream {{
+    server {{
+        listen 127.0.0.1:{tcp} backlog=4096;
+        proxy_pass 127.0.0.1:{ORIGIN_PORT};
+    }}
+}}
+",
+            tcp = Kind::Nginx.port(Listener::Tcp),
+        )
         + &format!(
             "http {{
     access_log off;
@@ -388,7 +421,9 @@ fn nginx_config(f: &Files) -> String {
 }
 
 /// HAProxy: one thread, `http-reuse safe` (its default) to the origin,
-/// compression on the gzip frontend, TLS without tickets or session cache.
+/// compression on the gzip frontend, TLS without tickets or session cache;
+/// `mode tcp` with `option splice-auto` (its splice(2)) for the tcp
+/// listener (it warns that `option forwardfor` does nothing there).
 /// `maxconn` is left to HAProxy (derived from the open-file limit, as ours).
 fn haproxy_config(f: &Files) -> String {
     let k = Kind::Haproxy;
@@ -430,13 +465,25 @@ frontend tls_rsa
     bind 127.0.0.1:{rsa} ssl crt {rsa_pem} alpn http/1.1
     default_backend origin
 
+frontend tcp
+    mode tcp
+    option splice-auto
+    bind 127.0.0.1:{tcp}
+    default_backend origin_tcp
+
 backend origin
+    server origin 127.0.0.1:{ORIGIN_PORT}
+
+backend origin_tcp
+    mode tcp
+    option splice-auto
     server origin 127.0.0.1:{ORIGIN_PORT}
 ",
         http = k.port(Listener::Http),
         gzip = k.port(Listener::Gzip),
         ecdsa = k.port(Listener::TlsEcdsa),
         rsa = k.port(Listener::TlsRsa),
+        tcp = k.port(Listener::Tcp),
         ecdsa_pem = f.ecdsa.display(),
         rsa_pem = f.rsa.display(),
     )
@@ -498,6 +545,16 @@ alpn = ["http/1.1"]
 session_tickets = false
 session_cache = 0
 
+[[listener]]
+name = "tcp"
+access_log = false
+bind = ["127.0.0.1:{tcp}"]
+mode = "tcp"
+backend = "origin"
+# The tcp rows' clients, with room to spare; its pipes then come out of
+# its own descriptors instead of a third of every connection's.
+maxconn = 1000
+
 [[backend]]
 name = "origin"
 servers = ["127.0.0.1:{ORIGIN_PORT}"]
@@ -510,6 +567,7 @@ servers = ["127.0.0.1:{ORIGIN_PORT}"]
         gzip = k.port(Listener::Gzip),
         ecdsa = k.port(Listener::TlsEcdsa),
         rsa = k.port(Listener::TlsRsa),
+        tcp = k.port(Listener::Tcp),
         ecdsa_pem = path(f.ecdsa),
         rsa_pem = path(f.rsa),
     )

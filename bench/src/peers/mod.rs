@@ -56,6 +56,7 @@ const IDLE_COUNTS: [usize; 3] = [1_000, 4_000, 16_000];
 /// The origin's bodies.
 const SMALL_LEN: usize = 98;
 const BIG_LEN: usize = 64 * 1024;
+const HUGE_LEN: usize = 1024 * 1024;
 
 /// What the peer comparison needs from the command line.
 pub struct Args {
@@ -90,7 +91,7 @@ struct RowSpec {
     load: Load,
 }
 
-const ROWS: [RowSpec; 7] = [
+const ROWS: [RowSpec; 9] = [
     RowSpec {
         id: "http_keepalive_98b",
         label: "HTTP keep-alive, 98 B (wrk -c64)",
@@ -115,6 +116,24 @@ const ROWS: [RowSpec; 7] = [
         load: Load::Wrk {
             listener: Listener::Http,
             path: "/big.html",
+            headers: &[],
+        },
+    },
+    RowSpec {
+        id: "tcp_64k",
+        label: "tcp mode, 64 KiB (HTTP keep-alive through a layer-4 listener)",
+        load: Load::Wrk {
+            listener: Listener::Tcp,
+            path: "/big.html",
+            headers: &[],
+        },
+    },
+    RowSpec {
+        id: "tcp_1m",
+        label: "tcp mode, 1 MiB",
+        load: Load::Wrk {
+            listener: Listener::Tcp,
+            path: "/huge.bin",
             headers: &[],
         },
     },
@@ -228,6 +247,7 @@ impl Prepared {
         let big = big_body();
         fs::write(www.join("small"), &small)?;
         fs::write(www.join("big.html"), &big)?;
+        fs::write(www.join("huge.bin"), huge_body())?;
         let script = sb.write_file("report.lua", wrk::SCRIPT);
         let (ecdsa, ecdsa_der) = contender::make_cert(
             &sb.dir,
@@ -507,6 +527,7 @@ async fn probe(kind: Kind, bodies: &Bodies) -> Result<u64> {
         target(kind, Listener::Http, "/big.html", false, bodies),
         target(kind, Listener::TlsEcdsa, "/small", false, bodies),
         target(kind, Listener::TlsRsa, "/small", false, bodies),
+        target(kind, Listener::Tcp, "/big.html", false, bodies),
     ];
     for t in &checks {
         let reply = client::fetch_once(t)
@@ -635,6 +656,20 @@ fn small_body() -> Vec<u8> {
     b.resize(SMALL_LEN - 1, b'.');
     b.push(b'\n');
     b
+}
+
+/// 1 MiB for the tcp mode's long transfers: bytes that do not repeat
+/// within a page (xorshift), as a binary file would be.
+fn huge_body() -> Vec<u8> {
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    (0..HUGE_LEN)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
 }
 
 /// 64 KiB of catalogue HTML (cut at a line end and padded with a comment

@@ -144,7 +144,8 @@ pub struct Global {
     /// At most this many client connections over all listeners of a
     /// generation (HAProxy's global `maxconn`); more wait in the kernel
     /// queues. Default: what the open-file limit allows (two descriptors a
-    /// connection, three with `splice`, some kept for listeners and logs).
+    /// connection, some kept for listeners and logs, and the pipes of the
+    /// tcp listeners that may splice: see `splice`).
     #[serde(default, deserialize_with = "de_maxconn")]
     pub maxconn: Option<usize>,
     /// Threads that run the listeners without `cpus` of their own
@@ -157,7 +158,11 @@ pub struct Global {
     /// tcp mode between plain sockets (no TLS on the listener) moves the
     /// bytes with splice(2) through a pipe per direction, never copying
     /// them to user space; `false`: through a buffer in the proxy
-    /// (HAProxy's `nosplice`). Default: true.
+    /// (HAProxy's `nosplice`). Default: true. Pipes (four descriptors a
+    /// connection) for at most a quarter of those listeners' `maxconn`, or
+    /// of the global one when one of them has none (its default then
+    /// counts three descriptors a connection instead of two); the other
+    /// connections copy through a buffer.
     #[serde(default = "default_true")]
     pub splice: bool,
     /// Mount point of the BPF filesystem used to hand sockets over between

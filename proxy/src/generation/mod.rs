@@ -41,7 +41,7 @@ use self::{
     lifecycle::Lifecycle,
 };
 use crate::{
-    config::{Addr, Config, SteeringMode},
+    config::{Addr, Config, Mode, SteeringMode},
     health::Health,
     stage::{Stage, StageContext, StageRuntime, StageSettings, socket::ListenSocket},
     stats::{StatsSource, counters::Registry},
@@ -175,10 +175,47 @@ pub async fn run(opts: Options, commands: mpsc::Receiver<Command>) -> Result<()>
 /// Descriptors kept aside for listeners, runtimes, maps and logs.
 const RESERVED_FDS: u64 = 64;
 
+/// Which connections may splice (`global.splice`, a tcp listener without
+/// TLS), and so hold two pipes: four descriptors each, for at most a
+/// quarter of them (HAProxy's `maxpipes` default).
+#[derive(Debug, PartialEq)]
+enum Splicing {
+    Off,
+    /// Only listeners with a `maxconn` of their own: this many connections.
+    Bounded(u64),
+    /// A listener bounded only by the generation's `maxconn`.
+    Unbounded,
+}
+
+fn splicing(cfg: &Config) -> Splicing {
+    let mut plain = cfg
+        .listeners
+        .iter()
+        .filter(|l| l.mode == Mode::Tcp && l.tls.is_none())
+        .peekable();
+    if !cfg.global.splice || plain.peek().is_none() {
+        return Splicing::Off;
+    }
+    plain
+        .map(|l| l.maxconn.map(|n| n as u64))
+        .sum::<Option<u64>>()
+        .map_or(Splicing::Unbounded, Splicing::Bounded)
+}
+
+/// How many connections may hold pipes at once.
+fn max_splicing(cfg: &Config, maxconn: usize) -> usize {
+    match splicing(cfg) {
+        Splicing::Off => 0,
+        Splicing::Bounded(n) => (n / 4) as usize,
+        Splicing::Unbounded => maxconn / 4,
+    }
+}
+
 /// The generation's connection cap: `global.maxconn`, at most what the
 /// open-file limit allows (raised to its hard limit first), two
-/// descriptors a connection; with `global.splice`, a quarter of the
-/// connections may also hold two pipes (four descriptors), so three.
+/// descriptors a connection, and the pipes of those that may splice
+/// ([`Splicing`]): a descriptor a connection of their listeners when these
+/// have a `maxconn`, else one more for every connection (three).
 fn maxconn(cfg: &Config, label: &str) -> usize {
     let nofile = sys::raise_nofile_limit().unwrap_or(1024);
     let listeners = cfg
@@ -186,8 +223,13 @@ fn maxconn(cfg: &Config, label: &str) -> usize {
         .iter()
         .map(|l| l.bind.len() as u64)
         .sum::<u64>();
-    let per_conn = if cfg.global.splice { 3 } else { 2 };
-    let budget = (nofile.saturating_sub(RESERVED_FDS + 2 * listeners) / per_conn).max(1) as usize;
+    let room = nofile.saturating_sub(RESERVED_FDS + 2 * listeners);
+    let budget = match splicing(cfg) {
+        Splicing::Off => room / 2,
+        Splicing::Bounded(n) => room.saturating_sub(n) / 2,
+        Splicing::Unbounded => room / 3,
+    }
+    .max(1) as usize;
     match cfg.global.maxconn {
         Some(n) if n > budget => {
             warn!(
@@ -208,12 +250,7 @@ impl Generation {
     fn new(opts: Options, steering: Steering) -> Self {
         let registry = Arc::new(Registry::new(&opts.config));
         let maxconn = maxconn(&opts.config, &steering.label());
-        // HAProxy's `maxpipes` default.
-        crate::stage::set_max_splicing(if opts.config.global.splice {
-            maxconn / 4
-        } else {
-            0
-        });
+        crate::stage::set_max_splicing(max_splicing(&opts.config, maxconn));
         let health_map = steering.open_health().unwrap_or_else(|e| {
             warn!(
                 "{}: server states stay in this generation (the pinned ones cannot be \
@@ -496,6 +533,32 @@ mod tests {
         let mut generation = Generation::new(options(config), Steering::Reuseport);
         generation.start().await.expect("starts");
         (generation, sock)
+    }
+
+    #[test]
+    fn pipes_count_in_maxconn_only_where_a_connection_may_splice() {
+        let with =
+            |global: &str, listener: &str| Config::for_tests(global, "127.0.0.1:1", listener);
+        let plain = with("", "mode = \"tcp\"");
+        let bounded = with("", "mode = \"tcp\"\nmaxconn = 400");
+        let http = with("", "mode = \"http\"");
+        let off = with("splice = false", "mode = \"tcp\"");
+        assert_eq!(splicing(&plain), Splicing::Unbounded);
+        assert_eq!(splicing(&bounded), Splicing::Bounded(400));
+        assert_eq!(
+            (splicing(&http), splicing(&off)),
+            (Splicing::Off, Splicing::Off)
+        );
+        let room = sys::raise_nofile_limit().unwrap() - RESERVED_FDS - 2;
+        let n = maxconn(&plain, "unit");
+        assert_eq!(n as u64, room / 3);
+        assert_eq!(max_splicing(&plain, n), n / 4);
+        let n = maxconn(&bounded, "unit");
+        assert_eq!(n as u64, (room - 400) / 2);
+        assert_eq!(max_splicing(&bounded, n), 100);
+        assert_eq!(maxconn(&http, "unit") as u64, room / 2);
+        assert_eq!(max_splicing(&http, 1000), 0);
+        assert_eq!(maxconn(&off, "unit") as u64, room / 2);
     }
 
     fn options(config: Config) -> Options {

@@ -49,8 +49,7 @@ const ASK: usize = 1 << 20;
 static MAX_SPLICING: AtomicUsize = AtomicUsize::new(0);
 static SPLICING: AtomicUsize = AtomicUsize::new(0);
 
-/// The pipes one connection may hold at most `n` connections of this
-/// process at once.
+/// At most `n` connections of this process hold pipes at once.
 pub fn set_max_splicing(n: usize) {
     MAX_SPLICING.store(n, Relaxed);
 }
@@ -129,6 +128,9 @@ async fn one_way(
                     total += n as u64;
                     from.count_read(n as u64);
                     activity.touch();
+                    // With peers that keep up, no call would ever block: the
+                    // other connections of this thread get their turn.
+                    tokio::task::coop::consume_budget().await;
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
@@ -151,6 +153,7 @@ async fn one_way(
                     held -= n;
                     to.count_written(n as u64);
                     activity.touch();
+                    tokio::task::coop::consume_budget().await;
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
