@@ -203,8 +203,8 @@ fn splicing(cfg: &Config) -> Splicing {
 }
 
 /// How many connections may hold pipes at once.
-fn max_splicing(cfg: &Config, maxconn: usize) -> usize {
-    match splicing(cfg) {
+fn max_splicing(splicing: &Splicing, maxconn: usize) -> usize {
+    match *splicing {
         Splicing::Off => 0,
         Splicing::Bounded(n) => (n / 4) as usize,
         Splicing::Unbounded => maxconn / 4,
@@ -216,7 +216,7 @@ fn max_splicing(cfg: &Config, maxconn: usize) -> usize {
 /// descriptors a connection, and the pipes of those that may splice
 /// ([`Splicing`]): a descriptor a connection of their listeners when these
 /// have a `maxconn`, else one more for every connection (three).
-fn maxconn(cfg: &Config, label: &str) -> usize {
+fn maxconn(cfg: &Config, splicing: &Splicing, label: &str) -> usize {
     let nofile = sys::raise_nofile_limit().unwrap_or(1024);
     let listeners = cfg
         .listeners
@@ -224,7 +224,7 @@ fn maxconn(cfg: &Config, label: &str) -> usize {
         .map(|l| l.bind.len() as u64)
         .sum::<u64>();
     let room = nofile.saturating_sub(RESERVED_FDS + 2 * listeners);
-    let budget = match splicing(cfg) {
+    let budget = match *splicing {
         Splicing::Off => room / 2,
         Splicing::Bounded(n) => room.saturating_sub(n) / 2,
         Splicing::Unbounded => room / 3,
@@ -249,8 +249,9 @@ fn maxconn(cfg: &Config, label: &str) -> usize {
 impl Generation {
     fn new(opts: Options, steering: Steering) -> Self {
         let registry = Arc::new(Registry::new(&opts.config));
-        let maxconn = maxconn(&opts.config, &steering.label());
-        crate::stage::set_max_splicing(max_splicing(&opts.config, maxconn));
+        let splicing = splicing(&opts.config);
+        let maxconn = maxconn(&opts.config, &splicing, &steering.label());
+        crate::stage::set_max_splicing(max_splicing(&splicing, maxconn));
         let health_map = steering.open_health().unwrap_or_else(|e| {
             warn!(
                 "{}: server states stay in this generation (the pinned ones cannot be \
@@ -550,15 +551,21 @@ mod tests {
             (Splicing::Off, Splicing::Off)
         );
         let room = sys::raise_nofile_limit().unwrap() - RESERVED_FDS - 2;
-        let n = maxconn(&plain, "unit");
-        assert_eq!(n as u64, room / 3);
-        assert_eq!(max_splicing(&plain, n), n / 4);
-        let n = maxconn(&bounded, "unit");
-        assert_eq!(n as u64, (room - 400) / 2);
-        assert_eq!(max_splicing(&bounded, n), 100);
-        assert_eq!(maxconn(&http, "unit") as u64, room / 2);
-        assert_eq!(max_splicing(&http, 1000), 0);
-        assert_eq!(maxconn(&off, "unit") as u64, room / 2);
+        let limits = |cfg: &Config| {
+            let splicing = splicing(cfg);
+            let n = maxconn(cfg, &splicing, "unit");
+            (n as u64, max_splicing(&splicing, n))
+        };
+        let (n, pipes) = limits(&plain);
+        assert_eq!(n, room / 3);
+        assert_eq!(pipes as u64, n / 4);
+        let (n, pipes) = limits(&bounded);
+        assert_eq!(n, (room - 400) / 2);
+        assert_eq!(pipes, 100);
+        let (n, pipes) = limits(&http);
+        assert_eq!(n, room / 2);
+        assert_eq!(pipes, 0);
+        assert_eq!(limits(&off).0, room / 2);
     }
 
     fn options(config: Config) -> Options {

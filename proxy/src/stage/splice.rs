@@ -8,22 +8,19 @@
 //! other: proxy CPU per 64 KiB response 20-30 µs against 55-64, per 1 MiB
 //! 718-832 µs against 988-1135 (4 pairs each).
 //!
-//! Each direction has its own pipe. A direction fills its pipe from its
-//! source until the source has nothing more, then drains the pipe into its
-//! destination; at the source's end it shuts the destination's write side
-//! (a half-close passes through, as with `copy_bidirectional`).
+//! Each direction has its own pipe. A direction fills its empty pipe from
+//! its source with one splice, then drains the pipe into its destination,
+//! and again; at the source's end it shuts the destination's write side (a
+//! half-close passes through, as with `copy_bidirectional`). The pipe is
+//! filled only when empty, so an `EAGAIN` of the filling splice is always
+//! the socket's, and `try_io` may clear the socket's (edge-triggered)
+//! readiness on it: with bytes still in the pipe it could be the pipe's,
+//! with the socket still readable.
 //!
-//! Pipes are bounded as HAProxy's `maxpipes` (by default a quarter of
-//! `maxconn`): a connection that finds none left, or whose pipes cannot be
+//! Pipes are bounded as HAProxy's `maxpipes` (a quarter of the tcp
+//! listeners' `maxconn`, see `global.splice`): a connection that finds none left, or whose pipes cannot be
 //! made, goes through a buffer as before. The open-file budget of
 //! `maxconn` counts them.
-//!
-//! Readiness: tokio's registrations are edge-triggered, and a readiness is
-//! cleared only by an `EAGAIN` seen inside `try_io`. A splice into a pipe
-//! that already holds bytes can fail with `EAGAIN` because the *pipe* is
-//! full, with the socket still readable; such a call goes outside `try_io`,
-//! so that it never clears the socket's readiness. With the pipe empty, an
-//! `EAGAIN` can only be the socket's.
 
 use std::{
     io,
@@ -110,38 +107,31 @@ async fn one_way(
     activity: &Activity,
 ) -> io::Result<u64> {
     let (src, dst) = (from.get_ref(), to.get_ref());
-    let (mut held, mut total, mut ended) = (0usize, 0u64, false);
+    let mut total = 0u64;
     loop {
-        // Fill the pipe.
-        while !ended {
-            let moved = if held == 0 {
-                src.try_io(Interest::READABLE, || {
-                    splice(src.as_fd(), pipe_in.as_fd(), ASK)
-                })
-            } else {
+        // Fill the pipe, which is empty here: an `EAGAIN` is the socket's.
+        let mut held = loop {
+            match src.try_io(Interest::READABLE, || {
                 splice(src.as_fd(), pipe_in.as_fd(), ASK)
-            };
-            match moved {
-                Ok(0) => ended = true,
-                Ok(n) => {
-                    held += n;
-                    total += n as u64;
-                    from.count_read(n as u64);
-                    activity.touch();
-                    // With peers that keep up, no call would ever block: the
-                    // other connections of this thread get their turn.
-                    tokio::task::coop::consume_budget().await;
-                }
+            }) {
+                Ok(n) => break n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    if held > 0 {
-                        break;
-                    }
                     src.ready(Interest::READABLE).await?;
                 }
                 Err(e) => return Err(e),
             }
+        };
+        if held == 0 {
+            dst.shutdown_write()?;
+            return Ok(total);
         }
+        total += held as u64;
+        from.count_read(held as u64);
+        activity.touch();
+        // With peers that keep up, no call would ever block: the other
+        // connections of this thread get their turn.
+        tokio::task::coop::consume_budget().await;
         // Drain it.
         while held > 0 {
             let moved = dst.try_io(Interest::WRITABLE, || {
@@ -161,10 +151,6 @@ async fn one_way(
                 }
                 Err(e) => return Err(e),
             }
-        }
-        if ended {
-            dst.shutdown_write()?;
-            return Ok(total);
         }
     }
 }
