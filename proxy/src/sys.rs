@@ -53,9 +53,12 @@ pub fn kill(pid: u32, signal: i32) -> io::Result<()> {
     }
 }
 
-/// Raises the soft limit of open files to the hard limit (as HAProxy sizes
-/// it for its maxconn) and returns the soft limit now in force.
-pub fn raise_nofile_limit() -> io::Result<u64> {
+/// Raises the open-file limit and returns the soft limit now in force: the
+/// soft limit to the hard one, and both to `want` when that is more (as
+/// HAProxy sizes them for its `maxconn`; raising the hard limit needs
+/// CAP_SYS_RESOURCE and stays within `fs.nr_open`). What cannot be raised
+/// stays as it was.
+pub fn raise_nofile_limit(want: Option<u64>) -> io::Result<u64> {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
@@ -64,15 +67,21 @@ pub fn raise_nofile_limit() -> io::Result<u64> {
     if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
         return Err(io::Error::last_os_error());
     }
-    if lim.rlim_cur < lim.rlim_max {
+    let set = |cur: u64, max: u64| {
         let raised = libc::rlimit {
-            rlim_cur: lim.rlim_max,
-            rlim_max: lim.rlim_max,
+            rlim_cur: cur,
+            rlim_max: max,
         };
         // Safety: setrlimit reads the valid rlimit given.
-        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
-            lim.rlim_cur = lim.rlim_max;
-        }
+        unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 }
+    };
+    if let Some(want) = want.filter(|&w| w > lim.rlim_max)
+        && set(want, want)
+    {
+        return Ok(want);
+    }
+    if lim.rlim_cur < lim.rlim_max && set(lim.rlim_max, lim.rlim_max) {
+        lim.rlim_cur = lim.rlim_max;
     }
     Ok(lim.rlim_cur)
 }

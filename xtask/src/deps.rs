@@ -15,7 +15,7 @@ use crate::Run;
 /// Debian packages, with what needs them.
 const DEBIAN: &[(&str, &str)] = &[
     ("iproute2", "network namespaces (ip netns)"),
-    ("util-linux", "nsenter, unshare, setpriv, mount"),
+    ("util-linux", "nsenter, unshare, setpriv, mount, prlimit"),
     ("curl", "HTTP clients in the stage and packaging tests"),
     ("openssl", "TLS client checks"),
     ("chromium", "the stats page in a headless browser"),

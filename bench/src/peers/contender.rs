@@ -20,6 +20,65 @@ use serde::Serialize;
 pub const SERVER_CPU: usize = 0;
 pub const LOAD_CPU: usize = 1;
 
+/// The connections each contender is configured for (global `maxconn` of
+/// HAProxy and ours; nginx's `worker_connections` is twice it, as it counts
+/// upstream connections too): the largest idle count ([`super::IDLE_COUNTS`]) and the load rows'
+/// clients, with room to spare.
+pub const MAXCONN: usize = 20_000;
+
+/// The open-file limit the bench raises for itself and the contenders it
+/// starts (they inherit it): 16,000 idle clients on the load side, and
+/// room for each contender's [`MAXCONN`].
+const OPEN_FILES: u64 = 65_536;
+
+/// Raises this process's open-file limit to [`OPEN_FILES`] (the hard one
+/// too, which needs CAP_SYS_RESOURCE), or else the soft limit to the hard
+/// one.
+pub fn raise_open_files() {
+    let now = open_files();
+    if now >= OPEN_FILES {
+        return;
+    }
+    let hard = open_files_hard();
+    for (cur, max) in [(OPEN_FILES, OPEN_FILES.max(hard)), (hard, hard)] {
+        let raised = libc::rlimit {
+            rlim_cur: cur,
+            rlim_max: max,
+        };
+        // Safety: setrlimit reads the valid rlimit given.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            return;
+        }
+    }
+}
+
+fn rlimit_nofile() -> libc::rlimit {
+    let mut lim = libc::rlimit {
+        rlim_cur: 1024,
+        rlim_max: 1024,
+    };
+    // Safety: getrlimit writes an rlimit into the valid pointer given (and
+    // leaves it alone if it fails).
+    unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) };
+    lim
+}
+
+/// The soft open-file limit of this process, which the contenders inherit.
+pub fn open_files() -> u64 {
+    rlimit_nofile().rlim_cur
+}
+
+fn open_files_hard() -> u64 {
+    rlimit_nofile().rlim_max
+}
+
+/// The `maxconn` each contender is given: [`MAXCONN`] when the open-file
+/// limit has room for it (two descriptors a connection), else none: each
+/// derives its own from the limit.
+pub fn maxconn() -> Option<usize> {
+    (open_files() >= 2 * MAXCONN as u64 + 1_000).then_some(MAXCONN)
+}
+
 /// The origin's port (fixed: the run has its own network namespace).
 pub const ORIGIN_PORT: u16 = 8000;
 
@@ -304,20 +363,25 @@ fn wait_listeners(kind: Kind, mut r: Running) -> Result<Running> {
 }
 
 /// The main context of an nginx config: one worker, root (the sandbox
-/// folder is private), foreground, as many connections as the open-file
-/// limit allows.
+/// folder is private), foreground, [`maxconn`] clients (nginx counts a
+/// client's upstream connection too: twice as many connections), else as
+/// many connections as the open-file limit allows.
 fn nginx_main(dir: &Path, name: &str) -> String {
+    let (nofile, connections) = match maxconn() {
+        Some(n) => (2 * n as u64 + 100, 2 * n as u64),
+        None => (open_files(), open_files().saturating_sub(500)),
+    };
     format!(
         "user root;
 daemon off;
 master_process on;
 worker_processes 1;
-worker_rlimit_nofile 20000;
+worker_rlimit_nofile {nofile};
 pid {dir}/{name}.pid;
 error_log {dir}/{name}-error.log warn;
-events {{ worker_connections 19500; }}
+events {{ worker_connections {connections}; }}
 ",
-        dir = dir.display()
+        dir = dir.display(),
     )
 }
 
@@ -424,12 +488,13 @@ fn nginx_config(f: &Files) -> String {
 /// compression on the gzip frontend, TLS without tickets or session cache;
 /// `mode tcp` with `option splice-auto` (its splice(2)) for the tcp
 /// listener (it warns that `option forwardfor` does nothing there).
-/// `maxconn` is left to HAProxy (derived from the open-file limit, as ours).
+/// `maxconn` as ours ([`maxconn`], else derived from the open-file limit).
 fn haproxy_config(f: &Files) -> String {
     let k = Kind::Haproxy;
+    let maxconn = maxconn().map_or(String::new(), |n| format!("\n    maxconn {n}"));
     format!(
         "global
-    nbthread 1
+    nbthread 1{maxconn}
     tune.ssl.cachesize 0
     tune.comp.maxlevel 1
     ssl-default-bind-options no-tls-tickets ssl-min-ver TLSv1.2
@@ -502,7 +567,7 @@ name = {name}
 bpffs = {bpffs}
 steering = "ebpf"
 hard_stop_after = "5s"
-nbthread = 1
+nbthread = 1{maxconn}
 
 [[listener]]
 name = "http"
@@ -570,6 +635,7 @@ servers = ["127.0.0.1:{ORIGIN_PORT}"]
         tcp = k.port(Listener::Tcp),
         ecdsa_pem = path(f.ecdsa),
         rsa_pem = path(f.rsa),
+        maxconn = maxconn().map_or(String::new(), |n| format!("\nmaxconn = {n}")),
     )
 }
 

@@ -39,7 +39,7 @@ use tokio::runtime::Runtime;
 use tokio_rustls::TlsConnector;
 
 use self::{
-    contender::{Files, Kind, LOAD_CPU, Listener, Running},
+    contender::{Files, Kind, LOAD_CPU, Listener, MAXCONN, Running},
     report::{Cell, IdleFigures, Memory, Report, RowResult, RunFigures},
 };
 use crate::{
@@ -198,6 +198,7 @@ pub fn run(args: &Args) -> Result<()> {
         "taskset -p: {}",
         String::from_utf8_lossy(&pinned.stderr)
     );
+    contender::raise_open_files();
     let started_utc = utc_now();
     let sb = Sandbox::with_proxy("peers", args.proxy.clone());
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -369,13 +370,8 @@ fn suite(args: &Args, sb: &Sandbox, rt: &Runtime, started_utc: String) -> Result
     for (i, c) in contenders.iter_mut().enumerate() {
         let kind = c.kind.expect("a contender");
         let peak = c.mem_kib("VmHWM");
-        let mut idle_connections = Vec::new();
-        let counts: &[usize] = &IDLE_COUNTS;
-        for &n in counts {
-            eprintln!("{} idle keep-alive clients via {} ...", n, kind.label());
-            idle_connections.push(idle_memory(rt, c, n)?);
-            c.check_alive()?;
-        }
+        let idle_connections = idle_memory(rt, c, &IDLE_COUNTS)?;
+        c.check_alive()?;
         memory.push(Memory {
             contender: kind,
             idle_rss_kib: idle_rss[i],
@@ -414,11 +410,18 @@ fn suite(args: &Args, sb: &Sandbox, rt: &Runtime, started_utc: String) -> Result
              a new connection per handshake with one GET /small."
                 .into(),
             format!(
-                "Memory per idle connection: n clients each make one request and stay open; \
-                 (RSS after - RSS before) / connections held, summed over the contender's \
-                 processes. The open-file limit is {}; a contender that needs two \
-                 descriptors per client cannot hold 16,000.",
-                open_file_limit()
+                "Memory per idle connection: clients each make one request and stay open, \
+                 added up to each count (all held until the last count); (RSS with them - \
+                 RSS before the first) / connections held, summed over the contender's \
+                 processes. The open-file limit the bench gives the contenders is {}: {}",
+                open_file_limit(),
+                match contender::maxconn() {
+                    Some(n) => format!("each is configured for {n} connections."),
+                    None => format!(
+                        "too few for {MAXCONN} connections each, so each derives its maxconn \
+                         from it (the limit could not be raised: that needs CAP_SYS_RESOURCE)."
+                    ),
+                }
             ),
         ],
     })
@@ -456,7 +459,7 @@ fn train(args: &Args, sb: &Sandbox, rt: &Runtime) -> Result<()> {
         String::from_utf8_lossy(&h2.stderr)
     );
     eprintln!("trained: HTTP/2 over TLS (h2load, 100,000 requests)");
-    idle_memory(rt, &c, 1_000)?;
+    idle_memory(rt, &c, &[1_000])?;
     c.check_alive()?;
     let proxy = c.proxy.as_mut().expect("our proxy has a handle");
     proxy.signal(Signal::Term);
@@ -602,33 +605,46 @@ fn measure(
     }
 }
 
-/// RSS before and with `n` idle keep-alive clients.
-fn idle_memory(rt: &Runtime, c: &Running, n: usize) -> Result<IdleFigures> {
+/// RSS per idle keep-alive client at each of `counts` (rising): clients
+/// are added up to each count and all stay open until the last, so that
+/// every figure is measured from the same RSS before the first client.
+/// (Measured from a fresh start each time, a count would reuse what the
+/// allocator kept of the previous count's clients, and look cheaper.)
+fn idle_memory(rt: &Runtime, c: &Running, counts: &[usize]) -> Result<Vec<IdleFigures>> {
     let kind = c.kind.expect("a contender");
     let before = c.mem_kib("VmRSS");
-    let held = rt.block_on(idle::open(
-        local(kind.port(Listener::Http)),
-        "/small",
-        n,
-        Duration::from_secs(60),
-    ))?;
-    // Let the contender finish whatever follows a response before reading.
-    std::thread::sleep(Duration::from_millis(500));
-    let after = c.mem_kib("VmRSS");
-    let count = held.streams.len();
-    let figures = IdleFigures {
-        requested: n,
-        held: count,
-        failed: held.failed,
-        stopped_early: held.stopped_early,
-        rss_before_kib: before,
-        rss_after_kib: after,
-        bytes_per_connection: (count > 0)
-            .then(|| (after as f64 - before as f64) * 1024.0 / count as f64),
-    };
+    let mut streams = Vec::new();
+    let (mut failed, mut stopped_early) = (0, false);
+    let mut figures = Vec::new();
+    for &n in counts {
+        eprintln!("{n} idle keep-alive clients via {} ...", kind.label());
+        let more = rt.block_on(idle::open(
+            local(kind.port(Listener::Http)),
+            "/small",
+            n.saturating_sub(streams.len()),
+            Duration::from_secs(60),
+        ))?;
+        streams.extend(more.streams);
+        failed += more.failed;
+        stopped_early |= more.stopped_early;
+        // Let the contender finish whatever follows a response before reading.
+        std::thread::sleep(Duration::from_millis(500));
+        let after = c.mem_kib("VmRSS");
+        let held = streams.len();
+        figures.push(IdleFigures {
+            requested: n,
+            held,
+            failed,
+            stopped_early,
+            rss_before_kib: before,
+            rss_after_kib: after,
+            bytes_per_connection: (held > 0)
+                .then(|| (after as f64 - before as f64) * 1024.0 / held as f64),
+        });
+    }
     // Closing: drop the streams inside the runtime, then give the contender
-    // a moment to release them before the next count.
-    rt.block_on(async move { drop(held) });
+    // a moment to release them.
+    rt.block_on(async move { drop(streams) });
     std::thread::sleep(Duration::from_secs(1));
     Ok(figures)
 }

@@ -143,9 +143,11 @@ pub struct Global {
     pub close_spread_time: Option<Duration>,
     /// At most this many client connections over all listeners of a
     /// generation (HAProxy's global `maxconn`); more wait in the kernel
-    /// queues. Default: what the open-file limit allows (two descriptors a
-    /// connection, some kept for listeners and logs, and the pipes of the
-    /// tcp listeners that may splice: see `splice`).
+    /// queues. The open-file limit is raised to what it needs (the hard
+    /// limit too with CAP_SYS_RESOURCE); when it cannot be, the generation
+    /// uses what the limit allows. Default: what the open-file limit allows
+    /// (two descriptors a connection, some kept for listeners and logs, and
+    /// the pipes of the tcp listeners that may splice: see `splice`).
     #[serde(default, deserialize_with = "de_maxconn")]
     pub maxconn: Option<usize>,
     /// Threads that run the listeners without `cpus` of their own

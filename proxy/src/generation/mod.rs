@@ -212,18 +212,29 @@ fn max_splicing(splicing: &Splicing, maxconn: usize) -> usize {
 }
 
 /// The generation's connection cap: `global.maxconn`, at most what the
-/// open-file limit allows (raised to its hard limit first), two
-/// descriptors a connection, and the pipes of those that may splice
-/// ([`Splicing`]): a descriptor a connection of their listeners when these
-/// have a `maxconn`, else one more for every connection (three).
+/// open-file limit allows, two descriptors a connection, and the pipes of
+/// those that may splice ([`Splicing`]): a descriptor a connection of
+/// their listeners when these have a `maxconn`, else one more for every
+/// connection (three). The limit is raised first: to what `global.maxconn`
+/// needs (HAProxy's way), or else the soft limit to the hard one.
 fn maxconn(cfg: &Config, splicing: &Splicing, label: &str) -> usize {
-    let nofile = sys::raise_nofile_limit().unwrap_or(1024);
     let listeners = cfg
         .listeners
         .iter()
         .map(|l| l.bind.len() as u64)
         .sum::<u64>();
-    let room = nofile.saturating_sub(RESERVED_FDS + 2 * listeners);
+    let reserved = RESERVED_FDS + 2 * listeners;
+    let needed = |n: u64| {
+        reserved
+            + match *splicing {
+                Splicing::Off => 2 * n,
+                Splicing::Bounded(pipes) => 2 * n + pipes,
+                Splicing::Unbounded => 3 * n,
+            }
+    };
+    let wanted = cfg.global.maxconn.map(|n| needed(n as u64));
+    let nofile = sys::raise_nofile_limit(wanted).unwrap_or(1024);
+    let room = nofile.saturating_sub(reserved);
     let budget = match *splicing {
         Splicing::Off => room / 2,
         Splicing::Bounded(n) => room.saturating_sub(n) / 2,
@@ -233,12 +244,18 @@ fn maxconn(cfg: &Config, splicing: &Splicing, label: &str) -> usize {
     match cfg.global.maxconn {
         Some(n) if n > budget => {
             warn!(
-                "{label}: global.maxconn {n} is more than the open-file limit of {nofile} allows: \
-                 using {budget} (raise the limit with LimitNOFILE= or ulimit -n)"
+                "{label}: global.maxconn {n} needs {} open files, and the limit could be \
+                 raised only to {nofile}: using maxconn {budget} (the proxy raises the hard \
+                 limit itself when it has CAP_SYS_RESOURCE, up to the sysctl fs.nr_open; \
+                 else raise it with LimitNOFILE= or ulimit -Hn)",
+                needed(n as u64)
             );
             budget
         }
-        Some(n) => n,
+        Some(n) => {
+            info!("{label}: maxconn {n} (open-file limit {nofile})");
+            n
+        }
         None => {
             info!("{label}: maxconn {budget} (open-file limit {nofile})");
             budget
@@ -550,7 +567,7 @@ mod tests {
             (splicing(&http), splicing(&off)),
             (Splicing::Off, Splicing::Off)
         );
-        let room = sys::raise_nofile_limit().unwrap() - RESERVED_FDS - 2;
+        let room = sys::raise_nofile_limit(None).unwrap() - RESERVED_FDS - 2;
         let limits = |cfg: &Config| {
             let splicing = splicing(cfg);
             let n = maxconn(cfg, &splicing, "unit");
