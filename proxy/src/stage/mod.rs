@@ -390,9 +390,8 @@ impl Stage {
     /// starts: the connection's task keeps only the payload's future and
     /// what the end's log line needs (the future went from 264 to 88
     /// bytes, and it is in every connection's task for the connection's
-    /// life). An `async fn` per step instead would keep
-    /// its own copy of the stream and of its other arguments for the
-    /// connection's life.
+    /// life). An `async fn` per step instead would keep its own copy of
+    /// the stream and of its other arguments for the connection's life.
     pub fn serve(
         self: Arc<Self>,
         stream: Stream,
