@@ -35,11 +35,11 @@ const OPEN_FILES: u64 = 65_536;
 /// too, which needs CAP_SYS_RESOURCE), or else the soft limit to the hard
 /// one.
 pub fn raise_open_files() {
-    let now = open_files();
-    if now >= OPEN_FILES {
+    let now = rlimit_nofile();
+    if now.rlim_cur >= OPEN_FILES {
         return;
     }
-    let hard = open_files_hard();
+    let hard = now.rlim_max;
     for (cur, max) in [(OPEN_FILES, OPEN_FILES.max(hard)), (hard, hard)] {
         let raised = libc::rlimit {
             rlim_cur: cur,
@@ -66,10 +66,6 @@ fn rlimit_nofile() -> libc::rlimit {
 /// The soft open-file limit of this process, which the contenders inherit.
 pub fn open_files() -> u64 {
     rlimit_nofile().rlim_cur
-}
-
-fn open_files_hard() -> u64 {
-    rlimit_nofile().rlim_max
 }
 
 /// The `maxconn` each contender is given: [`MAXCONN`] when the open-file

@@ -414,7 +414,7 @@ fn suite(args: &Args, sb: &Sandbox, rt: &Runtime, started_utc: String) -> Result
                  added up to each count (all held until the last count); (RSS with them - \
                  RSS before the first) / connections held, summed over the contender's \
                  processes. The open-file limit the bench gives the contenders is {}: {}",
-                open_file_limit(),
+                contender::open_files(),
                 match contender::maxconn() {
                     Some(n) => format!("each is configured for {n} connections."),
                     None => format!(
@@ -675,17 +675,9 @@ fn small_body() -> Vec<u8> {
 }
 
 /// 1 MiB for the tcp mode's long transfers: bytes that do not repeat
-/// within a page (xorshift), as a binary file would be.
+/// within a page (the harness's xorshift), as a binary file would be.
 fn huge_body() -> Vec<u8> {
-    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-    (0..HUGE_LEN)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
+    proxy_harness::bodies::Rng::new(1).bytes(HUGE_LEN)
 }
 
 /// 64 KiB of catalogue HTML (cut at a line end and padded with a comment
@@ -718,17 +710,6 @@ fn versions() -> Vec<(String, String)> {
         ("nginx".into(), first_line("nginx", &["-v"])),
         ("wrk".into(), first_line("wrk", &["-v"])),
     ]
-}
-
-fn open_file_limit() -> String {
-    fs::read_to_string("/proc/self/limits")
-        .ok()
-        .and_then(|l| {
-            l.lines()
-                .find(|l| l.starts_with("Max open files"))
-                .map(|l| l.split_whitespace().nth(3).unwrap_or("?").to_string())
-        })
-        .unwrap_or_else(|| "?".into())
 }
 
 /// The current time as `YYYYMMDDTHHMMSSZ` (the results folder's name).
