@@ -18,9 +18,9 @@
 //! with the socket still readable.
 //!
 //! Pipes are bounded as HAProxy's `maxpipes` (a quarter of the tcp
-//! listeners' `maxconn`, see `global.splice`): a connection that finds none left, or whose pipes cannot be
-//! made, goes through a buffer as before. The open-file budget of
-//! `maxconn` counts them.
+//! listeners' `maxconn`, see `global.splice`): a connection that finds
+//! none left, or whose pipes cannot be made, goes through a buffer as
+//! before. The open-file budget of `maxconn` counts them.
 
 use std::{
     io,
@@ -130,7 +130,8 @@ async fn one_way(
         from.count_read(held as u64);
         activity.touch();
         // With peers that keep up, no call would ever block: the other
-        // connections of this thread get their turn.
+        // connections of this thread get their turn (one unit of tokio's
+        // budget a pipeful; the drain below is bounded by it).
         tokio::task::coop::consume_budget().await;
         // Drain it.
         while held > 0 {
@@ -143,7 +144,6 @@ async fn one_way(
                     held -= n;
                     to.count_written(n as u64);
                     activity.touch();
-                    tokio::task::coop::consume_budget().await;
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
