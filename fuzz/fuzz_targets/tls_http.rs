@@ -100,7 +100,10 @@ fn fixture() -> &'static Fixture {
             client_timeout: Duration::from_secs(5),
             http2: Default::default(),
             tunnel: Default::default(),
+            listener: Arc::from("-"),
+            generation: 0,
             http1: Default::default(),
+            parked: Default::default(),
         });
         Fixture {
             acceptor,

@@ -423,7 +423,10 @@ async fn through_gzip(
         client_timeout: DEADLINE,
         http2: Default::default(),
         tunnel: Default::default(),
+        listener: Arc::from("-"),
+        generation: 0,
         http1: Default::default(),
+        parked: Default::default(),
     });
     let (client_io, server_io) = tokio::io::duplex(64 * 1024);
     let (_drain, draining) = watch::channel(false);

@@ -162,7 +162,11 @@ impl TryFrom<(&Config, &ListenerConfig)> for StageSettings {
                         idle_timeout: l.tunnel_timeout,
                         ..Default::default()
                     },
+                    // The generation comes in Stage::new.
+                    listener: Arc::from(l.name.as_str()),
+                    generation: 0,
                     http1: Default::default(),
+                    parked: Default::default(),
                 })
             }),
             accept_proxy: Versions::of(l.accept_proxy).map(|v| (v, l.accept_proxy_timeout)),
@@ -350,6 +354,7 @@ impl Stage {
             let mut h = (*h).clone();
             h.tunnel.drain_deadline = ctx.drain_deadline.clone();
             h.tunnel.metrics = metrics.clone();
+            h.generation = ctx.generation;
             Arc::new(h)
         });
         Arc::new(Self {
@@ -569,12 +574,7 @@ impl Stage {
         let downstream = http::Downstream {
             forwarded_for,
             protocol: http::Protocol::from_alpn(alpn),
-            log: Arc::new(http::ConnLog::new(
-                client.source,
-                self.name.clone(),
-                self.generation,
-                self.access_log,
-            )),
+            log: http::ConnLog::new(client.source, self.access_log),
             idle: match &self.shared_idle {
                 Some(shared) => shared.clone(),
                 None => Arc::new(http::IdlePool::new(

@@ -29,7 +29,10 @@ use tokio::{
     sync::watch,
 };
 
-use super::{HttpError, log::ConnLog, log::Logged};
+use super::{
+    HttpError,
+    log::{ConnLog, LogHolder, Logged},
+};
 use crate::config::Http2Config;
 
 /// The 24 bytes an HTTP/2 client sends before its first frame.
@@ -124,7 +127,7 @@ pub struct FrameGuard<IO> {
     /// Where the flood that stopped the connection is told to `serve`.
     report: Arc<OnceLock<Flood>>,
     /// Where reads and writes are timed, for the stall limit.
-    activity: Option<Arc<ConnLog>>,
+    activity: Option<Arc<dyn LogHolder>>,
 }
 
 impl<IO> FrameGuard<IO> {
@@ -144,7 +147,7 @@ impl<IO> FrameGuard<IO> {
 
     fn touch(&self) {
         if let Some(log) = &self.activity {
-            log.last_io_ms.store(log.now_ms(), Relaxed);
+            log.conn_log().last_io_ms.store(ConnLog::now_ms(), Relaxed);
         }
     }
 
@@ -309,7 +312,7 @@ pub async fn serve<IO, S>(
     limits: &Http2Config,
     max_header_size: usize,
     timeouts: Timeouts,
-    conn_log: Arc<ConnLog>,
+    log: Arc<dyn LogHolder>,
     mut draining: watch::Receiver<bool>,
 ) -> Result<(), HttpError>
 where
@@ -319,7 +322,8 @@ where
     S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let mut guard = FrameGuard::new(io, limits);
-    guard.activity = Some(conn_log.clone());
+    guard.activity = Some(log.clone());
+    let conn_log = log.conn_log();
     let flood = guard.report.clone();
     let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
@@ -346,7 +350,7 @@ where
                 closing = true;
             }
             _ = tick.tick() => {
-                let now = conn_log.now_ms();
+                let now = ConnLog::now_ms();
                 let idle = conn_log.active.load(Relaxed) == 0;
                 let since_io = now.saturating_sub(conn_log.last_io_ms.load(Relaxed));
                 if idle && !closing

@@ -19,7 +19,7 @@ use std::{
     net::SocketAddr,
     pin::Pin,
     sync::{
-        Arc,
+        Arc, OnceLock,
         atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed},
     },
     task::{Context, Poll},
@@ -88,58 +88,73 @@ impl fmt::Display for Termination {
     }
 }
 
-/// What the access lines of one downstream connection share.
+/// What the access lines of one downstream connection share. It lives in
+/// the connection's shared state (one allocation for both); the listener
+/// and generation its lines name come from the stage, through
+/// [`LogHolder`].
 pub struct ConnLog {
     /// Whether access lines are written (the listener's `access_log`, and
     /// the log filter lets them through).
     pub enabled: bool,
     /// The real client (from the socket or a PROXY header).
     pub client: Option<SocketAddr>,
-    pub listener: Arc<str>,
-    pub generation: u64,
     /// Requests whose response has not ended yet (HTTP/2: open streams), for
     /// the idle timeout.
     pub active: AtomicUsize,
-    /// When `active` last dropped to 0, in ms since `epoch`.
+    /// When `active` last dropped to 0, in ms ([`ConnLog::now_ms`]).
     pub idle_since_ms: AtomicU64,
-    /// When a byte last went either way (HTTP/2 only), in ms since `epoch`.
+    /// When a byte last went either way (HTTP/2 only), in ms.
     pub last_io_ms: AtomicU64,
-    pub epoch: Instant,
-    /// What its responses did, for the listener's counters (here rather
-    /// than in an `Arc` of their own: one allocation less per connection).
+    /// What its responses did, for the listener's counters.
     pub(super) counters: super::BodyCounters,
 }
 
 impl ConnLog {
     /// `access_log`: the listener's setting (the log filter has its say too).
-    pub fn new(
-        client: Option<SocketAddr>,
-        listener: Arc<str>,
-        generation: u64,
-        access_log: bool,
-    ) -> Self {
+    pub fn new(client: Option<SocketAddr>, access_log: bool) -> Self {
+        let now = Self::now_ms();
         Self {
             enabled: access_log && tracing::enabled!(target: "access", tracing::Level::INFO),
             client,
-            listener,
-            generation,
             active: AtomicUsize::new(0),
-            idle_since_ms: AtomicU64::new(0),
-            last_io_ms: AtomicU64::new(0),
-            epoch: Instant::now(),
+            idle_since_ms: AtomicU64::new(now),
+            last_io_ms: AtomicU64::new(now),
             counters: Default::default(),
         }
     }
 
-    /// Milliseconds since `epoch`.
-    pub fn now_ms(&self) -> u64 {
-        self.epoch.elapsed().as_millis() as u64
+    /// Milliseconds since the process's first call: the clock of
+    /// `idle_since_ms` and `last_io_ms` (one epoch for every connection,
+    /// rather than 16 bytes of it in each).
+    pub fn now_ms() -> u64 {
+        static EPOCH: OnceLock<Instant> = OnceLock::new();
+        EPOCH.get_or_init(Instant::now).elapsed().as_millis() as u64
+    }
+}
+
+/// What holds a connection's [`ConnLog`] for what outlives a borrow of it
+/// (the access lines of its requests, its response bodies' counters,
+/// HTTP/2's timers): the connection's shared state, or the log alone.
+pub trait LogHolder: Send + Sync + 'static {
+    fn conn_log(&self) -> &ConnLog;
+    /// The listener and generation its access lines name.
+    fn listener(&self) -> (&str, u64);
+}
+
+/// A log without a listener (tests and tools).
+impl LogHolder for ConnLog {
+    fn conn_log(&self) -> &ConnLog {
+        self
+    }
+
+    fn listener(&self) -> (&str, u64) {
+        ("-", 0)
     }
 }
 
 /// One request's access line, filled in as it goes.
 pub struct RequestLog {
-    conn: Arc<ConnLog>,
+    conn: Arc<dyn LogHolder>,
     start: Instant,
     version: Version,
     method: Method,
@@ -156,13 +171,19 @@ pub struct RequestLog {
 }
 
 impl RequestLog {
-    pub fn start(conn: Arc<ConnLog>, version: Version, method: &Method, target: &str) -> Self {
-        conn.active.fetch_add(1, Relaxed);
+    pub fn start(
+        conn: Arc<dyn LogHolder>,
+        version: Version,
+        method: &Method,
+        target: &str,
+    ) -> Self {
+        let log = conn.conn_log();
+        log.active.fetch_add(1, Relaxed);
         Self {
             start: Instant::now(),
             version,
             method: method.clone(),
-            path: if conn.enabled {
+            path: if log.enabled {
                 escape_path(target)
             } else {
                 String::new()
@@ -184,20 +205,21 @@ impl RequestLog {
 
 impl Drop for RequestLog {
     fn drop(&mut self) {
-        let c = &self.conn;
+        let c = self.conn.conn_log();
         if c.active.fetch_sub(1, Relaxed) == 1 {
-            c.idle_since_ms.store(c.now_ms(), Relaxed);
+            c.idle_since_ms.store(ConnLog::now_ms(), Relaxed);
         }
         if !c.enabled {
             return;
         }
+        let (listener, generation) = self.conn.listener();
         let client = c.client.map_or_else(|| "-".to_string(), |a| a.to_string());
         let ttfb_ms = self.head_after.map_or(-1, |d| d.as_millis() as i64);
         tracing::info!(
             target: "access",
             client = %client,
-            listener = %c.listener,
-            generation = c.generation,
+            listener = %listener,
+            generation,
             proto = ?self.version,
             method = %self.method,
             path = %self.path,

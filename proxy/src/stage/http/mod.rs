@@ -47,7 +47,7 @@ use self::{
         ForwardedFor, accepts_gzip, add_vary_accept_encoding, compressible, mark_gzipped,
         set_forwarded_for, strip_hop_by_hop,
     },
-    log::{Logged, RequestLog, Termination},
+    log::{LogHolder, Logged, RequestLog, Termination},
     upstream::{Sent, UpstreamBody},
 };
 use super::socket::ReadReady;
@@ -56,6 +56,7 @@ use crate::config::{CompressionConfig, Http2Config};
 mod h2;
 pub mod headers;
 pub mod log;
+mod park;
 pub mod upgrade;
 mod upstream;
 
@@ -108,8 +109,13 @@ pub struct HttpSettings {
     /// Connections upgraded by a 101 (WebSocket...): idle limit, drain
     /// deadline, counters.
     pub tunnel: upgrade::TunnelSettings,
+    /// The listener and generation the access lines name.
+    pub listener: Arc<str>,
+    pub generation: u64,
     /// hyper's HTTP/1 server settings, made from the above on first use.
     pub http1: Http1Builder,
+    /// The waits of the stage's parked HTTP/1 connections.
+    pub parked: park::ParkedWaits,
 }
 
 /// hyper's HTTP/1 server settings, made once per stage and shared by its
@@ -165,8 +171,8 @@ pub struct Downstream {
     /// client sent it (a PROXY header carries the client instead).
     pub forwarded_for: Option<SocketAddr>,
     pub protocol: Protocol,
-    /// What its access lines share (the real client, listener, generation).
-    pub log: Arc<ConnLog>,
+    /// What its access lines share (the real client, its counters).
+    pub log: ConnLog,
     /// Where its idle upstream connections wait: the stage's, shared by its
     /// clients, or its own.
     pub idle: Arc<IdlePool>,
@@ -179,7 +185,7 @@ impl Downstream {
         Self {
             forwarded_for,
             protocol: Protocol::Http1,
-            log: Arc::new(ConnLog::new(forwarded_for, Arc::from("-"), 0, false)),
+            log: ConnLog::new(forwarded_for, false),
             idle: Arc::new(IdlePool::new(1, 8, Duration::from_secs(5))),
         }
     }
@@ -328,7 +334,7 @@ where
         forwarded_for: downstream.forwarded_for.map(ForwardedFor::new),
         draining: draining.clone(),
         idle: downstream.idle.clone(),
-        log: downstream.log.clone(),
+        log: downstream.log,
         protocol: downstream.protocol,
         tunnel: Default::default(),
     });
@@ -344,6 +350,7 @@ where
     };
     match downstream.protocol {
         Protocol::Http2 => {
+            let log: Arc<dyn LogHolder> = shared.clone();
             let served = Box::pin(async move {
                 h2::serve(
                     io,
@@ -354,7 +361,7 @@ where
                         idle: settings.header_read_timeout,
                         stall: settings.client_timeout,
                     },
-                    downstream.log,
+                    log,
                     draining,
                 )
                 .await
@@ -422,12 +429,12 @@ pin_project_lite::pin_project! {
     ///
     /// On a stream that tells when it is readable, a connection that has
     /// waited [`PARK_AFTER`] for a request of which nothing has arrived is
-    /// parked: hyper's connection (about 700 bytes, and its header timer) is
-    /// taken apart, and the task holds only the stream, the service and one
-    /// timer until the client sends again, the way nginx keeps an idle
-    /// keep-alive client. The wait is bounded by `header_read_timeout`, as
-    /// hyper's timer bounds it otherwise; hyper's timer starts with the
-    /// request's first bytes.
+    /// parked: hyper's connection (about 700 bytes, its header timer and
+    /// ours) is taken apart, and the task holds only the stream, the service
+    /// and its entry in the stage's parked waits until the client sends
+    /// again, the way nginx keeps an idle keep-alive client. The wait is
+    /// bounded by `header_read_timeout`, as hyper's timer bounds it
+    /// otherwise; hyper's timer starts with the request's first bytes.
     ///
     /// A future written out rather than an `async fn`: the compiler's one
     /// kept the stream and hyper's parts twice (384 bytes against 200).
@@ -437,11 +444,22 @@ pin_project_lite::pin_project! {
     {
         settings: Arc<HttpSettings>,
         state: Http1State<IO, S>,
-        // Serving: waiting since the last request for PARK_AFTER to pass.
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// What a connection holds while hyper serves it, boxed: a parked
+    /// connection's task keeps no room for it.
+    struct Serving<IO, S>
+    where
+        S: hyper::service::HttpService<Incoming>,
+    {
+        // `None` only while it is taken apart.
+        conn: Option<Http1Conn<IO, S>>,
+        // Waiting since the last request for PARK_AFTER to pass.
         lingering: bool,
-        // Serving and lingering: PARK_AFTER; parked: the rest of the wait.
         #[pin]
-        idle: tokio::time::Sleep,
+        linger: tokio::time::Sleep,
     }
 }
 
@@ -489,25 +507,25 @@ impl<S> Http1Service for S where
 }
 
 enum Http1State<IO, S: hyper::service::HttpService<Incoming>> {
-    Serving(Box<Http1Conn<IO, S>>),
-    Parked { io: IO, service: S },
+    Serving(Pin<Box<Serving<IO, S>>>),
+    Parked {
+        io: IO,
+        service: S,
+        wait: park::ParkedWait,
+    },
     Done,
 }
 
 impl<IO: Http1Io, S: Http1Service> Http1<IO, S> {
     fn new(io: IO, service: S, settings: Arc<HttpSettings>) -> Self {
-        let idle = tokio::time::sleep(settings.header_read_timeout);
         Self {
             state: Http1State::Serving(Self::connect(&settings, io, service)),
             settings,
-            lingering: false,
-            idle,
         }
     }
 
-    /// Hyper's connection on `io`, boxed: a parked connection's task does
-    /// not keep room for it.
-    fn connect(settings: &HttpSettings, io: IO, service: S) -> Box<Http1Conn<IO, S>> {
+    /// Hyper's connection on `io`, with the timer of its waits.
+    fn connect(settings: &HttpSettings, io: IO, service: S) -> Pin<Box<Serving<IO, S>>> {
         // Upgrade hook: hyper hands the connection to a 101's tunnel.
         let mut conn = settings
             .http1()
@@ -516,7 +534,11 @@ impl<IO: Http1Io, S: Http1Service> Http1<IO, S> {
         if IO::TELLS {
             conn.park_when_idle();
         }
-        Box::new(conn)
+        Box::pin(Serving {
+            conn: Some(conn),
+            lingering: false,
+            linger: tokio::time::sleep(settings.header_read_timeout),
+        })
     }
 }
 
@@ -524,13 +546,15 @@ impl<IO: Http1Io, S: Http1Service> Future for Http1<IO, S> {
     type Output = hyper::Result<Http1End>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let mut this = self.project();
+        let this = self.project();
         loop {
             match this.state {
-                Http1State::Serving(conn) => {
+                Http1State::Serving(serving) => {
+                    let serving = serving.as_mut().project();
+                    let conn = serving.conn.as_mut().expect("a serving connection");
                     match conn.poll_idle(cx) {
                         Poll::Pending => {
-                            *this.lingering = false;
+                            *serving.lingering = false;
                             return Poll::Pending;
                         }
                         Poll::Ready(Ok(true)) => {}
@@ -548,32 +572,29 @@ impl<IO: Http1Io, S: Http1Service> Future for Http1<IO, S> {
                     // costs the timer wheel nothing until it fires.)
                     // Never past the wait's end, however short the timeout.
                     let linger = PARK_AFTER.min(this.settings.header_read_timeout);
-                    if !*this.lingering {
-                        *this.lingering = true;
-                        this.idle
-                            .as_mut()
-                            .reset(tokio::time::Instant::now() + linger);
+                    let mut timer = serving.linger;
+                    if !*serving.lingering {
+                        *serving.lingering = true;
+                        timer.as_mut().reset(tokio::time::Instant::now() + linger);
                     }
-                    std::task::ready!(this.idle.as_mut().poll(cx));
-                    *this.lingering = false;
-                    let Http1State::Serving(conn) = std::mem::replace(this.state, Http1State::Done)
-                    else {
-                        unreachable!("matched above")
-                    };
-                    let parts = conn
+                    std::task::ready!(timer.poll(cx));
+                    let parts = serving
+                        .conn
+                        .take()
+                        .expect("a serving connection")
                         .into_parts()
                         .expect("an idle connection was not upgraded");
+                    let rest = this.settings.header_read_timeout - linger;
                     *this.state = Http1State::Parked {
                         io: parts.io.into_inner(),
                         service: parts.service,
+                        wait: this.settings.parked.start(rest, cx),
                     };
-                    let rest = this.settings.header_read_timeout - linger;
-                    this.idle.as_mut().reset(tokio::time::Instant::now() + rest);
                 }
-                Http1State::Parked { io, .. } => {
+                Http1State::Parked { io, wait, .. } => {
                     // An error shows up on hyper's first read.
                     if io.poll_read_ready(cx).is_ready() {
-                        let Http1State::Parked { io, service } =
+                        let Http1State::Parked { io, service, .. } =
                             std::mem::replace(this.state, Http1State::Done)
                         else {
                             unreachable!("matched above")
@@ -582,7 +603,7 @@ impl<IO: Http1Io, S: Http1Service> Future for Http1<IO, S> {
                             Http1State::Serving(Self::connect(this.settings, io, service));
                         continue;
                     }
-                    std::task::ready!(this.idle.as_mut().poll(cx));
+                    std::task::ready!(wait.poll_ended(cx));
                     // Closes the connection.
                     *this.state = Http1State::Done;
                     return Poll::Ready(Ok(Http1End::IdleTimeout));
@@ -635,12 +656,12 @@ fn error_chain(e: &(dyn StdError + 'static)) -> String {
 /// A connection's counters, shared with its response bodies (they live in
 /// its [`ConnLog`]).
 #[derive(Clone)]
-struct Counters(Arc<ConnLog>);
+struct Counters(Arc<dyn LogHolder>);
 
 impl std::ops::Deref for Counters {
     type Target = BodyCounters;
     fn deref(&self) -> &BodyCounters {
-        &self.0.counters
+        &self.0.conn_log().counters
     }
 }
 
@@ -680,17 +701,29 @@ struct ConnState<U> {
     draining: watch::Receiver<bool>,
     /// Upstream connections between two requests.
     idle: Arc<IdlePool>,
-    log: Arc<ConnLog>,
+    /// Here rather than in an `Arc` of its own: one allocation per
+    /// connection for both.
+    log: ConnLog,
     protocol: Protocol,
     /// The tunnel after a 101, run by `serve` once hyper lets go.
     tunnel: upgrade::TunnelSlot,
 }
 
+impl<U: Upstream> LogHolder for ConnState<U> {
+    fn conn_log(&self) -> &ConnLog {
+        &self.log
+    }
+
+    fn listener(&self) -> (&str, u64) {
+        (&self.settings.listener, self.settings.generation)
+    }
+}
+
 impl<U: Upstream> ConnState<U> {
-    async fn handle(&self, mut req: Request<Incoming>) -> Response<Logged> {
+    async fn handle(self: Arc<Self>, mut req: Request<Incoming>) -> Response<Logged> {
         let earlier = self.log.counters.requests.fetch_add(1, Ordering::Relaxed);
         let target = req.uri().path_and_query().map_or("/", |p| p.as_str());
-        let mut log = RequestLog::start(self.log.clone(), req.version(), req.method(), target);
+        let mut log = RequestLog::start(self.clone(), req.version(), req.method(), target);
         // Upgrade hook (upgrade.rs): an HTTP/1.1 upgrade request keeps its
         // Upgrade header upstream; a 101 answer makes the connection a tunnel.
         let upgrade = match self.protocol {
@@ -840,7 +873,7 @@ impl<U: Upstream> ConnState<U> {
     }
 
     fn downstream_response(
-        &self,
+        self: &Arc<Self>,
         sent: Sent,
         is_head: bool,
         client_gzip: bool,
@@ -863,7 +896,7 @@ impl<U: Upstream> ConnState<U> {
             Protocol::Http2 => Version::HTTP_2,
         };
         strip_hop_by_hop(&mut parts.headers);
-        let counters = Counters(self.log.clone());
+        let counters = Counters(self.clone());
         let level = match &self.settings.compression {
             // HEAD gets the headers GET would (a cache keyed on HEAD must not
             // be misled), with the body it has: none.
@@ -1085,7 +1118,10 @@ mod tests {
                 client_timeout: LONG,
                 http2: Http2Config::default(),
                 tunnel: Default::default(),
+                listener: Arc::from("-"),
+                generation: 0,
                 http1: Default::default(),
+                parked: Default::default(),
             };
             (Arc::new(settings), self.client_addr)
         }
@@ -2137,9 +2173,10 @@ mod tests {
         assert!(response.starts_with("HTTP/1.1 200 OK"), "{response}");
     }
 
-    /// What an idle keep-alive client's task holds of `serve` (with the
-    /// stream and the parked wait's timer, 112 bytes): hyper's connection
-    /// must stay out of it, boxed while it serves.
+    /// What an idle keep-alive client's task holds of `serve` (the stream,
+    /// the service and its entry in the stage's parked waits, 120 bytes):
+    /// hyper's connection and the timers of its waits must stay out of it,
+    /// boxed while it serves. (With a tokio `Sleep` of its own it was 248.)
     #[tokio::test]
     async fn a_parked_connection_holds_little() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -2155,7 +2192,7 @@ mod tests {
         let (settings, client_addr) = settings().split();
         let serving = serve(io, upstream, settings, h1(client_addr), draining);
         let size = std::mem::size_of_val(&serving);
-        assert!(size <= 256, "serve's future is {size} bytes");
+        assert!(size <= 128, "serve's future is {size} bytes");
     }
 
     #[tokio::test]

@@ -821,7 +821,10 @@ mod tests {
             client_timeout: Duration::from_secs(5),
             http2: Default::default(),
             tunnel: settings,
+            listener: Arc::from("-"),
+            generation: 0,
             http1: Default::default(),
+            parked: Default::default(),
         });
         let (mut client, server_io) = duplex(64 * 1024);
         let (_drain, draining) = watch::channel(false);
