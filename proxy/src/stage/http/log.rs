@@ -134,22 +134,11 @@ impl ConnLog {
 
 /// What holds a connection's [`ConnLog`] for what outlives a borrow of it
 /// (the access lines of its requests, its response bodies' counters,
-/// HTTP/2's timers): the connection's shared state, or the log alone.
+/// HTTP/2's timers): the connection's shared state (`ConnState`).
 pub trait LogHolder: Send + Sync + 'static {
     fn conn_log(&self) -> &ConnLog;
     /// The listener and generation its access lines name.
     fn listener(&self) -> (&str, u64);
-}
-
-/// A log without a listener (tests and tools).
-impl LogHolder for ConnLog {
-    fn conn_log(&self) -> &ConnLog {
-        self
-    }
-
-    fn listener(&self) -> (&str, u64) {
-        ("-", 0)
-    }
 }
 
 /// One request's access line, filled in as it goes.

@@ -175,9 +175,12 @@ mod tests {
     use super::*;
     use std::future::poll_fn;
 
-    /// Waits for `wait` to end; when it did.
+    /// Waits for `wait` to end; when it did. A wait nobody wakes fails
+    /// the test (the paused clock jumps to this timeout) instead of hanging.
     async fn ended(wait: &ParkedWait) -> Instant {
-        poll_fn(|cx| wait.poll_ended(cx)).await;
+        tokio::time::timeout(Duration::from_secs(60), poll_fn(|cx| wait.poll_ended(cx)))
+            .await
+            .expect("the wait was never woken");
         Instant::now()
     }
 
