@@ -13,6 +13,7 @@
 
 mod backend;
 mod client;
+mod floor;
 mod peers;
 mod stages;
 mod stats;
@@ -63,6 +64,27 @@ struct Args {
 }
 
 fn main() -> ExitCode {
+    // The floor forwarder the peer comparison starts beside the contenders
+    // (`floor.rs`): `--floor-serve LISTEN ORIGIN`, not for hand use.
+    let argv: Vec<String> = std::env::args().collect();
+    if argv.get(1).map(String::as_str) == Some("--floor-serve") {
+        let addrs: Result<Vec<std::net::SocketAddr>, _> =
+            argv[2..].iter().map(|a| a.parse()).collect();
+        let result = match addrs.as_deref() {
+            Ok([listen, origin]) => floor::serve(*listen, *origin),
+            _ => Err(anyhow::anyhow!(
+                "--floor-serve takes two addresses (LISTEN ORIGIN), got {:?}",
+                &argv[2..]
+            )),
+        };
+        return match result {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("proxy-bench --floor-serve: error: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let args = Args::parse();
     match run(args) {
         Ok(()) => ExitCode::SUCCESS,

@@ -85,6 +85,9 @@ pub enum Kind {
     Haproxy,
     Nginx,
     Proxy,
+    /// The floor forwarder (`floor.rs`): a reference on the plain HTTP
+    /// rows, neither a peer nor ours.
+    Floor,
 }
 
 impl Kind {
@@ -95,12 +98,13 @@ impl Kind {
             Kind::Haproxy => "HAProxy",
             Kind::Nginx => "nginx",
             Kind::Proxy => "proxy",
+            Kind::Floor => "floor",
         }
     }
 
     /// Whether this is one of the peers we are compared with.
     pub fn is_peer(self) -> bool {
-        self != Kind::Proxy
+        matches!(self, Kind::Haproxy | Kind::Nginx)
     }
 
     /// The contender's first port; its listeners are at fixed offsets
@@ -110,6 +114,7 @@ impl Kind {
             Kind::Haproxy => 8100,
             Kind::Nginx => 8200,
             Kind::Proxy => 8300,
+            Kind::Floor => 8400,
         }
     }
 
@@ -312,9 +317,29 @@ pub fn start(sb: &Sandbox, kind: Kind, files: &Files) -> Result<Running> {
             spawn_pinned(sb, "nginx", "nginx", &["-c", &path.display().to_string()])?
         }
         Kind::Proxy => start_proxy(sb, &proxy_config(sb, files, false)),
+        Kind::Floor => return start_floor(sb),
     };
     r.kind = Some(kind);
     wait_listeners(kind, r)
+}
+
+/// The floor forwarder (this program, `--floor-serve`) on its `Http` port.
+fn start_floor(sb: &Sandbox) -> Result<Running> {
+    let exe = std::env::current_exe().context("finding this program")?;
+    let listen = format!("127.0.0.1:{}", Kind::Floor.port(Listener::Http));
+    let origin = format!("127.0.0.1:{ORIGIN_PORT}");
+    let mut r = spawn_pinned(
+        sb,
+        "floor",
+        &exe.display().to_string(),
+        &["--floor-serve", &listen, &origin],
+    )?;
+    r.kind = Some(Kind::Floor);
+    if let Err(e) = wait_port(Kind::Floor.port(Listener::Http), Duration::from_secs(10)) {
+        r.check_alive()?;
+        return Err(e);
+    }
+    Ok(r)
 }
 
 /// Our proxy for the training run of profile-guided optimisation: the

@@ -289,7 +289,8 @@ fn suite(args: &Args, sb: &Sandbox, rt: &Runtime, started_utc: String) -> Result
 
     let mut origin = contender::start_origin(sb, &files)?;
     let mut contenders = Vec::new();
-    for kind in Kind::ALL {
+    // The floor last: the peers' and ours come first in every list.
+    for kind in Kind::ALL.into_iter().chain([Kind::Floor]) {
         eprintln!("starting {} ...", kind.label());
         contenders.push(contender::start(sb, kind, &files)?);
     }
@@ -299,10 +300,14 @@ fn suite(args: &Args, sb: &Sandbox, rt: &Runtime, started_utc: String) -> Result
     let mut gzip_out = Vec::new();
     for c in &contenders {
         let kind = c.kind.expect("a contender");
-        gzip_out.push(rt.block_on(probe(kind, bodies))?);
+        if kind == Kind::Floor {
+            rt.block_on(probe_floor(bodies))?;
+        } else {
+            gzip_out.push(rt.block_on(probe(kind, bodies))?);
+        }
     }
 
-    let mut runs: Vec<Vec<Vec<RunFigures>>> = vec![vec![Vec::new(); Kind::ALL.len()]; ROWS.len()];
+    let mut runs: Vec<Vec<Vec<RunFigures>>> = vec![vec![Vec::new(); contenders.len()]; ROWS.len()];
     for run in 0..args.runs {
         for (r, row) in ROWS.iter().enumerate() {
             eprintln!(
@@ -317,6 +322,9 @@ fn suite(args: &Args, sb: &Sandbox, rt: &Runtime, started_utc: String) -> Result
             if run == 0 {
                 for c in contenders.iter_mut() {
                     let kind = c.kind.expect("a contender");
+                    if !takes(kind, row.load) {
+                        continue;
+                    }
                     measure(rt, script, kind, c, row.load, bodies, 1)
                         .with_context(|| format!("warming up {} via {}", row.id, kind.label()))?;
                 }
@@ -333,6 +341,9 @@ fn suite(args: &Args, sb: &Sandbox, rt: &Runtime, started_utc: String) -> Result
                 for ci in order {
                     let c = &mut contenders[ci];
                     let kind = c.kind.expect("a contender");
+                    if !takes(kind, row.load) {
+                        continue;
+                    }
                     let f = measure(rt, script, kind, c, row.load, bodies, 1)
                         .with_context(|| format!("{} via {}", row.id, kind.label()))?;
                     c.check_alive()?;
@@ -341,16 +352,19 @@ fn suite(args: &Args, sb: &Sandbox, rt: &Runtime, started_utc: String) -> Result
                 }
             }
             for (ci, t) in turns.iter().enumerate() {
-                runs[r][ci].push(report::combine(t));
+                if !t.is_empty() {
+                    runs[r][ci].push(report::combine(t));
+                }
             }
         }
     }
     let mut rows = Vec::new();
     for (r, row) in ROWS.iter().enumerate() {
-        let mut cells: Vec<Cell> = Kind::ALL
+        let mut cells: Vec<Cell> = contenders
             .iter()
             .zip(std::mem::take(&mut runs[r]))
-            .map(|(k, figs)| report::cell(*k, figs))
+            .filter(|(_, figs)| !figs.is_empty())
+            .map(|(c, figs)| report::cell(c.kind.expect("a contender"), figs))
             .collect();
         if row.id == "gzip_64k" {
             for (cell, out) in cells.iter_mut().zip(&gzip_out) {
@@ -369,6 +383,9 @@ fn suite(args: &Args, sb: &Sandbox, rt: &Runtime, started_utc: String) -> Result
     let mut memory = Vec::new();
     for (i, c) in contenders.iter_mut().enumerate() {
         let kind = c.kind.expect("a contender");
+        if kind == Kind::Floor {
+            continue;
+        }
         let peak = c.mem_kib("VmHWM");
         let idle_connections = idle_memory(rt, c, &IDLE_COUNTS)?;
         c.check_alive()?;
@@ -405,6 +422,14 @@ fn suite(args: &Args, sb: &Sandbox, rt: &Runtime, started_utc: String) -> Result
              `ssl_session_tickets off`, `ssl_session_cache off`, `access_log off`. Ours: \
              `nbthread = 1` (one event loop), `access_log = false` on every \
              listener (lifecycle lines only), TLS session settings as built in."
+                .into(),
+            "Floor (plain HTTP rows only): this bench's own forwarder (`--floor-serve`, \
+             one tokio thread): request head in, hop-by-hop headers out, X-Forwarded-For \
+             in, an idle origin connection out of a shared list, response head and \
+             `Content-Length` body back; no timers, logs, counters or header checks. The \
+             syscalls and packets of a proxy with nothing else: what every contender pays \
+             the kernel and an event loop. Not a peer (it sets no best); its ratio is to \
+             the best peer."
                 .into(),
             "Handshake rows: the rustls client offers TLS 1.3 only, resumption disabled; \
              a new connection per handshake with one GET /small."
@@ -521,6 +546,31 @@ fn target(
             bodies.big.clone()
         },
     })
+}
+
+/// Whether contender `kind` is measured on a row with `load`: the floor
+/// forwards plain HTTP only.
+fn takes(kind: Kind, load: Load) -> bool {
+    kind != Kind::Floor
+        || matches!(
+            load,
+            Load::Wrk {
+                listener: Listener::Http,
+                ..
+            }
+        )
+}
+
+/// Checks the floor's one listener.
+async fn probe_floor(bodies: &Bodies) -> Result<()> {
+    for path in ["/small", "/big.html"] {
+        let t = target(Kind::Floor, Listener::Http, path, false, bodies);
+        let reply = client::fetch_once(&t)
+            .await
+            .with_context(|| format!("probing the floor {path}"))?;
+        client::check(&t, &reply, true).with_context(|| format!("probing the floor {path}"))?;
+    }
+    Ok(())
 }
 
 /// Checks every listener of a contender; returns the gzip body's length.

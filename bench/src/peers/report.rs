@@ -194,12 +194,16 @@ pub fn markdown(r: &Report) -> String {
          **bold**: the lowest.\n",
         r.runs, r.seconds_per_measurement
     );
-    let _ = writeln!(s, "| path | HAProxy | nginx | proxy | ours ÷ best peer |");
-    let _ = writeln!(s, "|---|---|---|---|---|");
+    let _ = writeln!(
+        s,
+        "| path | HAProxy | nginx | proxy | ours ÷ best peer | floor ÷ best peer |"
+    );
+    let _ = writeln!(s, "|---|---|---|---|---|---|");
     for row in &r.rows {
         let best = row
             .cells
             .iter()
+            .filter(|c| c.contender != Kind::Floor)
             .map(|c| c.median.cpu_us_per_req)
             .fold(f64::INFINITY, f64::min);
         let mut label = row.label.to_string();
@@ -224,10 +228,12 @@ pub fn markdown(r: &Report) -> String {
             };
             s.push_str(&text);
         }
-        let ratio = find(row, Kind::Proxy)
-            .and_then(|c| c.cpu_vs_best_peer)
-            .map_or("-".into(), |v| format!("{v:.2}"));
-        let _ = writeln!(s, " {ratio} |");
+        let ratio = |k: Kind| {
+            find(row, k)
+                .and_then(|c| c.cpu_vs_best_peer)
+                .map_or("-".into(), |v| format!("{v:.2}"))
+        };
+        let _ = writeln!(s, " {} | {} |", ratio(Kind::Proxy), ratio(Kind::Floor));
     }
     let mem = |k: Kind| r.memory.iter().find(|m| m.contender == k);
     let peak: Vec<Option<f64>> = Kind::ALL
@@ -344,7 +350,7 @@ fn mem_row(s: &mut String, label: &str, v: &[Option<f64>], fmt: fn(f64) -> Strin
         }
         _ => "-".into(),
     };
-    let _ = writeln!(s, " {ratio} |");
+    let _ = writeln!(s, " {ratio} | - |");
 }
 
 fn find(row: &RowResult, k: Kind) -> Option<&Cell> {
@@ -410,7 +416,11 @@ mod tests {
                 cell(Kind::Proxy, vec![fig(5.0)]),
             ],
         };
+        row.cells.push(cell(Kind::Floor, vec![fig(4.0)]));
         set_ratios(&mut row);
+        // The floor is a reference, not a peer: it sets no best.
+        let floor = row.cells[3].cpu_vs_best_peer.unwrap();
+        assert!((floor - 0.4).abs() < 1e-9, "{floor}");
         let ours = row.cells[2].cpu_vs_best_peer.unwrap();
         assert!((ours - 0.5).abs() < 1e-9, "{ours}");
         assert!((row.cells[1].cpu_vs_best_peer.unwrap() - 1.0).abs() < 1e-9);
