@@ -32,7 +32,7 @@ thread_local! {
 /// the contenders' one worker.
 pub fn serve(listen: SocketAddr, origin: SocketAddr) -> Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_io()
+        .enable_all()
         .build()
         .context("starting the floor's runtime")?;
     rt.block_on(async {
@@ -40,8 +40,15 @@ pub fn serve(listen: SocketAddr, origin: SocketAddr) -> Result<()> {
             .await
             .with_context(|| format!("binding {listen}"))?;
         loop {
-            let Ok((client, peer)) = listener.accept().await else {
-                continue;
+            let (client, peer) = match listener.accept().await {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    // Out of descriptors, say: back off instead of spinning
+                    // on the contenders' CPU.
+                    eprintln!("floor: accept: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                    continue;
+                }
             };
             tokio::spawn(async move {
                 let _ = connection(client, peer, origin).await;
@@ -71,6 +78,8 @@ struct Head {
     content_length: Option<usize>,
     chunked: bool,
     close: bool,
+    /// A `Content-Length` that is not a number: the connection closes.
+    bad: bool,
 }
 
 /// Finds the end of a head in `buf` and reads its framing fields; `None`
@@ -82,6 +91,7 @@ fn parse_head(buf: &[u8]) -> Option<Head> {
         content_length: None,
         chunked: false,
         close: false,
+        bad: false,
     };
     for line in buf[..end - 4].split(|&b| b == b'\n').skip(1) {
         let line = line.strip_suffix(b"\r").unwrap_or(line);
@@ -90,7 +100,8 @@ fn parse_head(buf: &[u8]) -> Option<Head> {
         };
         let (name, value) = (&line[..colon], line[colon + 1..].trim_ascii());
         if name.eq_ignore_ascii_case(b"content-length") {
-            head.content_length = std::str::from_utf8(value).ok()?.parse().ok();
+            head.content_length = std::str::from_utf8(value).ok().and_then(|v| v.parse().ok());
+            head.bad |= head.content_length.is_none();
         } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
             head.chunked = true;
         } else if name.eq_ignore_ascii_case(b"connection") {
@@ -153,7 +164,7 @@ async fn connection(mut client: TcpStream, peer: SocketAddr, origin: SocketAddr)
     let mut later = false;
     loop {
         let req = read_head(&mut client, &mut cbuf, &mut cfilled).await?;
-        if req.chunked || req.content_length.unwrap_or(0) > 0 {
+        if req.bad || req.chunked || req.content_length.unwrap_or(0) > 0 {
             return None;
         }
         rewrite(&cbuf, req.end, &mut out, &[forwarded.as_bytes()]);
@@ -179,7 +190,7 @@ async fn connection(mut client: TcpStream, peer: SocketAddr, origin: SocketAddr)
         origin_conn.write_all(&out).await.ok()?;
         let mut ufilled = 0;
         let resp = read_head(origin_conn, &mut ubuf, &mut ufilled).await?;
-        let len = resp.content_length.filter(|_| !resp.chunked)?;
+        let len = resp.content_length.filter(|_| !resp.chunked && !resp.bad)?;
         let extra: &[&[u8]] = if req.close {
             &[b"Connection: close"]
         } else {
@@ -239,5 +250,9 @@ mod tests {
         assert!(parse_head(b"HTTP/1.1 200 OK\r\nContent-Length: 98\r\n").is_none());
         let resp = parse_head(b"HTTP/1.1 200 OK\r\ncontent-length: 98\r\n\r\n").unwrap();
         assert_eq!(resp.content_length, Some(98));
+        assert!(!resp.bad);
+        // A length that is not a number is a complete head, marked bad.
+        let bad = parse_head(b"HTTP/1.1 200 OK\r\nContent-Length: 9x\r\n\r\n").unwrap();
+        assert!(bad.bad);
     }
 }
